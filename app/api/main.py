@@ -1,0 +1,67 @@
+"""create_app(settings): routes are thin (parse -> service -> schema)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError, InterfaceError
+from sqlalchemy import text
+
+from app import __version__
+from app.api.deps import require_token
+from app.config import Settings
+from app.context import AppContext
+from app.errors import RadcohortError
+
+log = logging.getLogger("radcohort.api")
+
+# one module per resource under app/api/routes, each exposing `router`
+ROUTE_MODULES = ["pacs", "retrievals", "instances", "taxonomies", "cohorts", "training", "trained_models", "audit"]
+
+
+def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
+    """Build the API around one AppContext (engine and settings made by the caller)."""
+    ctx = ctx or AppContext.build(settings)
+    app = FastAPI(
+        title="radcohort",
+        version=__version__,
+        description="PACS query/retrieve, header labels, leakage-free cohorts and CNN training.",
+    )
+    app.state.ctx = ctx
+
+    @app.exception_handler(RadcohortError)
+    async def _domain_error(_req: Request, exc: RadcohortError):
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _db_down(_req: Request, exc: Exception):
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return JSONResponse(status_code=503, content={"detail": "database unavailable, retry later"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError):
+        errors = []
+        for e in exc.errors():
+            errors.append({"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")})
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.get("/health", tags=["health"])
+    def health():
+        db_ok = True
+        try:
+            with ctx.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:  # noqa: BLE001 - health must answer whatever the DB does
+            db_ok = False
+        return {"status": "ok" if db_ok else "degraded", "version": __version__, "database": db_ok,
+                "ae_title": settings.ae_title}
+
+    for name in ROUTE_MODULES:
+        module = importlib.import_module(f"app.api.routes.{name}")
+        app.include_router(module.router, prefix="/api/v1", dependencies=[Depends(require_token)])
+    return app

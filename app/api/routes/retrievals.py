@@ -1,0 +1,5 @@
+"""Routes (placeholder: filled in by the stage that owns this resource)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

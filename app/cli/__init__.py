@@ -1,0 +1,26 @@
+"""The `radcohort` console script. Each area registers its commands from its own module."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import typer
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help="radcohort: PACS -> labels -> cohorts -> CNN")
+
+# modules under app/cli, each with `register(cli)`
+COMMAND_MODULES = ["db", "pacs", "synth", "worker", "demo"]
+
+
+@cli.callback()
+def _root(log_level: str = typer.Option("INFO", envvar="RADCOHORT_LOG_LEVEL", help="log level")) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"app.cli.{_name}").register(cli)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,84 @@
+"""Typed settings: one class, built at start-up and passed in (never at import time)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All radcohort configuration, from `RADCOHORT_*` environment variables and `.env`."""
+
+    model_config = SettingsConfigDict(env_prefix="RADCOHORT_", env_file=".env", extra="ignore")
+
+    database_url: str = Field("sqlite:///./data/radcohort.db", description="SQLAlchemy URL")
+    data_dir: Path = Field(Path("./data"), description="DICOM store, caches, model artifacts")
+    ae_title: str = Field("RADCOHORT", max_length=16, description="our AE title (calling and SCP)")
+    scp_host: str = "127.0.0.1"
+    scp_port: int = Field(11112, ge=1, le=65535)
+    scp_processes: int = Field(1, ge=1, le=64, description="Storage SCP receiving processes")
+    scp_check_host: bool = Field(False, description="also require the peer host to match the node")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_tokens: str | None = Field(None, description="comma-separated bearer tokens")
+    pseudonym_key: str | None = Field(None, description="HMAC key; generated once in DATA_DIR")
+    dicom_timeout: float = Field(30.0, gt=0, description="ACSE/DIMSE timeout in seconds")
+    dicom_retries: int = Field(3, ge=0, description="retries for retriable DICOM errors")
+    max_pdu: int = Field(0, ge=0, description="max receive PDU (0 = unlimited)")
+    arrival_timeout: float = Field(30.0, gt=0, description="seconds to wait for stragglers after a C-MOVE")
+    label_rules: Path | None = Field(None, description="labels rules file (YAML); built-in when unset")
+    worker_poll_seconds: float = Field(2.0, gt=0)
+    worker_gpus: int | None = Field(None, description="GPUs for one job (torchrun); all when unset")
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        v = v.strip()
+        if not v or not all(32 <= ord(c) < 127 and c != "\\" for c in v):
+            raise ValueError("AE title must be 1-16 printable ASCII characters")
+        return v
+
+    @property
+    def tokens(self) -> list[str]:
+        return [t.strip() for t in (self.api_tokens or "").split(",") if t.strip()]
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.store_dir, self.cache_dir, self.runs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def get_pseudonym_key(self) -> bytes:
+        """The HMAC key: configured, or generated once and kept in DATA_DIR."""
+        if self.pseudonym_key:
+            return self.pseudonym_key.encode()
+        path = self.data_dir / "pseudonym.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_hex(32))
+            tmp.chmod(0o600)
+            try:
+                tmp.rename(path) if not path.exists() else tmp.unlink()
+            except FileExistsError:
+                tmp.unlink(missing_ok=True)
+        return path.read_text().strip().encode()
+
+
+def get_settings(**overrides) -> Settings:
+    """Build settings from the environment (plus explicit overrides)."""
+    return Settings(**overrides)

@@ -1,0 +1,248 @@
+"""All tables. Schema changes go through Alembic migrations in migrations/versions."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# ---------------------------------------------------------------- PACS nodes
+class PacsNode(Base):
+    __tablename__ = "pacs_nodes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    retrieve_method: Mapped[str] = mapped_column(String(8), default="move")
+    # free-form per-node options (policy, capabilities from a probe, DICOMweb URL ...)
+    options: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# ---------------------------------------------------------------- index
+class Patient(Base):
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))  # stored, never exported
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str | None] = mapped_column(String(324))  # stored, never exposed
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_description: Mapped[str | None] = mapped_column(String(255))
+    requested_procedure_description: Mapped[str | None] = mapped_column(String(255))
+    patient_age: Mapped[str | None] = mapped_column(String(8))
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(String(255))
+    protocol_name: Mapped[str | None] = mapped_column(String(255))
+    laterality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+
+
+class Instance(Base):
+    """One stored SOP instance. Patient/study/series keys and labels are denormalized here
+    so that cohort selection over millions of rows is a single indexed table scan."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        Index("ix_instances_labels", "label_body_part", "label_laterality", "label_sex", "label_age_band"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    image_laterality: Mapped[str | None] = mapped_column(String(16))
+    photometric_interpretation: Mapped[str | None] = mapped_column(String(32))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(String(512))  # relative to the store root
+    file_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    source_node: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # normalized labels (app.labels), recomputed when the rule set changes
+    label_body_part: Mapped[str | None] = mapped_column(String(32))
+    label_view: Mapped[str | None] = mapped_column(String(32))
+    label_laterality: Mapped[str | None] = mapped_column(String(16))
+    label_sex: Mapped[str | None] = mapped_column(String(8))
+    label_age_years: Mapped[float | None] = mapped_column(Float)
+    label_age_band: Mapped[str | None] = mapped_column(String(16))
+    label_sources: Mapped[dict | None] = mapped_column(JSON)  # label -> tag or rule it came from
+    label_conflicts: Mapped[list | None] = mapped_column(JSON)  # [] or [{"label","values":[...]}]
+    has_conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+    ruleset_version: Mapped[str | None] = mapped_column(String(64))
+
+
+# ---------------------------------------------------------------- retrievals
+class Retrieval(Base):
+    __tablename__ = "retrievals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_name: Mapped[str] = mapped_column(String(64), index=True)
+    query: Mapped[dict] = mapped_column(JSON, default=dict)
+    method: Mapped[str | None] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    expected: Mapped[int] = mapped_column(Integer, default=0)
+    received: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    missing: Mapped[list] = mapped_column(JSON, default=list)
+    failed_uids: Mapped[list] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    report: Mapped[dict] = mapped_column(JSON, default=dict)  # sub-operation counts, timings ...
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RetrievalItem(Base):
+    """One expected instance of a retrieval and its fate."""
+
+    __tablename__ = "retrieval_items"
+    __table_args__ = (UniqueConstraint("retrieval_id", "sop_instance_uid", name="uq_retrieval_items_uid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    retrieval_id: Mapped[int] = mapped_column(ForeignKey("retrievals.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="expected")  # expected|received|skipped|failed|missing
+
+
+# ---------------------------------------------------------------- labels, taxonomies, cohorts
+class RuleSet(Base):
+    __tablename__ = "rulesets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)  # e.g. "builtin-1+<sha12>"
+    sha256: Mapped[str] = mapped_column(String(64))
+    rules: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Taxonomy(Base):
+    __tablename__ = "taxonomies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    classes: Mapped[list] = mapped_column(JSON)  # [{"name", "where": {...}}]
+    description: Mapped[str | None] = mapped_column(Text)
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Cohort(Base):
+    """A frozen snapshot: never updated after creation."""
+
+    __tablename__ = "cohorts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    taxonomy_name: Mapped[str] = mapped_column(String(64))
+    taxonomy: Mapped[dict] = mapped_column(JSON)  # the taxonomy as it was
+    ruleset_version: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # the full request
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)  # classes with split counts
+    excluded: Mapped[dict] = mapped_column(JSON, default=dict)  # reason -> count
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CohortMember(Base):
+    __tablename__ = "cohort_members"
+    __table_args__ = (UniqueConstraint("cohort_id", "sop_instance_uid", name="uq_cohort_members_uid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"), index=True)
+    instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instances.id", ondelete="SET NULL"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    class_name: Mapped[str] = mapped_column(String(64))
+    split: Mapped[str] = mapped_column(String(16))
+    patient_key: Mapped[str] = mapped_column(String(64))  # HMAC pseudonym
+    file_path: Mapped[str | None] = mapped_column(String(512))
+
+
+# ---------------------------------------------------------------- training
+class TrainingJob(Base):
+    __tablename__ = "training_jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # the final config
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    epochs: Mapped[int] = mapped_column(Integer, default=30)
+    device: Mapped[str | None] = mapped_column(String(64))
+    images_per_second: Mapped[float | None] = mapped_column(Float)
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)  # loss, accuracies, eta ...
+    history: Mapped[list] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_dir: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TrainedModel(Base):
+    __tablename__ = "trained_models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id"), unique=True)
+    architecture: Mapped[str] = mapped_column(String(64))
+    classes: Mapped[list] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(String(512))  # checkpoint, relative to DATA_DIR
+    card: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# ---------------------------------------------------------------- audit
+class AuditEvent(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))  # token fingerprint or "cli"
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(128))
+    details: Mapped[dict] = mapped_column(JSON, default=dict)

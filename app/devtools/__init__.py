@@ -1,0 +1,1 @@
+"""Helpers to run real peers (Orthanc) locally for tests, benchmarks and the demo."""

@@ -1,0 +1,140 @@
+"""Shared fixtures: isolated settings, fresh databases (SQLite and PostgreSQL), a real Orthanc."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from app.config import Settings
+from app.context import AppContext
+from app.db.migrate import upgrade
+from app.devtools.orthanc import OrthancServer, free_port, orthanc_binary
+
+PG_ADMIN_URL = os.environ.get("RADCOHORT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _pg_url(dbname: str) -> str:
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{dbname}"
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    name = "rc_test_" + uuid.uuid4().hex[:12]
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        admin.dispose()
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is required for this test: {exc}")
+    try:
+        yield _pg_url(name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """Both backends: a fresh SQLite file or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'rc.db'}"
+    return request.getfixturevalue("pg_database")
+
+
+def make_settings(tmp_path: Path, database_url: str | None = None, **kw) -> Settings:
+    data = tmp_path / "data"
+    return Settings(
+        data_dir=data,
+        database_url=database_url or f"sqlite:///{tmp_path / 'rc.db'}",
+        scp_port=kw.pop("scp_port", None) or free_port(),
+        pseudonym_key=kw.pop("pseudonym_key", "test-pseudonym-key"),
+        _env_file=None,
+        **kw,
+    )
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Isolated settings on SQLite in the test's temp dir, on a free SCP port."""
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def ctx(settings) -> Iterator[AppContext]:
+    upgrade(settings.database_url)
+    c = AppContext.build(settings)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def pg_ctx(tmp_path, pg_database) -> Iterator[AppContext]:
+    s = make_settings(tmp_path, pg_database)
+    upgrade(s.database_url)
+    c = AppContext.build(s)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def any_ctx(tmp_path, db_url) -> Iterator[AppContext]:
+    """An AppContext on SQLite and on PostgreSQL (parametrized)."""
+    s = make_settings(tmp_path, db_url)
+    upgrade(s.database_url)
+    c = AppContext.build(s)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def client(ctx):
+    from fastapi.testclient import TestClient
+
+    from app.api import create_app
+
+    with TestClient(create_app(ctx.settings, ctx)) as c:
+        yield c
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path) -> Iterator:
+    """Start real Orthancs: orthanc_factory(modalities={name: (aet, host, port)}, overrides={...})."""
+    if not orthanc_binary():
+        pytest.fail("Orthanc is not installed: run .ci/run or `apt-get install orthanc`")
+    started: list[OrthancServer] = []
+
+    def make(modalities: dict | None = None, overrides: dict | None = None, name: str = "orthanc") -> OrthancServer:
+        srv = OrthancServer(tmp_path / f"{name}-{len(started)}", modalities=modalities or {},
+                            overrides=overrides or {})
+        srv.start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_factory, settings) -> OrthancServer:
+    """A real Orthanc that knows our AE (settings.ae_title on settings.scp_port) as a move destination."""
+    return orthanc_factory(modalities={"radcohort": (settings.ae_title, "127.0.0.1", settings.scp_port)})
+
+
+def testdata(name: str) -> Path:
+    """A file from pydicom-data (real radiographs RG1/RG3) or pydicom's own test files."""
+    from pydicom.data import get_testdata_file
+
+    p = get_testdata_file(name)
+    if p is None:
+        pytest.fail(f"test file {name} not found (pip install pydicom-data)")
+    return Path(p)

@@ -1,0 +1,29 @@
+"""API core: health, auth on every /api/v1 route, validation errors."""
+
+from fastapi.testclient import TestClient
+
+from app.api import create_app
+from app.context import AppContext
+
+
+def test_health(client):
+    r = client.get("/health")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok"
+
+
+def test_tokens_guard_every_api_route(ctx):
+    ctx.settings.api_tokens = "s3cret,other"
+    app = create_app(ctx.settings, ctx)
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        paths = {p: ops for p, ops in app.openapi()["paths"].items() if p.startswith("/api/v1")}
+        assert paths, "no /api/v1 routes registered"
+        for template, ops in paths.items():
+            path = template.replace("{", "x").replace("}", "")
+            for method in ops:
+                r = c.request(method.upper(), path)
+                assert r.status_code == 401, (method, template, r.status_code)
+                r = c.request(method.upper(), path, headers={"Authorization": "Bearer wrong"})
+                assert r.status_code == 401, (method, template)
+        assert c.get("/api/v1/audit", headers={"Authorization": "Bearer other"}).status_code == 200
