@@ -1,0 +1,1 @@
+"""Taxonomies, the cohort builder, frozen snapshots and manifests."""

@@ -1,0 +1,1 @@
+"""Normalized labels from DICOM headers: rules file, pure engine, database service."""

@@ -1,0 +1,137 @@
+"""Labels in the database: versioned rule sets, the per-record labeler used at indexing, bulk relabel."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db.models import Instance, Patient, RuleSet as RuleSetRow, Series, Study
+from app.labels.engine import RuleSet, compute_labels, load_rules
+
+log = logging.getLogger("radcohort.labels")
+
+LABEL_COLUMNS = ("label_body_part", "label_view", "label_laterality", "label_sex", "label_age_years",
+                 "label_age_band", "label_sources", "label_conflicts", "has_conflict")
+
+_loaded: dict[tuple[str, float], RuleSet] = {}
+
+
+def get_rules(rules_file: str | Path | None = None) -> RuleSet:
+    """The rule set from a file (built-in when None), reloaded when the file changes."""
+    from app.labels.engine import BUILTIN_RULES
+
+    p = Path(rules_file) if rules_file else BUILTIN_RULES
+    try:
+        key = (str(p.resolve()), p.stat().st_mtime)
+    except OSError:
+        key = (str(p), 0.0)
+    rs = _loaded.get(key)
+    if rs is None:
+        rs = load_rules(p)
+        _loaded.clear()  # keep one: a changed file replaces the old version
+        _loaded[key] = rs
+    return rs
+
+
+def ensure_ruleset(session: Session, rules: RuleSet) -> str:
+    """Record the rule set (version = name-version+sha12) once; returns the version."""
+    if session.scalar(select(RuleSetRow.id).where(RuleSetRow.version == rules.version)) is None:
+        try:
+            with session.begin_nested():
+                session.add(RuleSetRow(version=rules.version, sha256=rules.sha256, rules=rules.rules))
+        except IntegrityError:  # another process recorded it first
+            pass
+    return rules.version
+
+
+def make_labeler(session: Session, rules_file: str | Path | None = None,
+                 rules: RuleSet | None = None) -> Callable[[dict], dict]:
+    """A function index record -> `instances` label columns (label_*, has_conflict, ruleset_version).
+
+    Pass `settings.label_rules` as `rules_file` to use a user rules file. The rule set is recorded
+    in the `rulesets` table (flushed, committed with the caller's unit of work).
+    """
+    rules = rules or get_rules(rules_file)
+    version = ensure_ruleset(session, rules)
+
+    def labeler(fields: dict) -> dict:
+        return compute_labels(fields, rules).as_columns(version)
+
+    labeler.rules = rules  # type: ignore[attr-defined]
+    labeler.version = version  # type: ignore[attr-defined]
+    return labeler
+
+
+def _fields_query():
+    i, se, st, p = Instance.__table__.c, Series.__table__.c, Study.__table__.c, Patient.__table__.c
+    cols = [
+        i.id, i.modality, i.view_position, i.image_laterality, i.photometric_interpretation, i.sop_class_uid,
+        se.body_part_examined, se.laterality, se.series_description, se.protocol_name,
+        st.study_date, st.study_description, st.requested_procedure_description, st.patient_age,
+        p.patient_sex, p.patient_birth_date,
+        *[i[c] for c in LABEL_COLUMNS],
+    ]
+    return (select(*cols).select_from(Instance.__table__.join(Series.__table__, i.series_pk == se.id)
+                                      .join(Study.__table__, i.study_pk == st.id)
+                                      .join(Patient.__table__, i.patient_pk == p.id)))
+
+
+def relabel_all(session: Session, rules_file: str | Path | None = None, rules: RuleSet | None = None,
+                batch_size: int = 10_000, progress: Callable[[int], Any] | None = None) -> dict:
+    """Recompute the labels of every indexed instance with the current rule set.
+
+    Reads the index in id-keyed batches, UPDATEs only rows whose labels changed (executemany by
+    primary key), then stamps the new version on all rows in one statement. Flushes only: the
+    caller commits. Returns {"version", "scanned", "changed", "seconds"}.
+    """
+    t0 = time.perf_counter()
+    labeler = make_labeler(session, rules_file=rules_file, rules=rules)
+    version = labeler.version  # type: ignore[attr-defined]
+    table = Instance.__table__
+    stmt = (update(table).where(table.c.id == bindparam("_id"))
+            .values({c: bindparam(c) for c in LABEL_COLUMNS}))
+    q = _fields_query()
+    conn = session.connection()
+    last_id, scanned, changed = 0, 0, 0
+    while True:
+        rows = conn.execute(q.where(table.c.id > last_id).order_by(table.c.id).limit(batch_size)).mappings().all()
+        if not rows:
+            break
+        params = []
+        for row in rows:
+            new = labeler(row)
+            if any(new[c] != row[c] for c in LABEL_COLUMNS):
+                new["_id"] = row["id"]
+                del new["ruleset_version"]
+                params.append(new)
+        if params:
+            conn.execute(stmt, params)
+        scanned += len(rows)
+        changed += len(params)
+        last_id = rows[-1]["id"]
+        if progress:
+            progress(scanned)
+    conn.execute(update(table).where(or_(table.c.ruleset_version.is_(None), table.c.ruleset_version != version))
+                 .values(ruleset_version=version))
+    seconds = time.perf_counter() - t0
+    log.info("relabel %s: %d scanned, %d changed in %.1f s", version, scanned, changed, seconds)
+    return {"version": version, "scanned": scanned, "changed": changed, "seconds": round(seconds, 3)}
+
+
+def instance_labels(inst: Any) -> dict:
+    """The API view of an instance's labels: {label: {"value", "source"}, "conflicts", "ruleset_version"}."""
+    get = (lambda k: inst.get(k)) if isinstance(inst, dict) else (lambda k: getattr(inst, k, None))
+    sources = get("label_sources") or {}
+    out: dict[str, Any] = {}
+    for label in ("body_part", "view", "laterality", "sex", "age_years", "age_band"):
+        out[label] = {"value": get(f"label_{label}"), "source": sources.get(label)}
+    out["conflicts"] = get("label_conflicts") or []
+    out["ruleset_version"] = get("ruleset_version")
+    return out
