@@ -1,0 +1,1 @@
+"""DICOM networking (pynetdicom) and the UID-keyed store; no database here."""

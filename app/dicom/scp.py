@@ -1,0 +1,428 @@
+"""Storage SCP: raw atomic writes, real status codes, associations only from configured nodes.
+
+`make_store_handler` is the C-STORE handler shared by our Storage SCP and by a C-GET requestor.
+It answers Success (0x0000) only when the file is on disk AND the sink (the index) accepted it:
+
+- 0xA700 out of resources: the file could not be written (OSError: disk full, read-only, ...)
+- 0xA701 out of resources: the file is on disk but the sink failed (index/DB down); a resend
+  is idempotent and completes the index row
+- 0xC210 cannot understand: the dataset could not be parsed
+- 0xC212 cannot understand: a Study/Series/SOP Instance UID is not a valid UID (or is missing)
+- 0xC213 cannot understand: the dataset's SOP Instance UID differs from the request's
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+from pydicom import uid as _uid
+
+from app.dicom.store import DicomStore, StoredFile, file_meta_end, parse_header, validate_uid
+from app.errors import InvalidInput
+
+log = logging.getLogger("radcohort.scp")
+
+# Every syntax we accept as received: Orthanc fails a whole C-MOVE (0xC000) when the receiver
+# offers only uncompressed syntaxes for an instance stored compressed.
+TRANSFER_SYNTAXES: list[str] = [
+    _uid.ExplicitVRLittleEndian,
+    _uid.ImplicitVRLittleEndian,
+    _uid.DeflatedExplicitVRLittleEndian,
+    _uid.ExplicitVRBigEndian,
+    _uid.JPEGBaseline8Bit,
+    _uid.JPEGExtended12Bit,
+    _uid.JPEGLossless,
+    _uid.JPEGLosslessSV1,
+    _uid.JPEGLSLossless,
+    _uid.JPEGLSNearLossless,
+    _uid.JPEG2000Lossless,
+    _uid.JPEG2000,
+    _uid.JPEG2000MCLossless,
+    _uid.JPEG2000MC,
+    _uid.RLELossless,
+    _uid.HTJ2KLossless,
+    _uid.HTJ2KLosslessRPCL,
+    _uid.HTJ2K,
+]
+
+# The image storage SOP classes X-ray users meet (and the other common image classes).
+STORAGE_SOP_CLASSES: list[str] = [
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for Processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Mammography for Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Mammography for Processing
+    "1.2.840.10008.5.1.4.1.1.1.3",  # Intra-oral for Presentation
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Intra-oral for Processing
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit SC
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
+    "1.2.840.10008.5.1.4.1.1.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic
+    "1.2.840.10008.5.1.4.1.1.12.1.1",  # Enhanced XA
+    "1.2.840.10008.5.1.4.1.1.12.2",  # X-Ray Radiofluoroscopic
+    "1.2.840.10008.5.1.4.1.1.12.2.1",  # Enhanced XRF
+    "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine
+    "1.2.840.10008.5.1.4.1.1.128",  # PET
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
+    "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic
+    "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+    "1.2.840.10008.5.1.4.1.1.13.1.1",  # X-Ray 3D Angiographic
+    "1.2.840.10008.5.1.4.1.1.13.1.2",  # X-Ray 3D Craniofacial
+]
+
+# (sop_class, transfer_syntaxes) pairs; build_context() turns them into presentation contexts.
+STORAGE_CONTEXTS: list[tuple[str, list[str]]] = [(c, list(TRANSFER_SYNTAXES)) for c in STORAGE_SOP_CLASSES]
+
+STATUS_SUCCESS = 0x0000
+STATUS_WRITE_FAILED = 0xA700
+STATUS_SINK_FAILED = 0xA701
+STATUS_MALFORMED = 0xC210
+STATUS_INVALID_UID = 0xC212
+STATUS_UID_MISMATCH = 0xC213
+
+Sink = Callable[[StoredFile, Dataset], None]
+NodeFor = Callable[[str, str], "str | None"]
+
+
+def storage_presentation_contexts():
+    """Presentation contexts for an AE (SCP) or a C-GET requestor (SCU + SCP role)."""
+    return [build_context(c, ts) for c, ts in STORAGE_CONTEXTS]
+
+
+def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None = None):
+    """An EVT_C_STORE handler: header parse -> atomic raw write -> sink -> status.
+
+    The sink gets the StoredFile and the header Dataset (no pixel data) with
+    `file_meta` set and, when `node_for` names the peer, `header.source_node`
+    (not a DICOM element: an attribute for the sink). The sink must raise to fail the store.
+    """
+
+    def handle_store(event) -> int:
+        req = event.request
+        ts = str(event.context.transfer_syntax)
+        chunked = getattr(req, "_dataset_path", None)
+        try:
+            if chunked is not None:
+                src: object = Path(chunked if not isinstance(chunked, tuple) else chunked[0])
+                with open(src, "rb") as f:
+                    offset = file_meta_end(f)
+            else:
+                src, offset = req.DataSet, 0
+            header = parse_header(src, ts, offset)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - any parse failure means we cannot understand it
+            log.warning("C-STORE %s: malformed dataset (%s)", _safe(req.AffectedSOPInstanceUID), type(exc).__name__)
+            return STATUS_MALFORMED
+        try:
+            sop = validate_uid(str(req.AffectedSOPInstanceUID or ""))
+            study = validate_uid(str(header.get("StudyInstanceUID", "") or ""))
+            series = validate_uid(str(header.get("SeriesInstanceUID", "") or ""))
+            ds_sop = str(header.get("SOPInstanceUID", "") or "").rstrip("\x00 ")
+        except InvalidInput as exc:
+            log.warning("C-STORE refused: %s", exc.message)
+            return STATUS_INVALID_UID
+        if ds_sop != sop:
+            log.warning("C-STORE %s: dataset SOP Instance UID differs from the request", sop)
+            return STATUS_UID_MISMATCH
+        file_meta = event.file_meta
+        try:
+            stored = store.write_raw(study, series, sop, file_meta, src, offset)  # type: ignore[arg-type]
+        except InvalidInput as exc:
+            log.warning("C-STORE refused: %s", exc.message)
+            return STATUS_INVALID_UID
+        except OSError as exc:
+            log.error("C-STORE %s: write failed: %s", sop, exc)
+            return STATUS_WRITE_FAILED
+        header.file_meta = file_meta
+        if node_for is not None:
+            assoc = event.assoc
+            peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+            try:
+                header.source_node = node_for(peer.ae_title, peer.address)
+            except Exception:  # noqa: BLE001 - the source name is informative only
+                header.source_node = None
+        try:
+            sink(stored, header)
+        except Exception as exc:  # noqa: BLE001 - any sink failure means the data is not indexed
+            log.error("C-STORE %s: stored but not indexed: %s", sop, type(exc).__name__)
+            return STATUS_SINK_FAILED
+        return STATUS_SUCCESS
+
+    return handle_store
+
+
+def _safe(uid) -> str:
+    return str(uid or "")[:64]
+
+
+# ----------------------------------------------------------------------------- index batcher
+class IndexBatcher:
+    """Group commit for the SCP: handler threads submit records and wait for their commit.
+
+    One background thread takes whatever is queued (up to `max_batch`), ingests it in one
+    transaction and commits, then wakes the waiting handlers. No linger: with one sender
+    each store commits alone; with several associations, concurrent stores share commits.
+    """
+
+    def __init__(self, sessions, labeler=None, max_batch: int = 256):
+        self.sessions = sessions
+        self.labeler = labeler
+        self.max_batch = max_batch
+        self._q: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> "IndexBatcher":
+        self._thread = threading.Thread(target=self._run, name="index-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._q.put(None)
+        if self._thread:
+            self._thread.join(10)
+
+    def submit(self, record: dict) -> Future:
+        fut: Future = Future()
+        if self._stop.is_set():
+            fut.set_exception(RuntimeError("index batcher stopped"))
+        else:
+            self._q.put((record, fut))
+        return fut
+
+    def _run(self) -> None:
+        from app.index.ingest import ingest
+
+        while True:
+            item = self._q.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop.set()
+                    break
+                batch.append(nxt)
+            try:
+                self._commit([r for r, _ in batch], ingest)
+                for _, fut in batch:
+                    fut.set_result(True)
+            except Exception:  # noqa: BLE001 - retry one by one so one bad record fails alone
+                for rec, fut in batch:
+                    try:
+                        self._commit([rec], ingest)
+                        fut.set_result(True)
+                    except Exception as exc:  # noqa: BLE001
+                        fut.set_exception(exc)
+            if self._stop.is_set() and self._q.empty():
+                break
+        # fail whatever is still queued rather than leave handlers waiting
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1].set_exception(RuntimeError("index batcher stopped"))
+
+    def _commit(self, records: list[dict], ingest) -> None:
+        session = self.sessions()
+        try:
+            ingest(session, records, labeler=self.labeler)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+
+def load_labeler(sessions):
+    """The labels stage's labeler when it is installed (None otherwise: labels can be recomputed)."""
+    try:
+        from app.labels.service import make_labeler  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    session = sessions()
+    try:
+        labeler = make_labeler(session)
+        session.commit()
+        return labeler
+    except Exception as exc:  # noqa: BLE001 - index without labels rather than refuse data
+        session.rollback()
+        log.warning("labeler unavailable, indexing without labels: %s", exc)
+        return None
+    finally:
+        session.close()
+
+
+# ----------------------------------------------------------------------------- the SCP
+class StorageSCP:
+    """Our Storage SCP (plus C-ECHO) on settings.scp_host/scp_port as settings.ae_title.
+
+    Associations are accepted only from the calling AE titles of PacsNode rows (and, with
+    settings.scp_check_host, only from their host), looked up at association time.
+    Success is answered once the file is on disk (fsynced) AND its index row is committed.
+    """
+
+    def __init__(self, ctx, *, port: int | None = None, fsync: bool = True, labeler=None,
+                 load_labels: bool = True, reuse_port: bool = False):
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self._port = self.settings.scp_port if port is None else port
+        self.store = DicomStore(self.settings.store_dir, fsync=fsync)
+        self._labeler = labeler if labeler is not None else (load_labeler(ctx.sessions) if load_labels else None)
+        self.batcher = IndexBatcher(ctx.sessions, self._labeler)
+        self.reuse_port = reuse_port
+        self._server = None
+        self._node_cache: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._cache_lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        return self._port
+
+    # --- node lookup ----------------------------------------------------------
+    def node_for(self, ae_title: str, host: str) -> str | None:
+        """Name of the PacsNode this peer is (None if unknown). Cached for 2 s."""
+        key = (ae_title.strip(), host)
+        now = time.monotonic()
+        with self._cache_lock:
+            hit = self._node_cache.get(key)
+            if hit and now - hit[0] < 2.0:
+                return hit[1]
+        from sqlalchemy import select
+
+        from app.db.models import PacsNode
+
+        with self.ctx.sessions() as s:
+            rows = s.execute(select(PacsNode.name, PacsNode.host).where(PacsNode.ae_title == key[0])).all()
+        name = None
+        for n, h in rows:
+            if not self.settings.scp_check_host or _same_host(h, host):
+                name = n
+                break
+        with self._cache_lock:
+            self._node_cache[key] = (now, name)
+        return name
+
+    def _on_requested(self, event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title
+        host = assoc.requestor.address
+        try:
+            allowed = self.node_for(calling, host) is not None
+        except Exception as exc:  # noqa: BLE001 - fail closed when the DB cannot answer
+            log.error("association from %r refused: node lookup failed (%s)", calling, type(exc).__name__)
+            allowed = False
+        if not allowed:
+            log.warning("association from %r at %s rejected: not a configured PACS node", calling, host)
+            # rejected-permanent, service-user, calling AE title not recognised
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()  # as pynetdicom's own negotiation does: lets the DUL send the A-ASSOCIATE-RJ
+
+    def _sink(self, stored: StoredFile, header: Dataset) -> None:
+        from app.index.extract import extract_record
+
+        rec = extract_record(header, file_path=stored.relpath, file_size=stored.size,
+                             transfer_syntax_uid=stored.transfer_syntax_uid,
+                             source_node=getattr(header, "source_node", None))
+        self.batcher.submit(rec).result(timeout=max(60.0, self.settings.dicom_timeout))
+
+    # --- lifecycle ------------------------------------------------------------
+    def make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = self.settings.max_pdu
+        ae.acse_timeout = self.settings.dicom_timeout
+        ae.dimse_timeout = self.settings.dicom_timeout
+        ae.network_timeout = max(60.0, self.settings.dicom_timeout)
+        ae.maximum_associations = 32
+        for ctx in storage_presentation_contexts():
+            ae.add_supported_context(ctx.abstract_syntax, ctx.transfer_syntax)
+        ae.add_supported_context(Verification)
+        return ae
+
+    def start(self) -> "StorageSCP":
+        """Start serving in background threads (returns at once)."""
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        self.store.clean_temp()
+        self.batcher.start()
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, make_store_handler(self.store, self._sink, self.node_for)),
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+        ]
+        ae = self.make_ae()
+        if self.reuse_port:
+            self._server = _start_reuseport(ae, (self.settings.scp_host, self._port), handlers)
+        else:
+            self._server = ae.start_server((self.settings.scp_host, self._port), block=False,
+                                           evt_handlers=handlers)
+        log.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, self.settings.scp_host, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.batcher.stop()
+
+    def __enter__(self) -> "StorageSCP":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _same_host(configured: str, peer: str) -> bool:
+    import socket
+
+    if configured == peer:
+        return True
+    try:
+        return peer in {ai[4][0] for ai in socket.getaddrinfo(configured, None)}
+    except OSError:
+        return False
+
+
+def _start_reuseport(ae: AE, address: tuple[str, int], handlers):
+    """Like ae.start_server(block=False) but with SO_REUSEPORT, so several processes share a port
+    and the kernel spreads incoming associations over them."""
+    import socket
+
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class _ReusePortServer(ThreadedAssociationServer):
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+
+    server = ae.make_server(address, evt_handlers=handlers, server_class=_ReusePortServer)
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address}", daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    return server

@@ -1,0 +1,202 @@
+"""The UID-keyed DICOM store: `<root>/<study>/<series>/<sop>.dcm`, written as received, atomically.
+
+Paths are built only from validated UIDs (digits and dots), so no crafted UID can leave the root.
+Files are written to a temp file in the target directory, optionally fsynced, then `os.replace`d
+into place: a reader (or the index) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from app.errors import InvalidInput
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+PREAMBLE = b"\x00" * 128 + b"DICM"
+PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+
+
+def validate_uid(uid: str) -> str:
+    """Return `uid` (stripped of DICOM padding) if it is a DICOM UID, else raise InvalidInput.
+
+    A UID is 1-64 characters of digits and dots with no empty component and no leading
+    zero in a multi-digit component (PS3.5 9.1).
+    """
+    if not isinstance(uid, str):
+        raise InvalidInput(f"UID must be a string, got {type(uid).__name__}")
+    u = uid.rstrip("\x00 ")
+    if not u or len(u) > 64 or not _UID_RE.match(u):
+        raise InvalidInput(f"not a valid DICOM UID: {uid[:80]!r}")
+    if any(len(c) > 1 and c[0] == "0" for c in u.split(".")):
+        raise InvalidInput(f"not a valid DICOM UID (leading zero in a component): {uid[:80]!r}")
+    return u
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relpath: str
+    size: int
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    existed: bool
+
+
+def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
+    """Preamble + 'DICM' + the encoded file meta group (group length recomputed)."""
+    buf = io.BytesIO()
+    buf.write(PREAMBLE)
+    write_file_meta_info(buf, file_meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def file_meta_end(fp: BinaryIO) -> int:
+    """Offset of the dataset in a Part 10 file written with a meta group length (0002,0000)."""
+    fp.seek(0)
+    head = fp.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError("not a DICOM Part 10 file with a file meta group length")
+    (group_len,) = struct.unpack("<I", head[140:144])
+    return 144 + group_len
+
+
+def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset: int = 0) -> Dataset:
+    """Decode the dataset header (everything before Pixel Data) of a raw dataset stream.
+
+    Raises ValueError (or pydicom's errors) on malformed data; never reads pixel data.
+    """
+    ts = UID(transfer_syntax_uid)
+    if not ts.is_transfer_syntax:
+        raise ValueError(f"unknown transfer syntax {transfer_syntax_uid}")
+    close = False
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        fp: BinaryIO = io.BytesIO(data)
+    elif isinstance(data, Path):
+        fp = open(data, "rb")
+        close = True
+    else:
+        fp = data
+    try:
+        fp.seek(offset)
+        if ts.is_deflated:
+            fp = io.BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
+                          stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS)
+        # force element parsing now: a malformed header must fail here, not later in the index
+        for elem in ds:
+            _ = elem.value
+        return ds
+    finally:
+        if close:
+            fp.close()
+
+
+class DicomStore:
+    """Files under `root`, keyed by Study/Series/SOP Instance UID."""
+
+    def __init__(self, root: Path, fsync: bool = True):
+        self.root = Path(root).resolve()
+        self.fsync = fsync  # fsync each file (and its directory) before reporting it stored
+
+    def relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        return "/".join((validate_uid(study_uid), validate_uid(series_uid), validate_uid(sop_uid) + ".dcm"))
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a relpath; refuses anything that would resolve outside the root."""
+        p = (self.root / relpath).resolve()
+        if not p.is_relative_to(self.root) or p == self.root:
+            raise InvalidInput(f"path escapes the store: {relpath[:120]!r}")
+        return p
+
+    def exists(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        return self.path(self.relpath(study_uid, series_uid, sop_uid)).is_file()
+
+    def write_raw(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        file_meta: FileMetaDataset,
+        dataset: bytes | BinaryIO | Path,
+        dataset_offset: int = 0,
+    ) -> StoredFile:
+        """Write preamble + file meta + the dataset bytes exactly as received.
+
+        `dataset` is the encoded dataset (bytes, a binary stream, or a file whose dataset
+        starts at `dataset_offset`). Idempotent: an existing file for the SOP is kept and
+        returned with `existed=True`. Raises InvalidInput for bad UIDs, OSError for I/O.
+        """
+        rel = self.relpath(study_uid, series_uid, sop_uid)
+        final = self.path(rel)
+        ts = str(file_meta.get("TransferSyntaxUID", ""))
+        if final.is_file():
+            return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), ts, True)
+        meta = encode_file_meta(file_meta)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=final.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(meta)
+                if isinstance(dataset, (bytes, bytearray, memoryview)):
+                    out.write(dataset)
+                elif isinstance(dataset, Path):
+                    with open(dataset, "rb") as src:
+                        src.seek(dataset_offset)
+                        shutil.copyfileobj(src, out, 1 << 20)
+                elif isinstance(dataset, io.BytesIO):
+                    out.write(dataset.getbuffer()[dataset_offset:])
+                else:
+                    dataset.seek(dataset_offset)
+                    shutil.copyfileobj(dataset, out, 1 << 20)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+                size = out.tell()
+            if final.exists():  # a concurrent writer won the race: keep its file
+                os.unlink(tmp)
+                return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), ts, True)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return StoredFile(rel, size, validate_uid(sop_uid), ts, False)
+
+    def iter_files(self):
+        """All stored files (skips temp files left by a crash)."""
+        for p in self.root.rglob("*.dcm"):
+            if p.is_file() and not p.name.startswith(".tmp-"):
+                yield p
+
+    def clean_temp(self) -> int:
+        """Remove temp files a crashed writer left behind; returns how many."""
+        n = 0
+        for p in self.root.rglob(".tmp-*.part"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""The SQL index of stored instances: pure extraction and bulk ingest (takes a labeler callable)."""

@@ -1,0 +1,141 @@
+"""Pure header -> record extraction (no DB, no I/O).
+
+A record is one flat dict per instance holding every column of the Patient, Study, Series and
+Instance tables (keys named as the columns), plus a few extra header fields the labeler reads
+(`image_comments`, `acquisition_device_processing_description`, `derivation_description`,
+`patient_orientation`, `study_time`). Text is decoded with the dataset's Specific Character Set
+(pydicom does it on access), so Japanese ISO_IR 192 / ISO 2022 IR 87 values read back as Unicode.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+# record key -> DICOM keyword, text values
+_TEXT = {
+    "patient_id": "PatientID",
+    "issuer": "IssuerOfPatientID",
+    "patient_name": "PatientName",
+    "patient_sex": "PatientSex",
+    "patient_birth_date": "PatientBirthDate",
+    "study_instance_uid": "StudyInstanceUID",
+    "study_date": "StudyDate",
+    "study_time": "StudyTime",
+    "accession_number": "AccessionNumber",
+    "study_description": "StudyDescription",
+    "requested_procedure_description": "RequestedProcedureDescription",
+    "patient_age": "PatientAge",
+    "series_instance_uid": "SeriesInstanceUID",
+    "modality": "Modality",
+    "body_part_examined": "BodyPartExamined",
+    "series_description": "SeriesDescription",
+    "protocol_name": "ProtocolName",
+    "laterality": "Laterality",
+    "sop_instance_uid": "SOPInstanceUID",
+    "sop_class_uid": "SOPClassUID",
+    "view_position": "ViewPosition",
+    "image_laterality": "ImageLaterality",
+    "photometric_interpretation": "PhotometricInterpretation",
+    # extras for the labeler (not columns)
+    "image_comments": "ImageComments",
+    "acquisition_device_processing_description": "AcquisitionDeviceProcessingDescription",
+    "derivation_description": "DerivationDescription",
+    "patient_orientation": "PatientOrientation",
+}
+_INT = {
+    "series_number": "SeriesNumber",
+    "instance_number": "InstanceNumber",
+    "rows": "Rows",
+    "columns": "Columns",
+    "bits_stored": "BitsStored",
+}
+_UIDS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "sop_class_uid")
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    try:
+        elem = ds.data_element(keyword)
+    except (KeyError, ValueError):
+        return None
+    if elem is None:
+        return None
+    try:
+        value = elem.value
+    except Exception:  # noqa: BLE001 - an undecodable value is treated as absent
+        return None
+    if value is None:
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = "\\".join(str(v) for v in value)
+    text = str(value).replace("\x00", "").strip()
+    return text or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, (MultiValue, list, tuple)):
+            value = value[0] if value else None
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def extract_record(
+    ds: Dataset,
+    *,
+    file_path: str | None = None,
+    file_size: int = 0,
+    transfer_syntax_uid: str | None = None,
+    source_node: str | None = None,
+    received_at: datetime | None = None,
+) -> dict:
+    """One index record from a header Dataset (pixel data not needed)."""
+    rec: dict = {k: _text(ds, kw) for k, kw in _TEXT.items()}
+    rec.update({k: _int(ds, kw) for k, kw in _INT.items()})
+    rec["patient_id"] = rec["patient_id"] or ""
+    rec["issuer"] = rec["issuer"] or ""
+    if rec["patient_sex"]:
+        rec["patient_sex"] = rec["patient_sex"].upper()
+    if not transfer_syntax_uid:
+        meta = getattr(ds, "file_meta", None)
+        transfer_syntax_uid = str(meta.get("TransferSyntaxUID", "")) if meta is not None else None
+    rec["transfer_syntax_uid"] = transfer_syntax_uid or None
+    if not rec["sop_class_uid"]:
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("MediaStorageSOPClassUID"):
+            rec["sop_class_uid"] = str(meta.MediaStorageSOPClassUID)
+    for k in _UIDS:
+        if rec[k]:
+            rec[k] = rec[k].rstrip("\x00 ")
+    rec["file_path"] = file_path
+    rec["file_size"] = int(file_size or 0)
+    rec["source_node"] = source_node
+    rec["received_at"] = received_at or datetime.now(timezone.utc)
+    return rec
+
+
+def age_years(patient_age: str | None, birth_date: str | None = None, study_date: str | None = None) -> float | None:
+    """Age in years from PatientAge (`045Y`, `006M`, `003W`, `010D`) or birth/study dates."""
+    if patient_age:
+        a = patient_age.strip().upper()
+        try:
+            n, unit = int(a[:-1]), a[-1]
+            return round({"Y": n, "M": n / 12, "W": n / 52.1775, "D": n / 365.25}[unit], 3)
+        except (ValueError, KeyError, IndexError):
+            try:
+                return float(int(a))  # bare number: years
+            except ValueError:
+                pass
+    if birth_date and study_date and len(birth_date) >= 8 and len(study_date) >= 8:
+        try:
+            b = datetime.strptime(birth_date[:8], "%Y%m%d")
+            s = datetime.strptime(study_date[:8], "%Y%m%d")
+        except ValueError:
+            return None
+        years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
+        return float(years) if years >= 0 else None
+    return None

@@ -1,0 +1,251 @@
+"""Bulk, idempotent ingest of index records into Patient/Study/Series/Instance.
+
+Core statements only (no ORM objects per row): one SELECT per level and batch for the keys
+already present, one executemany INSERT ... ON CONFLICT DO NOTHING for the missing ones, then
+one SELECT for their ids. Safe against concurrent writers (other SCP processes) on SQLite and
+PostgreSQL. Callers commit (the SCP batcher, the CLI); this module only executes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import String, select, tuple_
+from sqlalchemy.orm import Session
+
+from app.db.models import Instance, Patient, Series, Study
+
+log = logging.getLogger("radcohort.index")
+
+Labeler = Callable[[dict], dict]
+_CHUNK = 500
+
+_P_COLS = ("patient_id", "issuer", "patient_name", "patient_sex", "patient_birth_date")
+_ST_COLS = ("study_instance_uid", "study_date", "study_time", "accession_number", "study_description",
+            "requested_procedure_description", "patient_age")
+_SE_COLS = ("series_instance_uid", "modality", "body_part_examined", "series_description", "protocol_name",
+            "laterality", "series_number")
+_I_COLS = tuple(c.name for c in Instance.__table__.columns if c.name not in ("id", "series_pk", "study_pk",
+                                                                              "patient_pk"))
+_LABEL_COLS = {"label_body_part", "label_view", "label_laterality", "label_sex", "label_age_years",
+               "label_age_band", "label_sources", "label_conflicts", "has_conflict", "ruleset_version"}
+
+
+@dataclass
+class IngestResult:
+    inserted: int = 0
+    existing: int = 0
+    label_errors: int = 0
+    inserted_uids: list[str] = field(default_factory=list)
+    existing_uids: list[str] = field(default_factory=list)
+
+
+def _lengths(table) -> dict[str, int]:
+    return {c.name: c.type.length for c in table.columns if isinstance(c.type, String) and c.type.length}
+
+
+_LEN = {t.name: _lengths(t) for t in (Patient.__table__, Study.__table__, Series.__table__, Instance.__table__)}
+
+
+def _clip(table_name: str, row: dict) -> dict:
+    """Truncate text to the column width (PostgreSQL refuses longer values; SQLite would keep them)."""
+    lens = _LEN[table_name]
+    for k, v in row.items():
+        n = lens.get(k)
+        if n and isinstance(v, str) and len(v) > n:
+            row[k] = v[:n]
+    return row
+
+
+def _insert(session: Session, table):
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two supported backends
+        raise RuntimeError(f"unsupported database dialect {name}")
+    return insert(table)
+
+
+def _chunks(seq: list, n: int = _CHUNK) -> Iterable[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def _ensure(session: Session, table, key_cols: tuple[str, ...], rows: dict[tuple, dict]) -> dict[tuple, int]:
+    """Ids for `rows` (key tuple -> row), inserting the missing ones (first writer wins)."""
+    cols = [table.c[k] for k in key_cols]
+    key_expr = cols[0] if len(cols) == 1 else tuple_(*cols)
+
+    def lookup(keys: list[tuple]) -> dict[tuple, int]:
+        found: dict[tuple, int] = {}
+        for chunk in _chunks(keys):
+            vals = [k[0] for k in chunk] if len(cols) == 1 else chunk
+            for r in session.execute(select(table.c.id, *cols).where(key_expr.in_(vals))):
+                found[tuple(r[1:])] = r[0]
+        return found
+
+    ids = lookup(list(rows))
+    missing = [rows[k] for k in rows if k not in ids]
+    if missing:
+        stmt = _insert(session, table).on_conflict_do_nothing(index_elements=list(key_cols))
+        session.execute(stmt, [_clip(table.name, dict(r)) for r in missing])
+        ids.update(lookup([k for k in rows if k not in ids]))
+    return ids
+
+
+def ingest(session: Session, records: list[dict], labeler: Labeler | None = None) -> IngestResult:
+    """Upsert records (from extract_record); idempotent on SOPInstanceUID. Flushes, never commits."""
+    result = IngestResult()
+    by_sop: dict[str, dict] = {}
+    for r in records:
+        if not r.get("sop_instance_uid") or not r.get("study_instance_uid") or not r.get("series_instance_uid"):
+            raise ValueError("record without SOP/Study/Series Instance UID")
+        by_sop.setdefault(r["sop_instance_uid"], r)
+    if not by_sop:
+        return result
+    present: set[str] = set()
+    for chunk in _chunks(list(by_sop)):
+        present.update(session.scalars(select(Instance.sop_instance_uid).where(
+            Instance.sop_instance_uid.in_(chunk))))
+    new = [r for s, r in by_sop.items() if s not in present]
+    result.existing_uids = [s for s in by_sop if s in present]
+    if not new:
+        result.existing = len(result.existing_uids)
+        return result
+
+    pt, st, se, it = Patient.__table__, Study.__table__, Series.__table__, Instance.__table__
+    pat_rows = {(r["patient_id"] or "", r.get("issuer") or ""): {c: r.get(c) for c in _P_COLS} for r in new}
+    for (pid, iss), row in pat_rows.items():
+        row["patient_id"], row["issuer"] = pid, iss
+    pat_ids = _ensure(session, pt, ("patient_id", "issuer"), pat_rows)
+
+    study_rows = {}
+    for r in new:
+        if (r["study_instance_uid"],) not in study_rows:
+            row = {c: r.get(c) for c in _ST_COLS}
+            row["patient_pk"] = pat_ids[(r["patient_id"] or "", r.get("issuer") or "")]
+            study_rows[(r["study_instance_uid"],)] = row
+    study_ids = _ensure(session, st, ("study_instance_uid",), study_rows)
+    # the study's owner as stored (a study seen before under another patient keeps its owner)
+    study_patient = {}
+    for chunk in _chunks([k[0] for k in study_ids]):
+        for uid, ppk in session.execute(select(st.c.study_instance_uid, st.c.patient_pk).where(
+                st.c.study_instance_uid.in_(chunk))):
+            study_patient[uid] = ppk
+
+    series_rows = {}
+    for r in new:
+        if (r["series_instance_uid"],) not in series_rows:
+            row = {c: r.get(c) for c in _SE_COLS}
+            row["study_pk"] = study_ids[(r["study_instance_uid"],)]
+            series_rows[(r["series_instance_uid"],)] = row
+    series_ids = _ensure(session, se, ("series_instance_uid",), series_rows)
+
+    now = datetime.now(timezone.utc)
+    inst_rows = []
+    for r in new:
+        row = {c: r.get(c) for c in _I_COLS}
+        row["series_pk"] = series_ids[(r["series_instance_uid"],)]
+        row["study_pk"] = study_ids[(r["study_instance_uid"],)]
+        row["patient_pk"] = study_patient[r["study_instance_uid"]]
+        row["file_path"] = row["file_path"] or ""
+        row["file_size"] = row["file_size"] or 0
+        row["received_at"] = row["received_at"] or now
+        row["has_conflict"] = False
+        if labeler is not None:
+            try:
+                labels = labeler(r) or {}
+                row.update({k: v for k, v in labels.items() if k in _LABEL_COLS})
+            except Exception as exc:  # noqa: BLE001 - index the instance unlabeled, count it
+                result.label_errors += 1
+                log.warning("labeler failed for %s: %s", r["sop_instance_uid"], type(exc).__name__)
+        row["has_conflict"] = bool(row.get("has_conflict"))
+        inst_rows.append(_clip(it.name, row))
+    stmt = _insert(session, it).on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(
+        it.c.sop_instance_uid)
+    inserted = set(session.scalars(stmt, inst_rows).all())
+    result.inserted_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] in inserted]
+    # lost a race with a concurrent writer: the row exists, which is what idempotence means
+    result.existing_uids += [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] not in inserted]
+    result.inserted, result.existing = len(result.inserted_uids), len(result.existing_uids)
+    session.flush()
+    return result
+
+
+# ----------------------------------------------------------------------------- files on disk
+@dataclass
+class IndexDirResult:
+    files: int = 0
+    inserted: int = 0
+    existing: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    outside_store: int = 0
+
+
+def read_record(path: Path, relpath: str, source_node: str | None = None) -> dict:
+    """Record for one Part 10 file (header only)."""
+    from pydicom import dcmread
+
+    from app.index.extract import extract_record
+
+    ds = dcmread(path, stop_before_pixels=True)
+    return extract_record(ds, file_path=relpath, file_size=path.stat().st_size,
+                          transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
+                          source_node=source_node)
+
+
+def index_directory(ctx, directory: Path | None = None, labeler: Labeler | None = None, batch: int = 500,
+                    progress: Callable[[int], None] | None = None) -> IndexDirResult:
+    """Index the Part 10 files under `directory` (default: the store) in committed batches.
+
+    Files are indexed where they are; `file_path` is relative to the store when they lie inside
+    it, else absolute. Unreadable files are listed, not fatal.
+    """
+    store_root = ctx.settings.store_dir.resolve()
+    root = Path(directory or store_root).resolve()
+    res = IndexDirResult()
+    pending: list[dict] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        with ctx.sessions() as s:
+            r = ingest(s, pending, labeler=labeler)
+            s.commit()
+        res.inserted += r.inserted
+        res.existing += r.existing
+        if progress:
+            progress(len(pending))
+        pending.clear()
+
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name.startswith(".tmp-"):
+            continue
+        res.files += 1
+        rel = str(p.relative_to(store_root)) if p.is_relative_to(store_root) else str(p)
+        try:
+            pending.append(read_record(p, rel))
+        except Exception as exc:  # noqa: BLE001 - not DICOM or broken: report, keep going
+            res.unreadable.append(str(p))
+            log.warning("cannot index %s: %s", p, type(exc).__name__)
+            continue
+        if not pending[-1].get("sop_instance_uid") or not pending[-1].get("study_instance_uid") \
+                or not pending[-1].get("series_instance_uid"):
+            res.unreadable.append(str(p))
+            pending.pop()
+            continue
+        if len(pending) >= batch:
+            flush()
+    flush()
+    return res
+
+
+def reindex(ctx, labeler: Labeler | None = None) -> IndexDirResult:
+    """Index every file of the store that has no index row yet (after a crash or a DB loss)."""
+    return index_directory(ctx, ctx.settings.store_dir, labeler=labeler)
