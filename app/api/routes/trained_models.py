@@ -1,5 +1,64 @@
-"""Routes (placeholder: filled in by the stage that owns this resource)."""
+"""Trained models: list with their cards, one model, and predictions on an uploaded DICOM."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+from datetime import datetime
+
+from fastapi import APIRouter, File, Query, Request, UploadFile
+from pydantic import BaseModel, Field
+
+from app import audit
+from app.api.deps import ActorDep, CtxDep, SessionDep
+from app.training import predict
+
+router = APIRouter(tags=["models"])
+
+
+class ModelOut(BaseModel):
+    id: int
+    job_id: int
+    architecture: str
+    classes: list[str]
+    card: dict
+    created_at: datetime | None
+
+
+class ModelList(BaseModel):
+    total: int
+    items: list[ModelOut]
+
+
+class Prediction(BaseModel):
+    class_: str = Field(..., alias="class", serialization_alias="class")
+    confidence: float = Field(..., description="softmax probability of the predicted class (0..1)")
+    probabilities: dict[str, float] = Field(..., description="every class; they sum to 1")
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+    """Newest first."""
+    total, rows = predict.list_models(session, limit=limit, offset=offset)
+    return ModelList(total=total, items=[ModelOut(**predict.model_view(m)) for m in rows])
+
+
+@router.get("/models/{model_id}", response_model=ModelOut)
+def get_model(model_id: int, session: SessionDep):
+    return ModelOut(**predict.model_view(predict.get_model(session, model_id)))
+
+
+@router.post("/models/{model_id}/predict", response_model=Prediction, response_model_by_alias=True,
+             responses={413: {"description": "upload over the size limit"},
+                        415: {"description": "not a DICOM file"}, 422: {"description": "malformed DICOM"}})
+def predict_upload(model_id: int, request: Request, session: SessionDep, ctx: CtxDep, actor: ActorDep,
+                   file: UploadFile = File(..., description="one DICOM Part 10 file")):
+    """Classify one uploaded DICOM image (run in a subprocess; the API never loads torch)."""
+    model = predict.get_model(session, model_id)
+    settings = ctx.settings
+    limit = ctx.extras.get("predict_max_upload_bytes") or predict.max_upload_bytes(settings)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise predict.PayloadTooLarge(f"upload larger than the limit of {limit} bytes")
+    with predict.spooled_upload(file.file, settings.data_dir / "tmp", limit) as path:
+        result = predict.run_prediction((settings.data_dir / model.path).parent, path)
+    audit.record(session, actor, "model.predict", f"model:{model_id}", predicted=result["class"])
+    return Prediction.model_validate(result)

@@ -1,5 +1,130 @@
-"""Routes (placeholder: filled in by the stage that owns this resource)."""
+"""Training jobs: queue, progress, cancel, metrics, report and its artifacts."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse, PlainTextResponse
+from pydantic import BaseModel
+
+from app.api.deps import ActorDep, SessionDep, SettingsDep
+from app.errors import Conflict, NotFound
+from app.training import artifacts, jobs
+from app.training.params import TrainingJobCreate
+
+router = APIRouter(tags=["training"])
+
+Status = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+
+class JobQueued(BaseModel):
+    id: int
+    status: Status
+    jobs: list[int] | None = None  # every job queued by a depth_ladder request (id is the first)
+
+
+class JobOut(BaseModel):
+    id: int
+    status: Status
+    cohort_id: int
+    params: dict
+    epoch: int
+    epochs: int
+    device: str | None
+    images_per_second: float | None
+    loss: float | None
+    train_accuracy: float | None
+    val_accuracy: float | None
+    eta_seconds: float | None
+    preprocess: dict | None
+    skipped: list[dict]
+    skipped_count: int
+    history: list[dict]
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+    model_id: int | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    artifacts: list[str] = []
+
+
+class JobList(BaseModel):
+    total: int
+    items: list[JobOut]
+
+
+def _out(session, job, settings=None) -> JobOut:
+    view = jobs.job_view(job, jobs.model_ids(session, [job.id]).get(job.id))
+    if settings is not None and job.status == "completed":
+        view["artifacts"] = artifacts.list_artifacts(jobs.run_dir(settings, job.id))
+    return JobOut(**view)
+
+
+def _completed_run_dir(session, settings, job_id: int, what: str) -> Path:
+    job = jobs.get_job(session, job_id)
+    if job.status != "completed":
+        raise Conflict(f"training job {job_id} is {job.status}: its {what} exists once it has completed")
+    return jobs.run_dir(settings, job_id)
+
+
+@router.post("/training-jobs", status_code=202, response_model=JobQueued, response_model_exclude_none=True)
+def create_training_job(body: TrainingJobCreate, session: SessionDep, actor: ActorDep):
+    """Queue a job for a frozen cohort; `experiments: ["depth_ladder"]` queues one job per depth preset."""
+    created = jobs.create_jobs(session, body, actor)
+    first = created[0]
+    return JobQueued(id=first.id, status=first.status, jobs=[j.id for j in created] if len(created) > 1 else None)
+
+
+@router.get("/training-jobs", response_model=JobList)
+def list_training_jobs(session: SessionDep, status: Status | None = None, cohort_id: int | None = None,
+                       limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+    """Newest first."""
+    total, items = jobs.list_jobs(session, status=status, cohort_id=cohort_id, limit=limit, offset=offset)
+    ids = jobs.model_ids(session, [j.id for j in items])
+    return JobList(total=total, items=[JobOut(**jobs.job_view(j, ids.get(j.id))) for j in items])
+
+
+@router.get("/training-jobs/{job_id}", response_model=JobOut)
+def get_training_job(job_id: int, session: SessionDep, settings: SettingsDep):
+    return _out(session, jobs.get_job(session, job_id), settings)
+
+
+@router.post("/training-jobs/{job_id}/cancel", response_model=JobOut)
+def cancel_training_job(job_id: int, session: SessionDep, actor: ActorDep):
+    """Queued jobs are cancelled at once; a running one stops at the worker's next check (about 1 s)."""
+    return _out(session, jobs.cancel_job(session, job_id, actor))
+
+
+@router.get("/training-jobs/{job_id}/metrics")
+def get_training_metrics(job_id: int, session: SessionDep) -> dict:
+    """Per-class accuracy and confidence (the study's Table 2), confusion matrix, experiments,
+    misclassified instances and header suspects. 409 until the job has completed."""
+    job = jobs.get_job(session, job_id)
+    if job.status != "completed" or job.metrics is None:
+        raise Conflict(f"training job {job_id} is {job.status}: metrics exist once it has completed")
+    return job.metrics
+
+
+@router.get("/training-jobs/{job_id}/report", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/markdown": {}}}})
+def get_training_report(job_id: int, session: SessionDep, settings: SettingsDep):
+    """The run's Markdown report; its images are under `artifacts/{name}`."""
+    rd = _completed_run_dir(session, settings, job_id, "report")
+    path = rd / "report.md"
+    if not path.is_file():
+        raise NotFound(f"training job {job_id} has no report")
+    return PlainTextResponse(path.read_text(errors="replace"), media_type="text/markdown; charset=utf-8")
+
+
+@router.get("/training-jobs/{job_id}/artifacts/{name}", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+def get_training_artifact(job_id: int, name: str, session: SessionDep, settings: SettingsDep):
+    """A report file by name (PNG charts, model_card.json, config.json, metrics.json)."""
+    rd = _completed_run_dir(session, settings, job_id, "artifacts")
+    path = artifacts.artifact_path(rd, name)
+    return FileResponse(path, media_type=artifacts.media_type(name))

@@ -1,0 +1,1 @@
+"""Training job queue records, claims and the read side of results (no torch here)."""
