@@ -250,3 +250,12 @@ def test_orthanc_json_is_what_the_test_fixture_starts_from():
     for key in ("DicomAlwaysAllowFind", "DicomAlwaysAllowMove", "DicomAlwaysAllowGet"):
         assert cfg[key] is False and base[key] is False
     assert cfg["DicomAet"] == base["DicomAet"]
+
+
+def test_readme_documents_every_setting():
+    """Each RADCOHORT_ variable Settings reads appears in README's configuration table."""
+    readme = (ROOT / "README.md").read_text()
+    table = {m for m in re.findall(r"^\| `(RADCOHORT_\w+)`", readme, re.M)}
+    wanted = {f"RADCOHORT_{name.upper()}" for name in Settings.model_fields}
+    assert wanted - table == set(), "README configuration table misses these variables"
+    assert table - wanted == set(), "README documents variables Settings does not read"
