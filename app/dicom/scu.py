@@ -1,0 +1,333 @@
+"""The SCU: C-ECHO, C-FIND, C-MOVE, C-GET against a PACS node — and the ONE retry layer.
+
+Every operation opens its own association, collects the whole answer (no generators leak out),
+and maps what went wrong to `RetriableDicomError` (connection refused/reset, timeout, abort,
+0xA7xx out of resources, transient rejection) or `PermanentDicomError` (rejected association,
+0xA801 unknown move destination, bad identifier, 0xCxxx unable to process). Retriable errors are
+retried with exponential backoff and jitter, `settings.dicom_retries` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from app.config import Settings
+from app.dicom.queries import build_identifier, check_level, validate_query
+from app.errors import DicomError, PermanentDicomError, RetriableDicomError
+
+log = logging.getLogger("radcohort.scu")
+
+T = TypeVar("T")
+
+MODELS = {
+    ("study", "find"): StudyRootQueryRetrieveInformationModelFind,
+    ("patient", "find"): PatientRootQueryRetrieveInformationModelFind,
+    ("study", "move"): StudyRootQueryRetrieveInformationModelMove,
+    ("patient", "move"): PatientRootQueryRetrieveInformationModelMove,
+    ("study", "get"): StudyRootQueryRetrieveInformationModelGet,
+    ("patient", "get"): PatientRootQueryRetrieveInformationModelGet,
+}
+MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+
+PENDING = (0xFF00, 0xFF01)
+CANCEL = 0xFE00
+MOVE_DESTINATION_UNKNOWN = 0xA801
+
+
+@dataclass(frozen=True)
+class Node:
+    """Where a PACS listens."""
+
+    ae_title: str
+    host: str
+    port: int
+    name: str = ""
+
+    @classmethod
+    def of(cls, obj: Any) -> "Node":
+        """From a PacsNode row (or anything with ae_title/host/port)."""
+        if isinstance(obj, Node):
+            return obj
+        return cls(obj.ae_title, obj.host, int(obj.port), getattr(obj, "name", "") or "")
+
+    def __str__(self) -> str:
+        return f"{self.name or self.ae_title} ({self.ae_title}@{self.host}:{self.port})"
+
+
+@dataclass
+class FindResult:
+    results: list[Dataset]
+    status: int
+    capped: bool  # the PACS stopped matching early (result cap): the list is incomplete
+
+
+@dataclass
+class RetrieveResult:
+    """Final status and sub-operation counts of a C-MOVE or C-GET."""
+
+    method: str
+    status: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    remaining: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0 and self.failed == 0
+
+
+def status_text(code: int) -> str:
+    names = {0x0000: "Success", 0xFE00: "Cancel (matching terminated)", 0xB000: "Warning (sub-operations failed)",
+             0xA700: "Out of resources", 0xA701: "Out of resources (matches)",
+             0xA702: "Out of resources (sub-operations)", 0xA801: "Move destination unknown",
+             0xA900: "Identifier does not match SOP class", 0x0122: "SOP class not supported",
+             0x0124: "Not authorized"}
+    if code in names:
+        return f"0x{code:04X} {names[code]}"
+    if 0xC000 <= code <= 0xCFFF:
+        return f"0x{code:04X} Unable to process"
+    return f"0x{code:04X}"
+
+
+def _failure(op: str, node: Node, code: int, comment: str = "") -> DicomError:
+    """The error for a failed final status (None for statuses that are not failures)."""
+    msg = f"{op} on {node}: {status_text(code)}" + (f" ({comment})" if comment else "")
+    if code == MOVE_DESTINATION_UNKNOWN:
+        exc: DicomError = PermanentDicomError(msg + " — register our AE title as a destination on the PACS")
+    elif 0xA700 <= code <= 0xA7FF:
+        exc = RetriableDicomError(msg)
+    else:
+        exc = PermanentDicomError(msg)
+    exc.status = code  # type: ignore[attr-defined]
+    return exc
+
+
+def _storage_contexts(limit: int) -> list[PresentationContext]:
+    """The Storage SCP's contexts (SOP class + all transfer syntaxes), at most `limit` of them."""
+    from app.dicom.scp import STORAGE_CONTEXTS  # the same list our Storage SCP accepts
+
+    out: list[PresentationContext] = []
+    for item in STORAGE_CONTEXTS:
+        if isinstance(item, PresentationContext):
+            cx = PresentationContext()
+            cx.abstract_syntax = item.abstract_syntax
+            cx.transfer_syntax = list(item.transfer_syntax)
+        else:
+            sop, ts = item
+            cx = PresentationContext()
+            cx.abstract_syntax = sop
+            cx.transfer_syntax = list(ts)
+        out.append(cx)
+    return out[:limit]
+
+
+class DicomClient:
+    """Talks to one PACS node; every public call goes through the retry layer."""
+
+    def __init__(self, settings: Settings, node: Any, *, retries: int | None = None, backoff: float = 0.5,
+                 max_backoff: float = 10.0, sleep: Callable[[float], None] = time.sleep):
+        self.settings = settings
+        self.node = Node.of(node)
+        self.retries = settings.dicom_retries if retries is None else retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._sleep = sleep
+
+    # ------------------------------------------------------------------ retry layer
+    def _retry(self, op: str, fn: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except RetriableDicomError as exc:
+                if attempt >= self.retries:
+                    raise
+                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
+                log.warning("%s failed (%s); retry %d/%d in %.1fs", op, exc.message, attempt + 1,
+                            self.retries, delay)
+                self._sleep(delay)
+                attempt += 1
+
+    @contextmanager
+    def _association(self, contexts: list, *, handlers: list | None = None,
+                     roles: list | None = None) -> Iterator[Any]:
+        ae = AE(ae_title=self.settings.ae_title)
+        t = self.settings.dicom_timeout
+        ae.acse_timeout = t
+        ae.dimse_timeout = t
+        ae.network_timeout = t
+        ae.connection_timeout = t
+        ae.maximum_pdu_size = self.settings.max_pdu
+        for cx in contexts:
+            if isinstance(cx, PresentationContext):
+                ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
+            else:
+                ae.add_requested_context(cx)
+        n = self.node
+        try:
+            assoc = ae.associate(n.host, n.port, ae_title=n.ae_title, max_pdu=self.settings.max_pdu,
+                                 ext_neg=roles or None, evt_handlers=handlers or None)
+        except OSError as exc:  # e.g. name resolution
+            raise RetriableDicomError(f"cannot reach {n}: {exc}") from exc
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                rsp = assoc.acceptor.primitive
+                why = f"{getattr(rsp, 'result_str', '')}, {getattr(rsp, 'source_str', '')}, " \
+                      f"{getattr(rsp, 'reason_str', '')}".strip(", ")
+                if getattr(rsp, "result", 1) == 0x02:
+                    raise RetriableDicomError(f"association rejected (transient) by {n}: {why}")
+                raise PermanentDicomError(f"association rejected by {n}: {why} — check the PACS's AE title and "
+                                          f"that our AE '{self.settings.ae_title}' is registered there")
+            raise RetriableDicomError(f"cannot reach {n}: connection refused, timed out or aborted")
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _lost(self, op: str) -> RetriableDicomError:
+        return RetriableDicomError(
+            f"{op} on {self.node}: no response (timeout, or the association was aborted — "
+            f"is our AE '{self.settings.ae_title}' allowed to query/retrieve on the PACS?)")
+
+    # ------------------------------------------------------------------ C-ECHO
+    def echo(self) -> float:
+        """C-ECHO; returns the round trip in milliseconds."""
+
+        def once() -> float:
+            t0 = time.perf_counter()
+            with self._association([Verification]) as assoc:
+                st = assoc.send_c_echo()
+                if "Status" not in st:
+                    raise self._lost("C-ECHO")
+                if st.Status != 0:
+                    raise _failure("C-ECHO", self.node, st.Status)
+            return (time.perf_counter() - t0) * 1000.0
+
+        return self._retry("C-ECHO", once)
+
+    # ------------------------------------------------------------------ C-FIND
+    def find(self, level: str, query: Mapping[str, object] | None = None, *, root: str = "study",
+             return_keys: tuple[str, ...] | list[str] | None = None) -> FindResult:
+        """C-FIND at `level`; the whole answer as a list. `capped` when the PACS cut it short."""
+        identifier = build_identifier(level, query, root, return_keys)
+        model = MODELS[(check_level(level, root)[1], "find")]
+
+        def once() -> FindResult:
+            results: list[Dataset] = []
+            with self._association([model]) as assoc:
+                final = None
+                comment = ""
+                try:
+                    responses = assoc.send_c_find(identifier, model)
+                    for status, ident in responses:
+                        if "Status" not in status:
+                            raise self._lost("C-FIND")
+                        if status.Status in PENDING:
+                            if ident is not None:
+                                results.append(ident)
+                            continue
+                        final = status.Status
+                        comment = str(status.get("ErrorComment", ""))
+                except ValueError as exc:  # no accepted presentation context
+                    raise PermanentDicomError(f"C-FIND on {self.node}: {exc}") from exc
+            if final is None:
+                raise self._lost("C-FIND")
+            if final not in (0x0000, CANCEL):
+                raise _failure("C-FIND", self.node, final, comment)
+            return FindResult(results, final, capped=final == CANCEL)
+
+        return self._retry("C-FIND", once)
+
+    # ------------------------------------------------------------------ C-MOVE / C-GET
+    def _retrieve_identifier(self, level: str, keys: Mapping[str, str], root: str) -> Dataset:
+        lvl, _ = check_level(level, root)
+        validate_query(keys)
+        return build_identifier(lvl, keys, root, return_keys=())
+
+    def _run_retrieve(self, op: str, responses, on_pending) -> RetrieveResult:
+        res = RetrieveResult(method=op)
+        final = None
+        comment = ""
+        for status, ident in responses:
+            if "Status" not in status:
+                err = self._lost(op)
+                err.result = res  # type: ignore[attr-defined]
+                raise err
+            res.completed = int(status.get("NumberOfCompletedSuboperations", res.completed) or 0)
+            res.failed = int(status.get("NumberOfFailedSuboperations", res.failed) or 0)
+            res.warning = int(status.get("NumberOfWarningSuboperations", res.warning) or 0)
+            res.remaining = int(status.get("NumberOfRemainingSuboperations", 0) or 0)
+            if status.Status in PENDING:
+                if on_pending:
+                    on_pending(res)
+                continue
+            final = status.Status
+            comment = str(status.get("ErrorComment", ""))
+            if ident is not None and "FailedSOPInstanceUIDList" in ident:
+                v = ident.FailedSOPInstanceUIDList
+                res.failed_uids = [str(u) for u in ([v] if isinstance(v, str) else list(v)) if u]
+        if final is None:
+            raise self._lost(op)
+        res.status = final
+        if final not in (0x0000, CANCEL) and not (0xB000 <= final <= 0xBFFF):
+            err = _failure(op, self.node, final, comment)
+            err.result = res  # type: ignore[attr-defined]
+            raise err
+        return res
+
+    def move(self, level: str, keys: Mapping[str, str], *, destination: str | None = None,
+             root: str = "study", on_pending: Callable[[RetrieveResult], None] | None = None) -> RetrieveResult:
+        """C-MOVE the instances named by `keys` (unique keys) to `destination` (default: our AE)."""
+        identifier = self._retrieve_identifier(level, keys, root)
+        model = MODELS[(check_level(level, root)[1], "move")]
+        dest = destination or self.settings.ae_title
+
+        def once() -> RetrieveResult:
+            with self._association([model]) as assoc:
+                try:
+                    return self._run_retrieve("C-MOVE", assoc.send_c_move(identifier, dest, model), on_pending)
+                except ValueError as exc:
+                    raise PermanentDicomError(f"C-MOVE on {self.node}: {exc}") from exc
+
+        return self._retry("C-MOVE", once)
+
+    def get(self, level: str, keys: Mapping[str, str], store_handler: Callable, *, root: str = "study",
+            on_pending: Callable[[RetrieveResult], None] | None = None) -> RetrieveResult:
+        """C-GET the instances named by `keys`; each arrives through `store_handler` (an EVT_C_STORE
+        handler, e.g. app.dicom.scp.make_store_handler) on this association."""
+        identifier = self._retrieve_identifier(level, keys, root)
+        model = MODELS[(check_level(level, root)[1], "get")]
+        storage = _storage_contexts(MAX_CONTEXTS - 1)
+        roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in storage]
+
+        def once() -> RetrieveResult:
+            with self._association([model, *storage], handlers=[(evt.EVT_C_STORE, store_handler)],
+                                   roles=roles) as assoc:
+                try:
+                    return self._run_retrieve("C-GET", assoc.send_c_get(identifier, model), on_pending)
+                except ValueError as exc:
+                    raise PermanentDicomError(f"C-GET on {self.node}: {exc}") from exc
+
+        return self._retry("C-GET", once)
