@@ -81,6 +81,8 @@ def test_demo_flow_end_to_end_and_rerun(tmp_path):
         # the report over the API
         rep = client.get(f"/api/v1/training-jobs/{res.job['id']}/report")
         assert rep.status_code == 200 and "W" in rep.text
+        png = client.get(f"/api/v1/training-jobs/{res.job['id']}/artifacts/confusion.png")
+        assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
     opts = DemoOptions(demo_dir=demo_dir, per_class=PER_CLASS, synth_args=SYNTH_ARGS, epochs=1, image_size=32,
                        model="resnet10t", batch_size=16, experiments=["rotate90"], device="cpu",
