@@ -259,23 +259,27 @@ class IndexBatcher:
             session.close()
 
 
-def load_labeler(sessions):
+def load_labeler(sessions, rules_file=None):
     """The labels stage's labeler when it is installed (None otherwise: labels can be recomputed)."""
     try:
         from app.labels.service import make_labeler  # type: ignore[import-not-found]
     except ImportError:
         return None
-    session = sessions()
-    try:
-        labeler = make_labeler(session)
-        session.commit()
-        return labeler
-    except Exception as exc:  # noqa: BLE001 - index without labels rather than refuse data
-        session.rollback()
-        log.warning("labeler unavailable, indexing without labels: %s", exc)
-        return None
-    finally:
-        session.close()
+    last: Exception | None = None
+    for _ in range(3):  # several SCP processes may register the same rule set at once
+        session = sessions()
+        try:
+            labeler = make_labeler(session, rules_file)
+            session.commit()
+            return labeler
+        except Exception as exc:  # noqa: BLE001 - index without labels rather than refuse data
+            session.rollback()
+            last = exc
+            time.sleep(0.2)
+        finally:
+            session.close()
+    log.warning("labeler unavailable, indexing without labels: %s", last)
+    return None
 
 
 # ----------------------------------------------------------------------------- the SCP
@@ -293,7 +297,7 @@ class StorageSCP:
         self.settings = ctx.settings
         self._port = self.settings.scp_port if port is None else port
         self.store = DicomStore(self.settings.store_dir, fsync=fsync)
-        self._labeler = labeler if labeler is not None else (load_labeler(ctx.sessions) if load_labels else None)
+        self._labeler = labeler if labeler is not None else (load_labeler(ctx.sessions, self.settings.label_rules) if load_labels else None)
         self.batcher = IndexBatcher(ctx.sessions, self._labeler)
         self.reuse_port = reuse_port
         self._server = None

@@ -95,6 +95,11 @@ def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset
             fp = io.BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
         ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
                           stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS)
+        # pydicom reads a value that runs past the end of the data short, without complaint
+        for raw in list(ds._dict.values()):
+            length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+            if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) != length:
+                raise ValueError(f"element {raw.tag} is truncated")
         # force element parsing now: a malformed header must fail here, not later in the index
         for elem in ds:
             _ = elem.value
