@@ -100,9 +100,8 @@ def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset
             length, value = getattr(raw, "length", None), getattr(raw, "value", None)
             if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) != length:
                 raise ValueError(f"element {raw.tag} is truncated")
-        # force element parsing now: a malformed header must fail here, not later in the index
-        for elem in ds:
-            _ = elem.value
+        # values are converted lazily: a junk value (IS "x1") must not refuse the instance,
+        # the index extractor treats it as absent
         return ds
     finally:
         if close:

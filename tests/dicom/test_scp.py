@@ -267,3 +267,17 @@ def test_japanese_text_reads_back_from_the_index(any_ctx, charset, name, desc):
     # the stored file decodes the same way (raw bytes kept, charset honoured)
     back = dcmread(any_ctx.settings.store_dir / row.file_path)
     assert str(back.PatientName) == name and back.StudyDescription == desc
+
+
+def test_junk_values_do_not_refuse_the_instance_and_labels_are_applied(ctx, scp):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = make_cr(body_part="CHEST")
+    ds._dict[0x00200013] = RawDataElement(Tag(0x00200013), "IS", 2, b"x1", 0, False, True)
+    assert send(scp.port, [ds]) == [0]
+    with ctx.sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    assert row.instance_number is None
+    # the labels stage's labeler is wired in at SCP start-up
+    assert row.label_body_part == "CHEST" and row.ruleset_version
