@@ -23,6 +23,7 @@ from app.training.params import DEPTH_PRESETS, TrainingJobCreate
 FINAL = ("completed", "failed", "cancelled")
 DEFAULT_STALE_SECONDS = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
+HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "val_accuracy", "images_per_second", "eta_seconds")
 SKIPPED_KEEP = 1000  # skipped-instance reports kept on the job row (the run dir has them all)
 
 
@@ -188,8 +189,7 @@ def fold_events(job: TrainingJob, events: list[dict]) -> dict:
         if kind == "preprocess":
             progress["preprocess"] = {"done": ev.get("done"), "total": ev.get("total")}
         elif kind == "epoch" and isinstance(ev.get("epoch"), int):
-            entry = {k: ev.get(k) for k in ("epoch", "loss", "train_accuracy", "val_accuracy",
-                                              "images_per_second", "eta_seconds")}
+            entry = {k: ev.get(k) for k in HISTORY_KEYS}
             history[ev["epoch"]] = entry
             for k in ("loss", "train_accuracy", "val_accuracy", "eta_seconds"):
                 progress[k] = ev.get(k)
@@ -202,6 +202,12 @@ def fold_events(job: TrainingJob, events: list[dict]) -> dict:
                 skipped_count += 1
                 if len(skipped) < SKIPPED_KEEP:
                     skipped[uid] = {"sop_instance_uid": uid, "reason": ev.get("reason")}
+        elif kind == "resume":
+            progress["resumed_from_epoch"] = ev.get("from_epoch")
+            # epochs checkpointed but never reported (the worker died in between), when the run sends them
+            for h in ev.get("history") or []:
+                if isinstance(h, dict) and isinstance(h.get("epoch"), int):
+                    history.setdefault(h["epoch"], {k: h.get(k) for k in HISTORY_KEYS})
         elif kind == "done":
             progress["done"] = True
             progress["eta_seconds"] = 0

@@ -16,7 +16,7 @@ class Augment(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rotation: list[float] | float | None = Field(None, description="degrees: a list (+-each) or a max range")
+    rotation: list[float] | float | None = Field(None, description="degrees: [10, 20, 30] = one of 0/+-each; [-30, 30] = a uniform range; 0 = none")
     shift: float | None = Field(None, ge=0, le=0.5, description="fraction of the image size")
     scale: float | None = Field(None, ge=0, le=0.5, description="relative scale jitter")
     intensity: float | None = Field(None, ge=0, le=1, description="relative intensity jitter")
