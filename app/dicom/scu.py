@@ -123,23 +123,37 @@ def _failure(op: str, node: Node, code: int, comment: str = "") -> DicomError:
     return exc
 
 
-def _storage_contexts(limit: int) -> list[PresentationContext]:
-    """The Storage SCP's contexts (SOP class + all transfer syntaxes), at most `limit` of them."""
-    from app.dicom.scp import STORAGE_CONTEXTS  # the same list our Storage SCP accepts
+# Classes that get one presentation context per transfer syntax in a C-GET when the caller does
+# not say which classes to expect (the X-ray classes this project is about).
+CORE_GET_CLASSES = ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
 
-    out: list[PresentationContext] = []
-    for item in STORAGE_CONTEXTS:
-        if isinstance(item, PresentationContext):
-            cx = PresentationContext()
-            cx.abstract_syntax = item.abstract_syntax
-            cx.transfer_syntax = list(item.transfer_syntax)
-        else:
-            sop, ts = item
-            cx = PresentationContext()
-            cx.abstract_syntax = sop
-            cx.transfer_syntax = list(ts)
-        out.append(cx)
-    return out[:limit]
+
+def _context(sop: str, syntaxes: list[str]) -> PresentationContext:
+    cx = PresentationContext()
+    cx.abstract_syntax = sop
+    cx.transfer_syntax = list(syntaxes)
+    return cx
+
+
+def storage_contexts_for_get(limit: int, sop_classes: list[str] | None = None) -> list[PresentationContext]:
+    """Storage contexts a C-GET requestor offers (at most `limit`).
+
+    A PACS picks ONE accepted context per SOP class and transcodes to its syntax — Orthanc cannot
+    transcode JPEG 2000 and fails the C-GET. So the classes we expect get one context per transfer
+    syntax (the PACS can then send as stored); the other classes of our Storage SCP get a single
+    context listing every syntax, as far as the 128-context limit allows.
+    """
+    from app.dicom.scp import STORAGE_CONTEXTS, TRANSFER_SYNTAXES  # what our Storage SCP accepts
+
+    wanted = list(dict.fromkeys(sop_classes or CORE_GET_CLASSES))
+    out = [_context(sop, [ts]) for sop in wanted for ts in TRANSFER_SYNTAXES]
+    out = out[:limit]
+    for sop, syntaxes in STORAGE_CONTEXTS:
+        if len(out) >= limit:
+            break
+        if sop not in wanted:
+            out.append(_context(sop, list(syntaxes)))
+    return out
 
 
 class DicomClient:
@@ -314,13 +328,15 @@ class DicomClient:
         return self._retry("C-MOVE", once)
 
     def get(self, level: str, keys: Mapping[str, str], store_handler: Callable, *, root: str = "study",
+            sop_classes: list[str] | None = None,
             on_pending: Callable[[RetrieveResult], None] | None = None) -> RetrieveResult:
         """C-GET the instances named by `keys`; each arrives through `store_handler` (an EVT_C_STORE
-        handler, e.g. app.dicom.scp.make_store_handler) on this association."""
+        handler, e.g. app.dicom.scp.make_store_handler) on this association. `sop_classes`: the
+        classes expected (from the C-FIND), offered in every transfer syntax."""
         identifier = self._retrieve_identifier(level, keys, root)
         model = MODELS[(check_level(level, root)[1], "get")]
-        storage = _storage_contexts(MAX_CONTEXTS - 1)
-        roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in storage]
+        storage = storage_contexts_for_get(MAX_CONTEXTS - 1, sop_classes)
+        roles = [build_role(sop, scp_role=True) for sop in dict.fromkeys(cx.abstract_syntax for cx in storage)]
 
         def once() -> RetrieveResult:
             with self._association([model, *storage], handlers=[(evt.EVT_C_STORE, store_handler)],

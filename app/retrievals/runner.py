@@ -1,0 +1,397 @@
+"""Run one retrieval: expected list -> skip what is indexed -> C-MOVE/C-GET -> arrivals -> exact report.
+
+Arrival is judged by the Instance table only (the truth of "in store and index"), never by the
+PACS's final status: sub-operation counts are recorded, and compared, but an instance counts as
+received only when its index row exists. Each state change is its own commit, so a reader (the
+API, a progress bar) sees the job move.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sqlalchemy import delete, insert, select, update
+
+from app.context import AppContext
+from app.db.models import Instance, PacsNode, Retrieval, RetrievalItem
+from app.dicom.queries import key_level, validate_query
+from app.dicom.scu import DicomClient, RetrieveResult
+from app.errors import DicomError, PermanentDicomError, RetriableDicomError
+from app.retrievals.expected import ExpectedInstance, list_expected
+
+log = logging.getLogger("radcohort.retrievals")
+
+_CHUNK = 500
+IMAGE_UNIT_MAX = 200  # SOP Instance UIDs per image-level retrieve identifier
+POLL_S = 0.2
+LEVEL_DEPTH = {"PATIENT": 0, "STUDY": 1, "SERIES": 2, "IMAGE": 3}
+
+
+@dataclass
+class Unit:
+    """One C-MOVE/C-GET: a study, a series, or a list of instances of one series."""
+
+    level: str
+    study: str
+    series: str | None
+    sops: list[str]  # the expected instances it should bring
+
+    @property
+    def keys(self) -> dict[str, str]:
+        k = {"StudyInstanceUID": self.study}
+        if self.level in ("SERIES", "IMAGE"):
+            k["SeriesInstanceUID"] = self.series or ""
+        if self.level == "IMAGE":
+            k["SOPInstanceUID"] = "\\".join(self.sops)
+        return k
+
+    def describe(self) -> str:
+        return f"{self.level.lower()} {self.series if self.level != 'STUDY' else self.study}"
+
+
+@dataclass
+class Progress:
+    """What a progress bar needs; passed to `on_progress` after every change."""
+
+    retrieval_id: int
+    phase: str = "listing"
+    expected: int = 0
+    skipped: int = 0
+    received: int = 0
+    to_fetch: int = 0
+    units_done: int = 0
+    units: int = 0
+
+
+@dataclass
+class _State:
+    expected: dict[str, ExpectedInstance] = field(default_factory=dict)
+    present_at_start: set[str] = field(default_factory=set)
+    arrived: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)  # sop -> reason
+    errors: list[str] = field(default_factory=list)
+    subops: dict[str, int] = field(default_factory=lambda: {"completed": 0, "failed": 0, "warning": 0})
+    statuses: list[str] = field(default_factory=list)
+
+
+def present(session, uids) -> set[str]:
+    """Which of these SOP Instance UIDs are in the index."""
+    uids = list(uids)
+    found: set[str] = set()
+    for i in range(0, len(uids), _CHUNK):
+        found.update(session.scalars(select(Instance.sop_instance_uid)
+                                     .where(Instance.sop_instance_uid.in_(uids[i:i + _CHUNK]))))
+    return found
+
+
+def query_depth(query: dict[str, str]) -> str:
+    """The deepest level a query's matching keys constrain (empty values do not constrain)."""
+    depth = "STUDY"
+    for k, v in query.items():
+        lvl = key_level(k)
+        if v and LEVEL_DEPTH[lvl] > LEVEL_DEPTH[depth]:
+            depth = lvl
+    return depth
+
+
+def plan_units(missing: list[ExpectedInstance], expected: dict[str, ExpectedInstance], depth: str) -> list[Unit]:
+    """The fewest retrieves that bring exactly the missing instances.
+
+    A whole study is moved only when the query constrains nothing below study level and every
+    expected instance of it is missing; a whole series likewise; otherwise the missing instances
+    of a series are named one by one (so a rerun fetches only what is missing).
+    """
+    by_study: dict[str, dict[str, list[str]]] = {}
+    for e in expected.values():
+        by_study.setdefault(e.study_instance_uid, {}).setdefault(e.series_instance_uid, [])
+    miss: dict[str, dict[str, list[str]]] = {}
+    for e in missing:
+        miss.setdefault(e.study_instance_uid, {}).setdefault(e.series_instance_uid, []).append(e.sop_instance_uid)
+    counts: dict[tuple[str, str], int] = {}
+    for e in expected.values():
+        key = (e.study_instance_uid, e.series_instance_uid)
+        counts[key] = counts.get(key, 0) + 1
+    units: list[Unit] = []
+    for study, series_map in miss.items():
+        whole_study = depth == "STUDY" and all(
+            len(series_map.get(se, [])) == counts[(study, se)] for se in by_study[study])
+        if whole_study:
+            units.append(Unit("STUDY", study, None, [u for sops in series_map.values() for u in sops]))
+            continue
+        for se, sops in series_map.items():
+            if depth in ("STUDY", "SERIES") and len(sops) == counts[(study, se)]:
+                units.append(Unit("SERIES", study, se, sops))
+            else:
+                for i in range(0, len(sops), IMAGE_UNIT_MAX):
+                    units.append(Unit("IMAGE", study, se, sops[i:i + IMAGE_UNIT_MAX]))
+    return units
+
+
+MAX_REFUSALS = 3  # consecutive refused retrieves with nothing arriving: the PACS refuses us, stop
+
+
+def _split(unit: Unit, expected: dict[str, ExpectedInstance]) -> list[Unit]:
+    """A refused study-level retrieve -> one per series (some PACS refuse study-level moves)."""
+    if unit.level == "STUDY":
+        series: dict[str, list[str]] = {}
+        for sop in unit.sops:
+            series.setdefault(expected[sop].series_instance_uid, []).append(sop)
+        return [Unit("SERIES", unit.study, se, sops) for se, sops in series.items()]
+    return []
+
+
+class RetrievalRunner:
+    """Runs one retrieval in the calling thread, with its own sessions."""
+
+    def __init__(self, ctx: AppContext, retrieval_id: int, *,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 client_factory: Callable[[PacsNode], DicomClient] | None = None):
+        self.ctx = ctx
+        self.id = retrieval_id
+        self.on_progress = on_progress
+        self.client_factory = client_factory or (lambda node: DicomClient(ctx.settings, node))
+        self.progress = Progress(retrieval_id)
+        self._batcher = None
+        self._store_handler = None
+        self._expected: dict[str, ExpectedInstance] = {}
+
+    # --------------------------------------------------------------- persistence helpers
+    def _update(self, **values) -> None:
+        with self.ctx.sessions() as s:
+            s.execute(update(Retrieval).where(Retrieval.id == self.id).values(**values))
+            s.commit()
+
+    def _notify(self, **kw) -> None:
+        for k, v in kw.items():
+            setattr(self.progress, k, v)
+        if self.on_progress:
+            try:
+                self.on_progress(self.progress)
+            except Exception:  # noqa: BLE001 - a progress display must never break the job
+                log.exception("progress callback failed")
+
+    # --------------------------------------------------------------- the job
+    def run(self) -> Retrieval:
+        with self.ctx.sessions() as s:
+            r = s.get(Retrieval, self.id)
+            if r is None:
+                raise LookupError(f"retrieval {self.id} does not exist")
+            node = s.scalar(select(PacsNode).where(PacsNode.name == r.node_name))
+            query = dict(r.query or {})
+            if node is not None:
+                s.expunge(node)
+        st = _State()
+        t0 = time.monotonic()
+        if node is None:
+            return self._finish(st, t0, error=f"PACS node '{r.node_name}' no longer exists", method=None)
+        method = node.retrieve_method or "move"
+        self._update(status="running", method=method, started_at=datetime.now(timezone.utc), finished_at=None,
+                     error=None)
+        client = self.client_factory(node)
+        try:
+            query = validate_query(query)
+            listing = list_expected(client, query)
+        except DicomError as exc:
+            return self._finish(st, t0, error=f"C-FIND failed: {exc.message}", method=method)
+        except Exception as exc:  # noqa: BLE001 - the job must end in a state, whatever happened
+            log.exception("retrieval %s: listing failed", self.id)
+            return self._finish(st, t0, error=f"listing failed: {exc}", method=method)
+        st.expected = self._expected = listing.items
+        if listing.incomplete:
+            st.errors.extend(listing.notes)
+        self._record_items(st)
+        with self.ctx.sessions() as s:
+            st.present_at_start = present(s, st.expected)
+        missing = [e for u, e in st.expected.items() if u not in st.present_at_start]
+        units = plan_units(missing, st.expected, query_depth(query))
+        self._update(expected=len(st.expected), skipped=len(st.present_at_start),
+                     report={"finds": listing.finds, "find_splits": listing.splits, "units": len(units)})
+        self._notify(phase="fetching", expected=len(st.expected), skipped=len(st.present_at_start),
+                     to_fetch=len(missing), units=len(units))
+        try:
+            self._fetch_all(client, node, method, units, st)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("retrieval %s: fetch failed", self.id)
+            st.errors.append(f"fetch failed: {exc}")
+        finally:
+            if self._batcher is not None:
+                self._batcher.stop()
+        return self._finish(st, t0, method=method, listing=listing)
+
+    def _record_items(self, st: _State) -> None:
+        rows = [{"retrieval_id": self.id, "sop_instance_uid": e.sop_instance_uid,
+                 "study_instance_uid": e.study_instance_uid, "series_instance_uid": e.series_instance_uid,
+                 "state": "expected"} for e in st.expected.values()]
+        with self.ctx.sessions() as s:
+            s.execute(delete(RetrievalItem).where(RetrievalItem.retrieval_id == self.id))
+            for i in range(0, len(rows), _CHUNK):
+                s.execute(insert(RetrievalItem), rows[i:i + _CHUNK])
+            s.commit()
+
+    def _fetch_all(self, client: DicomClient, node: PacsNode, method: str, units: list[Unit], st: _State) -> None:
+        queue = list(units)
+        done = 0
+        refusals = 0
+        while queue:
+            unit = queue.pop(0)
+            try:
+                res = self._fetch(client, node, method, unit)
+            except PermanentDicomError as exc:
+                status = getattr(exc, "status", None)
+                refusals += 1
+                # unknown destination, or every retrieve refused with nothing arriving: stop asking
+                if status == 0xA801 or (refusals >= MAX_REFUSALS and not st.arrived):
+                    st.errors.append(exc.message if status == 0xA801 else
+                                     f"the PACS refused {refusals} retrieves in a row, stopping: {exc.message}")
+                    for u in [unit, *queue]:
+                        st.failed.update({sop: exc.message for sop in u.sops})
+                    return
+                self._count(st, getattr(exc, "result", None))
+                smaller = _split(unit, st.expected)
+                if smaller:
+                    log.info("retrieval %s: %s refused (%s); retrying per %s", self.id, unit.describe(),
+                             exc.message, smaller[0].level.lower())
+                    queue[:0] = smaller
+                    self._notify(units=self.progress.units + len(smaller) - 1)
+                    continue
+                self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
+                st.errors.append(exc.message)
+                st.failed.update({sop: exc.message for sop in unit.sops if sop not in st.arrived})
+            except RetriableDicomError as exc:
+                # the PACS is gone (retries exhausted): record what arrived, leave the rest missing
+                self._count(st, getattr(exc, "result", None))
+                self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
+                st.errors.append(f"PACS unreachable during {unit.describe()}: {exc.message}")
+                return
+            else:
+                refusals = 0
+                self._count(st, res)
+                self._wait_arrivals(unit, st, res)
+                if res.failed_uids:
+                    st.failed.update({u: "sub-operation failed" for u in res.failed_uids
+                                      if u in st.expected and u not in st.arrived})
+                elif res.failed:
+                    st.failed.update({u: "sub-operation failed" for u in unit.sops if u not in st.arrived})
+            done += 1
+            self._update(received=len(st.arrived), report=self._report(st))
+            self._notify(units_done=done, received=len(st.arrived))
+
+    def _fetch(self, client: DicomClient, node: PacsNode, method: str, unit: Unit) -> RetrieveResult:
+        def pending(res: RetrieveResult) -> None:
+            self._notify(phase=f"{method} {unit.describe()}")
+
+        if method == "get":
+            classes = sorted({c for c in (self._expected[u].sop_class_uid for u in unit.sops) if c})
+            return client.get(unit.level, unit.keys, self._get_handler(node), sop_classes=classes or None,
+                              on_pending=pending)
+        return client.move(unit.level, unit.keys, on_pending=pending)
+
+    def _get_handler(self, node: PacsNode):
+        """C-GET arrivals go through the Storage SCP's own handler into the same store and index."""
+        if self._store_handler is None:
+            from app.dicom.scp import IndexBatcher, load_labeler, make_store_handler
+            from app.dicom.store import DicomStore
+            from app.index.extract import extract_record
+
+            self._batcher = IndexBatcher(self.ctx.sessions, load_labeler(self.ctx.sessions)).start()
+            batcher, name = self._batcher, node.name
+            timeout = max(60.0, self.ctx.settings.dicom_timeout)
+
+            def sink(stored, header) -> None:
+                rec = extract_record(header, file_path=stored.relpath, file_size=stored.size,
+                                     transfer_syntax_uid=stored.transfer_syntax_uid, source_node=name)
+                batcher.submit(rec).result(timeout=timeout)
+
+            self._store_handler = make_store_handler(DicomStore(self.ctx.settings.store_dir), sink)
+        return self._store_handler
+
+    @staticmethod
+    def _count(st: _State, res: RetrieveResult | None) -> None:
+        if res is None:
+            return
+        st.subops["completed"] += res.completed
+        st.subops["failed"] += res.failed
+        st.subops["warning"] += res.warning
+        st.statuses.append(f"0x{res.status:04X}")
+
+    def _wait_arrivals(self, unit: Unit, st: _State, res: RetrieveResult | None, grace: float | None = None) -> None:
+        """Poll the index until the unit's instances are there, the PACS's failures account for the
+        rest, or nothing new arrived for `arrival_timeout` (stragglers of an asynchronous move)."""
+        want = [u for u in unit.sops if u not in st.arrived]
+        timeout = self.ctx.settings.arrival_timeout if grace is None else grace
+        reported_failed = res.failed if res is not None else len(want)
+        last_progress = time.monotonic()
+        while True:
+            with self.ctx.sessions() as s:
+                got = present(s, want)
+            if got:
+                st.arrived.update(got)
+                want = [u for u in want if u not in got]
+                last_progress = time.monotonic()
+                self._notify(received=len(st.arrived))
+            if not want or len(want) <= reported_failed and res is not None:
+                return
+            if time.monotonic() - last_progress >= timeout:
+                return
+            time.sleep(POLL_S)
+
+    def _report(self, st: _State, listing=None) -> dict:
+        rep = {"suboperations": dict(st.subops), "statuses": st.statuses[-20:]}
+        if listing is not None:
+            rep.update(finds=listing.finds, find_splits=listing.splits, listing_complete=not listing.incomplete)
+        return rep
+
+    def _finish(self, st: _State, t0: float, *, error: str | None = None, method: str | None,
+                listing=None) -> Retrieval:
+        expected = set(st.expected)
+        skipped = st.present_at_start & expected
+        with self.ctx.sessions() as s:
+            in_index = present(s, expected)
+        received = (in_index - skipped)
+        missing = sorted(expected - in_index)
+        failed = sorted(u for u in missing if u in st.failed)
+        errors = ([error] if error else []) + st.errors
+        if error and not st.expected:
+            status = "failed"
+        elif not missing and not (listing is not None and listing.incomplete):
+            status = "completed"
+        elif not received and not skipped:
+            status = "failed"
+        else:
+            status = "partial"
+        if status != "completed" and missing and not errors:
+            errors.append(f"{len(missing)} instance(s) did not arrive within {self.ctx.settings.arrival_timeout:g}s "
+                          f"(sub-operations: {st.subops})")
+        states = {u: "skipped" for u in skipped}
+        states.update({u: "received" for u in received})
+        states.update({u: "failed" for u in failed})
+        states.update({u: "missing" for u in missing if u not in st.failed})
+        report = self._report(st, listing)
+        report["elapsed_s"] = round(time.monotonic() - t0, 3)
+        with self.ctx.sessions() as s:
+            for state in ("skipped", "received", "failed", "missing"):
+                uids = [u for u, v in states.items() if v == state]
+                for i in range(0, len(uids), _CHUNK):
+                    s.execute(update(RetrievalItem)
+                              .where(RetrievalItem.retrieval_id == self.id,
+                                     RetrievalItem.sop_instance_uid.in_(uids[i:i + _CHUNK]))
+                              .values(state=state))
+            s.execute(update(Retrieval).where(Retrieval.id == self.id).values(
+                status=status, method=method, expected=len(expected), received=len(received),
+                skipped=len(skipped), failed=len(failed), missing=missing, failed_uids=failed,
+                error="; ".join(errors)[:4000] or None, report=report, finished_at=datetime.now(timezone.utc)))
+            s.commit()
+            r = s.get(Retrieval, self.id)
+            s.expunge(r)
+        self._notify(phase=status, expected=len(expected), skipped=len(skipped), received=len(received))
+        log.info("retrieval %s %s: expected %d, received %d, skipped %d, missing %d", self.id, status,
+                 len(expected), len(received), len(skipped), len(missing))
+        return r
+
+
+def run_retrieval(ctx: AppContext, retrieval_id: int, **kw) -> Retrieval:
+    return RetrievalRunner(ctx, retrieval_id, **kw).run()
