@@ -84,7 +84,11 @@ class Instance(Base):
 
     __tablename__ = "instances"
     __table_args__ = (
-        Index("ix_instances_labels", "label_body_part", "label_laterality", "label_sex", "label_age_band"),
+        # covering index for cohort selection (app.cohorts.builder): every column a class predicate or
+        # the selection reads, so both backends answer it with an index-only scan
+        Index("ix_instances_labels", "label_body_part", "label_view", "label_laterality", "label_sex",
+              "label_age_band", "label_age_years", "modality", "has_conflict", "photometric_interpretation",
+              "patient_pk", "id"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,0 +1,282 @@
+"""Cohort selection: class predicates in SQL over the covering label index, one row per patient
+aggregated in SQL (classes matched, usable images, a seeded pick), then quota sampling and a
+patient-level split in Python over patients, not instances.
+
+Exclusion reasons (counts of instances): no_label (index rows without a body-part label),
+not_an_image / unsupported_photometric, conflicting_labels, patient_in_two_classes,
+duplicate_patient (other images of a selected patient), file_missing (sampled but not on disk).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import (BigInteger, Integer, and_, any_, bindparam, case, distinct, func, literal, select,
+                        union_all)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ColumnElement
+
+from app.db.models import Instance, Patient
+
+LABEL_COLUMN = {"modality": "modality", "body_part": "label_body_part", "view": "label_view",
+                "laterality": "label_laterality", "sex": "label_sex", "age_years": "label_age_years",
+                "age_band": "label_age_band"}
+IMAGE_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+REASONS = ("no_label", "not_an_image", "unsupported_photometric", "conflicting_labels",
+           "patient_in_two_classes", "duplicate_patient", "file_missing")
+SPLITS = ("train", "val", "test")
+_CHUNK = 5000
+_P = 2147483629  # a prime below 2**31: every intermediate product fits a signed 64-bit integer
+_A, _C = 1103515245 % _P, 69069
+
+
+@dataclass
+class CohortSpec:
+    """What to build (the API's request body maps onto this)."""
+
+    per_class: int | None = None
+    split: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "test": 0.2})
+    seed: int = 0
+    balanced: bool = False  # every class gets the size of the smallest (capped by per_class)
+    include_conflicts: bool = False
+    match_name_birthdate: bool = False  # also treat same name + birth date as one patient
+    check_files: bool = True  # sampled instances must exist under the store
+
+
+@dataclass
+class BuildResult:
+    classes: list[dict]
+    excluded: dict[str, int]
+    members: list[dict]  # instance_pk, patient_id, issuer, sop_instance_uid, file_path, class_name, split, ...
+    timings: dict[str, float]
+
+
+def class_predicate(where: dict, table=None) -> ColumnElement:
+    """SQL for one class: a conjunction over the label columns of `instances`."""
+    t = table if table is not None else Instance.__table__
+    conds = []
+    for key, value in where.items():
+        col = t.c[LABEL_COLUMN[key]]
+        if key == "age_years":
+            rng = value if isinstance(value, dict) else {"min": value, "max": value}
+            if rng.get("min") is not None:
+                conds.append(col >= float(rng["min"]))
+            if rng.get("max") is not None:
+                # whole years, inclusive: max 29 admits 29.99
+                conds.append(col < math.floor(float(rng["max"])) + 1)
+        elif isinstance(value, list):
+            conds.append(col.in_(value) if len(value) > 1 else col == value[0])
+        else:
+            conds.append(col == value)
+    return and_(*conds)
+
+
+def candidate_query(classes: list[dict], spec: CohortSpec):
+    """One UNION ALL branch per class (each an index-only range scan), tagged with the class
+    number, usability (an image, no label conflict unless allowed) and a seeded pick key."""
+    t = Instance.__table__
+    s1, s2 = spec.seed % _P, (spec.seed * 7919 + 17) % _P
+    # a seeded pseudo-random order inside a patient: ((id + s1) * A + s2) * C mod P, with the id
+    # in the low 32 bits so that MIN() of it names the chosen instance
+    h = ((((t.c.id + literal(s1, BigInteger)) % _P) * _A % _P + s2) % _P) * _C % _P
+    pick = h * literal(4294967296, BigInteger) + t.c.id
+    image = t.c.photometric_interpretation.in_(IMAGE_PHOTOMETRIC)
+    ok = image if spec.include_conflicts else and_(image, t.c.has_conflict.is_not(True))
+    branches = [
+        select(t.c.id.label("id"), t.c.patient_pk.label("patient_pk"), literal(k).label("cls"),
+               case((ok, 1), else_=0).label("ok"), t.c.photometric_interpretation.label("pi"),
+               t.c.has_conflict.label("conflict"), pick.label("pick"))
+        .where(class_predicate(c["where"], t))
+        for k, c in enumerate(classes)
+    ]
+    return branches[0] if len(branches) == 1 else union_all(*branches)
+
+
+def selection_queries(classes: list[dict], spec: CohortSpec):
+    """(per-patient aggregate over usable candidates, exclusion counts over the unusable ones)."""
+    c = candidate_query(classes, spec).subquery("c")
+    per_patient = (select(c.c.patient_pk, func.min(c.c.cls), func.max(c.c.cls),
+                          func.count(distinct(c.c.id)), func.min(c.c.pick))
+                   .where(c.c.ok == 1).group_by(c.c.patient_pk))
+    mono = c.c.pi.in_(IMAGE_PHOTOMETRIC)
+    reasons = select(
+        func.count(distinct(case((c.c.pi.is_(None), c.c.id)))),
+        func.count(distinct(case((and_(c.c.pi.is_not(None), ~mono), c.c.id)))),
+        func.count(distinct(case((and_(mono, c.c.conflict.is_(True)), c.c.id)))),
+    ).where(c.c.ok == 0)
+    return per_patient, reasons
+
+
+def _norm_name(name: str | None) -> str:
+    s = unicodedata.normalize("NFKC", name or "").upper().replace("^", " ")
+    return " ".join(s.split())
+
+
+def _identities(session: Session, patient_pks: set[int]) -> dict[int, int]:
+    """patient_pk -> identity root, joining patients with the same normalized name + birth date."""
+    p = Patient.__table__
+    parent = {pk: pk for pk in patient_pks}
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    by_key: dict[tuple[str, str], int] = {}
+    pks = sorted(patient_pks)
+    for i in range(0, len(pks), _CHUNK):
+        rows = session.execute(select(p.c.id, p.c.patient_name, p.c.patient_birth_date)
+                               .where(p.c.id.in_(pks[i:i + _CHUNK]))).all()
+        for pk, name, birth in rows:
+            n = _norm_name(name)
+            if not n or not birth:
+                continue
+            other = by_key.setdefault((n, birth), pk)
+            a, b = find(pk), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {pk: find(pk) for pk in patient_pks}
+
+
+def split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Whole-image counts per split; test and val rounded, train takes the rest."""
+    out = {s: 0 for s in SPLITS if s in fractions}
+    for s in ("test", "val"):
+        if s in fractions:
+            out[s] = int(round(n * fractions[s]))
+    taken = sum(v for s, v in out.items() if s != "train")
+    if taken > n:  # rounding up on tiny classes: trim val first, then test
+        for s in ("val", "test"):
+            while taken > n and out.get(s):
+                out[s] -= 1
+                taken -= 1
+    if "train" in out:
+        out["train"] = n - taken
+    else:  # no train side: the remainder goes to the last side given
+        last = [s for s in ("val", "test") if s in fractions][-1]
+        out[last] += n - taken
+    return out
+
+
+
+
+def _in(col, ids: list[int], dialect: str):
+    # PostgreSQL: one array parameter instead of thousands of bound values
+    if dialect == "postgresql":
+        return col == any_(bindparam("ids", ids, type_=ARRAY(Integer)))
+    return col.in_(ids)
+
+
+def _fetch_members(session: Session, ids: list[int]) -> dict[int, tuple]:
+    """instance id -> (sop_instance_uid, file_path, ruleset_version, patient_id, issuer)."""
+    i, p = Instance.__table__, Patient.__table__
+    dialect = session.bind.dialect.name
+    out = {}
+    for k in range(0, len(ids), _CHUNK):
+        q = (select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, p.c.patient_id, p.c.issuer)
+             .join_from(i, p, i.c.patient_pk == p.c.id).where(_in(i.c.id, ids[k:k + _CHUNK], dialect)))
+        out.update({r[0]: tuple(r[1:]) for r in session.execute(q)})
+    return out
+
+
+def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | None = None) -> BuildResult:
+    """Select, de-duplicate, sample and split. Reads only; the caller saves the snapshot."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    classes = taxonomy["classes"]
+    names = [c["name"] for c in classes]
+    excluded = dict.fromkeys(REASONS, 0)
+    t = Instance.__table__
+    excluded["no_label"] = session.scalar(select(func.count()).select_from(t)
+                                          .where(t.c.label_body_part.is_(None))) or 0
+    per_patient, reasons = selection_queries(classes, spec)
+    rows = session.execute(per_patient).all()
+    not_image, unsupported, conflicting = session.execute(reasons).one()
+    excluded["not_an_image"] = not_image
+    excluded["unsupported_photometric"] = unsupported
+    excluded["conflicting_labels"] = conflicting
+    timings["query_s"] = time.perf_counter() - t0
+
+    if spec.match_name_birthdate:
+        # patients sharing a normalized name + birth date are one: union of classes, one pick
+        ident = _identities(session, {r[0] for r in rows})
+        merged: dict[int, list] = {}
+        for ppk, cmin, cmax, n, pick in rows:
+            m = merged.get(ident[ppk])
+            if m is None:
+                merged[ident[ppk]] = [ident[ppk], cmin, cmax, n, pick]
+            else:
+                m[1], m[2], m[3], m[4] = min(m[1], cmin), max(m[2], cmax), m[3] + n, min(m[4], pick)
+        rows = list(merged.values())
+
+    pools: list[list[tuple[int, int]]] = [[] for _ in classes]
+    two_classes = duplicates = 0
+    for key, cmin, cmax, n, pick in rows:
+        if cmin != cmax:
+            two_classes += n
+            continue
+        duplicates += n - 1
+        pools[cmin].append((key, pick & 0xFFFFFFFF))
+    excluded["patient_in_two_classes"] = two_classes
+    excluded["duplicate_patient"] = duplicates
+    timings["dedup_s"] = time.perf_counter() - t0 - timings["query_s"]
+
+    available = [len(p) for p in pools]
+    quota = spec.per_class
+    if spec.balanced and available:
+        quota = min(available) if quota is None else min(quota, min(available))
+
+    members: list[dict] = []
+    summary: list[dict] = []
+    root = store_dir or Path(".")
+    for k, pool in enumerate(pools):
+        pool.sort()
+        rng = random.Random(f"{spec.seed}/{names[k]}")  # per class: adding a class does not reshuffle others
+        rng.shuffle(pool)
+        want = len(pool) if quota is None else min(quota, len(pool))
+        picked: list[tuple[int, tuple]] = []
+        pos = 0
+        while len(picked) < want and pos < len(pool):
+            batch = pool[pos:pos + (want - len(picked))]
+            pos += len(batch)
+            info = _fetch_members(session, [iid for _, iid in batch])
+            for _key, iid in batch:
+                if spec.check_files and not (root / info[iid][1]).is_file():
+                    excluded["file_missing"] += 1
+                    continue
+                picked.append((iid, info[iid]))
+        counts = split_counts(len(picked), spec.split)
+        sides = [s for s in ("test", "val", "train") if s in counts for _ in range(counts[s])]
+        for (iid, (uid, path, version, pid, issuer)), side in zip(picked, sides):
+            members.append({"instance_pk": iid, "patient_id": pid, "issuer": issuer, "sop_instance_uid": uid,
+                            "file_path": path, "class_name": names[k], "split": side,
+                            "ruleset_version": version})
+        summary.append({"name": names[k], "available": available[k], "selected": len(picked),
+                        **{s: counts.get(s, 0) for s in SPLITS}})
+    timings["sample_s"] = time.perf_counter() - t0 - timings["query_s"] - timings["dedup_s"]
+    timings["total_s"] = time.perf_counter() - t0
+    return BuildResult(classes=summary, excluded=excluded, members=members, timings=timings)
+
+
+def explain(session: Session, classes: list[dict], spec: CohortSpec | None = None) -> list[str]:
+    """The backend's query plan for the per-patient selection (for the benchmark and debugging)."""
+    stmt = selection_queries(classes, spec or CohortSpec())[0]
+    compiled = stmt.compile(dialect=session.bind.dialect, compile_kwargs={"literal_binds": True})
+    sql = str(compiled)
+    if session.bind.dialect.name == "sqlite":
+        sql = "EXPLAIN QUERY PLAN " + sql
+    else:
+        sql = "EXPLAIN " + sql.replace("%%", "%")  # literal SQL, no parameters: undo pyformat escaping
+    cur = session.connection().connection.cursor()
+    try:
+        cur.execute(sql)
+        return [" | ".join(str(c) for c in r) for r in cur.fetchall()]
+    finally:
+        cur.close()

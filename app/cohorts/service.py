@@ -1,0 +1,111 @@
+"""Cohorts as frozen snapshots: create (or preview), read, manifest, items for the training worker."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from app import audit
+from app.cohorts.builder import BuildResult, CohortSpec, build
+from app.cohorts.taxonomies import get_taxonomy
+from app.db.models import Cohort, CohortMember
+from app.errors import NotFound
+
+_CHUNK = 5000
+MANIFEST_COLUMNS = ("sop_instance_uid", "class", "split", "patient_key")
+
+
+def patient_key(key: bytes, patient_id: str, issuer: str | None = "") -> str:
+    """HMAC-SHA256 pseudonym of a patient (issuer-qualified ID); never reversible without the key."""
+    msg = f"{issuer or ''}\x1f{patient_id}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def _view(c: Cohort) -> dict:
+    return {"id": c.id, "taxonomy": c.taxonomy_name, "ruleset_version": c.ruleset_version, "seed": c.seed,
+            "size": c.size, "created_at": c.created_at, "preview": False,
+            "classes": c.summary.get("classes", []), "excluded": c.excluded, "params": c.params}
+
+
+def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: bytes,
+                  store_dir: Path | None, actor: str = "cli") -> dict:
+    """Build a cohort from the request `params` (taxonomy name + CohortSpec fields).
+
+    `preview` -> counts only, nothing written. Otherwise a Cohort row and its members (exact
+    UIDs, split, HMAC patient key) are flushed and the creation is audited.
+    """
+    taxonomy = get_taxonomy(session, params["taxonomy"])
+    spec = CohortSpec(**{k: params[k] for k in CohortSpec.__dataclass_fields__ if k in params})
+    result: BuildResult = build(session, taxonomy, spec, store_dir=store_dir)
+    if params.get("preview"):
+        return {"id": None, "taxonomy": taxonomy["name"], "preview": True, "seed": spec.seed,
+                "size": len(result.members), "classes": result.classes, "excluded": result.excluded,
+                "params": params, "timings": result.timings}
+    versions = Counter(m["ruleset_version"] for m in result.members)
+    ruleset_version = versions.most_common(1)[0][0] if versions else None
+    frozen_taxonomy = {"name": taxonomy["name"], "description": taxonomy.get("description"),
+                       "classes": taxonomy["classes"]}
+    cohort = Cohort(taxonomy_name=taxonomy["name"], taxonomy=frozen_taxonomy, ruleset_version=ruleset_version,
+                    seed=spec.seed, params=params, size=len(result.members), excluded=result.excluded,
+                    summary={"classes": result.classes,
+                             "ruleset_versions": {str(k): v for k, v in versions.items()}})
+    session.add(cohort)
+    session.flush()
+    rows = [{"cohort_id": cohort.id, "instance_pk": m["instance_pk"], "sop_instance_uid": m["sop_instance_uid"],
+             "class_name": m["class_name"], "split": m["split"], "patient_key": patient_key(pseudonym_key, m["patient_id"], m["issuer"]),
+             "file_path": m["file_path"]} for m in result.members]
+    for i in range(0, len(rows), _CHUNK):
+        session.execute(insert(CohortMember.__table__), rows[i:i + _CHUNK])
+    audit.record(session, actor, "cohort.create", target=f"cohort:{cohort.id}", taxonomy=taxonomy["name"],
+                 size=cohort.size, seed=spec.seed, ruleset_version=ruleset_version)
+    session.flush()
+    return {**_view(cohort), "timings": result.timings}
+
+
+def _get(session: Session, cohort_id: int) -> Cohort:
+    c = session.get(Cohort, cohort_id)
+    if c is None:
+        raise NotFound(f"cohort {cohort_id} not found")
+    return c
+
+
+def get_cohort(session: Session, cohort_id: int) -> dict:
+    c = _get(session, cohort_id)
+    return {**_view(c), "taxonomy_definition": c.taxonomy}
+
+
+def list_cohorts(session: Session, limit: int = 100, offset: int = 0) -> list[dict]:
+    q = select(Cohort).order_by(Cohort.id.desc()).limit(limit).offset(offset)
+    return [_view(c) for c in session.scalars(q)]
+
+
+def _members(session: Session, cohort_id: int):
+    _get(session, cohort_id)
+    t = CohortMember.__table__
+    q = (select(t.c.sop_instance_uid, t.c.class_name, t.c.split, t.c.patient_key, t.c.file_path)
+         .where(t.c.cohort_id == cohort_id).order_by(t.c.id))
+    return session.execute(q)
+
+
+def cohort_items(session: Session, cohort_id: int) -> list[dict]:
+    """The frozen member list for training: sop_instance_uid, class_name, split, file_path (store-relative)."""
+    return [{"sop_instance_uid": uid, "class_name": cls, "split": split, "file_path": path}
+            for uid, cls, split, _key, path in _members(session, cohort_id)]
+
+
+def manifest_csv(session: Session, cohort_id: int) -> str:
+    """CSV: sop_instance_uid, class, split, patient_key (pseudonymous; no PatientID/Name)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MANIFEST_COLUMNS)
+    for uid, cls, split, key, _path in _members(session, cohort_id):
+        w.writerow((uid, cls, split, key))
+    return buf.getvalue()
