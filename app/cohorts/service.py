@@ -17,7 +17,7 @@ from app import audit
 from app.cohorts.builder import BuildResult, CohortSpec, build
 from app.cohorts.taxonomies import get_taxonomy
 from app.db.models import Cohort, CohortMember
-from app.errors import NotFound
+from app.errors import InvalidInput, NotFound
 
 _CHUNK = 5000
 MANIFEST_COLUMNS = ("sop_instance_uid", "class", "split", "patient_key")
@@ -27,6 +27,10 @@ def patient_key(key: bytes, patient_id: str, issuer: str | None = "") -> str:
     """HMAC-SHA256 pseudonym of a patient (issuer-qualified ID); never reversible without the key."""
     msg = f"{issuer or ''}\x1f{patient_id}".encode()
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def _rounded(timings: dict) -> dict:
+    return {k: round(v, 4) for k, v in timings.items()}
 
 
 def _view(c: Cohort) -> dict:
@@ -48,7 +52,10 @@ def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: by
     if params.get("preview"):
         return {"id": None, "taxonomy": taxonomy["name"], "preview": True, "seed": spec.seed,
                 "size": len(result.members), "classes": result.classes, "excluded": result.excluded,
-                "params": params, "timings": result.timings}
+                "params": params, "timings": _rounded(result.timings)}
+    if not result.members:
+        raise InvalidInput("no instance qualifies for any class, nothing saved; "
+                           "preview the cohort to see the exclusion report")
     versions = Counter(m["ruleset_version"] for m in result.members)
     ruleset_version = versions.most_common(1)[0][0] if versions else None
     frozen_taxonomy = {"name": taxonomy["name"], "description": taxonomy.get("description"),
@@ -67,7 +74,7 @@ def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: by
     audit.record(session, actor, "cohort.create", target=f"cohort:{cohort.id}", taxonomy=taxonomy["name"],
                  size=cohort.size, seed=spec.seed, ruleset_version=ruleset_version)
     session.flush()
-    return {**_view(cohort), "timings": result.timings}
+    return {**_view(cohort), "timings": _rounded(result.timings)}
 
 
 def _get(session: Session, cohort_id: int) -> Cohort:

@@ -1,5 +1,51 @@
-"""Routes (placeholder: filled in by the stage that owns this resource)."""
+"""Cohorts: create or preview a frozen snapshot, list, get, manifest (thin: parse -> service -> schema)."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+from fastapi import APIRouter, HTTPException, Query, Response
+
+from app.api.deps import ActorDep, SessionDep, SettingsDep
+from app.cohorts import service
+from app.cohorts.schemas import CohortDetail, CohortIn, CohortOut
+from app.errors import NotFound
+
+router = APIRouter(prefix="/cohorts", tags=["cohorts"])
+
+
+@router.post("", status_code=201, response_model=CohortOut,
+             responses={200: {"description": "preview: counts only, nothing saved", "model": CohortOut},
+                        422: {"description": "invalid request or unknown taxonomy"}})
+def create_cohort(body: CohortIn, response: Response, session: SessionDep, settings: SettingsDep,
+                  actor: ActorDep):
+    """Build a cohort: one image per patient, patients in two classes excluded, seeded quotas,
+    patient-level split. `preview: true` returns the counts (200) without saving."""
+    try:
+        out = service.create_cohort(session, body.model_dump(), pseudonym_key=settings.get_pseudonym_key(),
+                                    store_dir=settings.store_dir, actor=actor)
+    except NotFound as exc:
+        raise HTTPException(status_code=422, detail=[{"loc": ["body", "taxonomy"], "msg": exc.message,
+                                                      "type": "value_error"}]) from exc
+    if out["preview"]:
+        response.status_code = 200
+    return out
+
+
+@router.get("", response_model=list[CohortOut])
+def list_cohorts(session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+    """Newest first."""
+    return service.list_cohorts(session, limit=limit, offset=offset)
+
+
+@router.get("/{cohort_id}", response_model=CohortDetail, responses={404: {"description": "unknown cohort"}})
+def get_cohort(cohort_id: int, session: SessionDep):
+    return service.get_cohort(session, cohort_id)
+
+
+@router.get("/{cohort_id}/manifest", response_class=Response,
+            responses={200: {"content": {"text/csv": {}}, "description": "sop_instance_uid,class,split,patient_key"},
+                       404: {"description": "unknown cohort"}})
+def manifest(cohort_id: int, session: SessionDep):
+    """CSV with sop_instance_uid, class, split, patient_key (HMAC pseudonym; never PatientID/Name)."""
+    body = service.manifest_csv(session, cohort_id)
+    return Response(content=body, media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="cohort-{cohort_id}.csv"'})

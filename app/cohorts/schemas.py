@@ -1,0 +1,93 @@
+"""Request/response models for taxonomies and cohorts (the API contract's shapes)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+class TaxonomyClass(BaseModel):
+    name: str = Field(..., description="class name, e.g. LtK")
+    where: dict[str, Any] = Field(
+        ..., description="label -> exact value, list of values, or {'min','max'} (age_years, whole years)",
+        examples=[{"body_part": "KNEE", "view": "AP", "laterality": "L"}])
+
+
+class TaxonomyIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "knee-lr", "classes": [
+        {"name": "LtK", "where": {"body_part": "KNEE", "laterality": "L"}},
+        {"name": "RtK", "where": {"body_part": "KNEE", "laterality": "R"}}]}]})
+    name: str
+    description: str | None = None
+    classes: list[TaxonomyClass] = Field(..., min_length=1, max_length=200)
+
+
+class TaxonomyOut(BaseModel):
+    name: str
+    description: str | None = None
+    builtin: bool
+    classes: list[TaxonomyClass]
+    created_at: datetime | None = None
+
+
+class CohortIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"taxonomy": "xr10", "per_class": 1500, "split": {"train": 0.8, "test": 0.2}, "seed": 0, "preview": False}]})
+    taxonomy: str = Field(..., description="a preset (xr10, xr5) or a user taxonomy name")
+    per_class: int | None = Field(None, ge=1, le=10_000_000, description="quota per class; all when unset")
+    split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "test": 0.2},
+                                    description="patient-level split fractions over train / val / test, sum 1")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    preview: bool = Field(False, description="counts only, nothing saved")
+    balanced: bool = Field(False, description="every class gets as many images as the smallest")
+    include_conflicts: bool = Field(False, description="admit instances whose label sources disagree")
+    match_name_birthdate: bool = Field(False, description="also treat same name + birth date as one patient")
+    check_files: bool = Field(True, description="sampled instances must exist in the store")
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, f in v.items():
+            side = SPLIT_ALIASES.get(k)
+            if side is None:
+                raise ValueError(f"unknown split side '{k}': use train, val, test")
+            if side in out:
+                raise ValueError(f"split side '{side}' given twice")
+            if not 0 <= f <= 1:
+                raise ValueError(f"split fraction for '{k}' must be between 0 and 1")
+            out[side] = float(f)
+        if not out or abs(sum(out.values()) - 1) > 1e-6:
+            raise ValueError("split fractions must sum to 1")
+        return out
+
+
+class ClassCount(BaseModel):
+    name: str
+    available: int = Field(..., description="eligible patients (one image each) before the quota")
+    selected: int
+    train: int = 0
+    val: int = 0
+    test: int = 0
+
+
+class CohortOut(BaseModel):
+    id: int | None = Field(None, description="null for a preview")
+    taxonomy: str
+    preview: bool = False
+    ruleset_version: str | None = None
+    seed: int
+    size: int
+    created_at: datetime | None = None
+    classes: list[ClassCount]
+    excluded: dict[str, int] = Field(..., description="reason -> number of instances")
+    params: dict[str, Any] = Field(default_factory=dict, description="the request as given")
+    timings: dict[str, float] | None = None
+
+
+class CohortDetail(CohortOut):
+    taxonomy_definition: dict[str, Any] | None = Field(None, description="the taxonomy as it was at creation")
