@@ -1,0 +1,139 @@
+"""Training and models API without a worker: validation, queueing, listing, cancel, 404/409s, upload checks."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+from app.db.base import session_scope
+from app.db.models import Cohort, TrainedModel, TrainingJob
+from app.training.testing import write_tiny_dicom
+
+
+def _cohort(ctx) -> int:
+    with session_scope(ctx.sessions) as s:
+        c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": "A"}, {"name": "B"}]})
+        s.add(c)
+        s.flush()
+        return c.id
+
+
+def _model(ctx) -> int:
+    """A registered model with fake artifacts (upload checks come before any model is loaded)."""
+    cid = _cohort(ctx)
+    with session_scope(ctx.sessions) as s:
+        job = TrainingJob(cohort_id=cid, status="completed", params={}, metrics={"overall_accuracy": 1.0})
+        s.add(job)
+        s.flush()
+        rd = ctx.settings.runs_dir / f"job-{job.id}"
+        rd.mkdir(parents=True)
+        (rd / "model.pt").write_bytes(b"not really a model")
+        m = TrainedModel(job_id=job.id, architecture="resnet10t", classes=["A", "B"],
+                         path=f"runs/job-{job.id}/model.pt", card={"cohort_id": cid})
+        s.add(m)
+        s.flush()
+        return m.id
+
+
+def test_create_validates_with_field_detail(client, ctx):
+    cid = _cohort(ctx)
+    r = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "epochs": 0, "model": "Res Net!",
+                                                   "image_size": 8, "experiments": ["rotate45"],
+                                                   "augment": {"blur": 1}, "weights": "../../etc/passwd"})
+    assert r.status_code == 422
+    locs = {tuple(e["loc"][1:]) for e in r.json()["detail"]}
+    assert {("epochs",), ("model",), ("image_size",), ("experiments",), ("augment", "blur"), ("weights",)} <= locs
+    r = client.post("/api/v1/training-jobs", json={"cohort_id": 4242})
+    assert r.status_code == 404 and "cohort 4242" in r.json()["detail"]
+
+
+def test_queue_list_get_and_cancel(client, ctx):
+    cid = _cohort(ctx)
+    r = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "model": "resnet18", "epochs": 3,
+                                                   "image_size": 64, "augment": {"rotation": [10, 20]}})
+    assert r.status_code == 202
+    assert r.json() == {"id": r.json()["id"], "status": "queued"}
+    jid = r.json()["id"]
+    job = client.get(f"/api/v1/training-jobs/{jid}").json()
+    assert job["status"] == "queued" and job["epochs"] == 3 and job["epoch"] == 0 and job["history"] == []
+    assert job["params"]["augment"] == {"rotation": [10.0, 20.0]}
+    assert job["params"]["experiments"] == ["rotate90", "scale10"]
+    for key in ("device", "images_per_second", "loss", "train_accuracy", "val_accuracy", "eta_seconds", "error",
+                "model_id", "cohort_id"):
+        assert key in job
+
+    ladder = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "experiments": ["depth_ladder"]})
+    assert ladder.status_code == 202 and len(ladder.json()["jobs"]) == 4 and ladder.json()["id"] == ladder.json()["jobs"][0]
+    listing = client.get("/api/v1/training-jobs", params={"cohort_id": cid}).json()
+    assert listing["total"] == 5 and [j["id"] for j in listing["items"]][-1] == jid  # newest first
+    assert [j["params"]["depth"] for j in listing["items"][:4]] == [64, 34, 19, 4]
+
+    # nothing to read until the job has completed
+    for path in ("metrics", "report", "artifacts/curves.png"):
+        r = client.get(f"/api/v1/training-jobs/{jid}/{path}")
+        assert r.status_code == 409 and "queued" in r.json()["detail"], path
+    assert client.get("/api/v1/training-jobs/9999").status_code == 404
+    assert client.get("/api/v1/training-jobs/9999/metrics").status_code == 404
+
+    r = client.post(f"/api/v1/training-jobs/{jid}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    r = client.post(f"/api/v1/training-jobs/{jid}/cancel")
+    assert r.status_code == 409 and "already cancelled" in r.json()["detail"]
+    assert client.get("/api/v1/training-jobs", params={"status": "cancelled"}).json()["total"] == 1
+    actions = [e["action"] for e in client.get("/api/v1/audit").json()]
+    assert actions.count("training_job.create") == 5 and actions.count("training_job.cancel") == 1
+
+
+def test_models_listing_and_404s(client, ctx):
+    assert client.get("/api/v1/models").json() == {"total": 0, "items": []}
+    mid = _model(ctx)
+    body = client.get("/api/v1/models").json()
+    assert body["total"] == 1 and body["items"][0]["classes"] == ["A", "B"] and "card" in body["items"][0]
+    assert client.get(f"/api/v1/models/{mid}").json()["architecture"] == "resnet10t"
+    assert client.get("/api/v1/models/777").status_code == 404
+    r = client.post("/api/v1/models/777/predict", files={"file": ("x.dcm", b"DICM", "application/dicom")})
+    assert r.status_code == 404
+
+
+def test_predict_rejects_bad_uploads_with_4xx_and_keeps_no_temp_files(client, ctx, tmp_path):
+    mid = _model(ctx)
+    url = f"/api/v1/models/{mid}/predict"
+    no_pixels = tmp_path / "nopix.dcm"
+    write_tiny_dicom(no_pixels, "left", size=16)
+    import pydicom
+
+    ds = pydicom.dcmread(no_pixels)
+    del ds.PixelData
+    ds.save_as(no_pixels)
+    dicom = tmp_path / "ok.dcm"
+    write_tiny_dicom(dicom, "left", size=16)
+    truncated = dicom.read_bytes()[:200]
+    cases = {
+        "garbage": (b"hello, not DICOM" * 100, 415, "not a DICOM"),
+        "empty": (b"", 415, "empty"),
+        "no pixels": (no_pixels.read_bytes(), 422, "no pixel data"),
+        "truncated": (truncated, 422, ""),
+    }
+    for name, (payload, status, words) in cases.items():
+        r = client.post(url, files={"file": ("f.dcm", io.BytesIO(payload), "application/dicom")})
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert words in r.json()["detail"], (name, r.json())
+    assert client.post(url).status_code == 422  # no file part
+    ctx.extras["predict_max_upload_bytes"] = 1000
+    r = client.post(url, files={"file": ("big.dcm", io.BytesIO(dicom.read_bytes()), "application/dicom")})
+    assert r.status_code == 413 and "1000 bytes" in r.json()["detail"]
+    tmp = ctx.settings.data_dir / "tmp"
+    assert not tmp.exists() or list(tmp.iterdir()) == []
+
+
+def test_api_side_never_imports_torch(tmp_path):
+    code = ("import sys, app.api.main, app.api.routes.training, app.api.routes.trained_models, "
+            "app.training.predict, app.training.jobs, app.cli; "
+            "from app.api import create_app; from app.config import Settings; "
+            "create_app(Settings(_env_file=None, database_url='sqlite://', data_dir=sys.argv[1])); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "data")],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
