@@ -1,0 +1,100 @@
+"""`radcohort scp --processes N` and `radcohort serve` as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from app.context import AppContext
+from app.db.migrate import upgrade
+from app.db.models import PacsNode
+from app.devtools.orthanc import free_port
+from tests.dicom.helpers import make_cr
+from tests.dicom.test_scp import count, send
+
+RADCOHORT = str(Path(sys.executable).with_name("radcohort"))
+
+
+def _env(settings) -> dict:
+    env = dict(os.environ)
+    env.update(RADCOHORT_DATABASE_URL=settings.database_url, RADCOHORT_DATA_DIR=str(settings.data_dir),
+               RADCOHORT_SCP_PORT=str(settings.scp_port), RADCOHORT_API_PORT=str(free_port()),
+               RADCOHORT_PSEUDONYM_KEY="k", RADCOHORT_LOG_LEVEL="INFO")
+    return env
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "exited"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"port {port} never opened")
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+@pytest.fixture
+def node_ctx(settings):
+    upgrade(settings.database_url)
+    ctx = AppContext.build(settings)
+    with ctx.sessions() as s:
+        s.add(PacsNode(name="sender", ae_title="SENDER", host="127.0.0.1", port=104))
+        s.commit()
+    yield ctx
+    ctx.close()
+
+
+def test_scp_with_two_processes_stores_everything_once(node_ctx, tmp_path):
+    settings = node_ctx.settings
+    proc = subprocess.Popen([RADCOHORT, "scp", "--processes", "2"], env=_env(settings), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_port(settings.scp_port, proc)
+        time.sleep(1.0)
+        datasets = [make_cr(seed=i) for i in range(8)]
+        for ds in datasets:  # one association each: the kernel spreads them over the processes
+            assert send(settings.scp_port, [ds]) == [0]
+        assert send(settings.scp_port, datasets[:2]) == [0, 0]  # resend: idempotent
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
+    listening_pids = {line.split()[3] for line in out.splitlines() if "listening on" in line}
+    assert len(listening_pids) == 2, out
+    assert count(node_ctx) == 8
+    assert len([p for p in settings.store_dir.rglob("*.dcm")]) == 8
+
+
+def test_serve_runs_api_and_scp_in_one_process(node_ctx, tmp_path):
+    settings = node_ctx.settings
+    env = _env(settings)
+    api = int(env["RADCOHORT_API_PORT"])
+    proc = subprocess.Popen([RADCOHORT, "serve"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_port(api, proc)
+        _wait_port(settings.scp_port, proc)
+        ds = make_cr(patient_name="Never^Shown")
+        assert send(settings.scp_port, [ds]) == [0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{api}/api/v1/instances", timeout=10) as r:
+            body = json.loads(r.read())
+    finally:
+        out = _stop(proc)
+    assert [i["sop_instance_uid"] for i in body["items"]] == [ds.SOPInstanceUID]
+    assert "Never" not in json.dumps(body) and "Never" not in out
