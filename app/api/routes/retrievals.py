@@ -1,5 +1,34 @@
-"""Routes (placeholder: filled in by the stage that owns this resource)."""
+"""Retrievals: create (runs in the background), get, list newest first."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+from fastapi import APIRouter, Query
+
+from app.api.deps import ActorDep, CtxDep, SessionDep
+from app.retrievals import service
+from app.retrievals.schemas import RetrievalCreated, RetrievalIn, RetrievalList, RetrievalOut
+
+router = APIRouter(prefix="/retrievals", tags=["retrievals"])
+
+
+@router.post("", status_code=202, response_model=RetrievalCreated,
+             responses={404: {"description": "unknown node"}, 422: {"description": "invalid query"}})
+def create_retrieval(body: RetrievalIn, session: SessionDep, ctx: CtxDep, actor: ActorDep):
+    """Queue a retrieval: image-level C-FIND -> C-MOVE/C-GET of what is not indexed yet -> report.
+
+    Poll `GET /api/v1/retrievals/{id}`; `completed` only when every expected instance is in the
+    store and index. Instances already indexed count as `skipped` and are not fetched again."""
+    r = service.create_retrieval(session, body.node, body.query, actor)
+    service.get_manager(ctx).submit_after_commit(session, r.id)
+    return RetrievalCreated(id=r.id, status=r.status)
+
+
+@router.get("", response_model=RetrievalList)
+def list_retrievals(session: SessionDep, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+    rows, total = service.list_retrievals(session, limit, offset)
+    return RetrievalList(items=[service.to_out(r) for r in rows], total=total)
+
+
+@router.get("/{retrieval_id}", response_model=RetrievalOut, responses={404: {"description": "unknown retrieval"}})
+def get_retrieval(retrieval_id: int, session: SessionDep):
+    return service.to_out(service.get_retrieval(session, retrieval_id))
