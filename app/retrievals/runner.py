@@ -149,8 +149,9 @@ class RetrievalRunner:
 
     def __init__(self, ctx: AppContext, retrieval_id: int, *,
                  on_progress: Callable[[Progress], None] | None = None,
-                 client_factory: Callable[[PacsNode], DicomClient] | None = None):
+                 client_factory: Callable[[PacsNode], DicomClient] | None = None, method: str | None = None):
         self.ctx = ctx
+        self.method = method  # overrides the node's retrieve_method for this run
         self.id = retrieval_id
         self.on_progress = on_progress
         self.client_factory = client_factory or (lambda node: DicomClient(ctx.settings, node))
@@ -188,7 +189,7 @@ class RetrievalRunner:
         t0 = time.monotonic()
         if node is None:
             return self._finish(st, t0, error=f"PACS node '{r.node_name}' no longer exists", method=None)
-        method = node.retrieve_method or "move"
+        method = self.method or node.retrieve_method or "move"
         self._update(status="running", method=method, started_at=datetime.now(timezone.utc), finished_at=None,
                      error=None)
         client = self.client_factory(node)
