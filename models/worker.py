@@ -56,12 +56,16 @@ def launch_command(spec_path: Path, nproc: int, module: str = "models.run") -> l
 
 
 def _die_with_parent(sig: int):
+    parent = os.getpid()
+
     def preexec() -> None:
         # the child gets `sig` when the worker dies, even by SIGKILL (Linux; no-op elsewhere)
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
         except OSError:
-            pass
+            return
+        if os.getppid() != parent:  # the worker died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
     return preexec
 
 
@@ -149,6 +153,10 @@ class Worker:
         log.info("claimed training job %d (attempt %d)", job.id, job.attempts)
         try:
             return self._run_job(job)
+        except OperationalError:
+            # the DB went away: leave the job as it is; it turns stale and is reclaimed (and a finished
+            # run is then reported from its files, not rerun)
+            raise
         except Exception as exc:  # noqa: BLE001 - a worker bug must fail the job, not hang it
             log.exception("training job %d failed in the worker", job.id)
             with session_scope(self.ctx.sessions) as s:

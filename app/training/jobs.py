@@ -122,6 +122,29 @@ def job_view(job: TrainingJob, model_id: int | None = None) -> dict:
     }
 
 
+def ladder(session: Session, job_id: int) -> list[dict]:
+    """The depth-ladder jobs queued with this one, side by side (status and headline accuracies)."""
+    job = get_job(session, job_id)
+    ids = (job.params or {}).get("depth_ladder")
+    if not ids:
+        raise NotFound(f"training job {job_id} is not part of a depth ladder")
+    rows = {j.id: j for j in session.scalars(select(TrainingJob).where(TrainingJob.id.in_(ids)))}
+    out = []
+    for jid in ids:
+        j = rows.get(jid)
+        if j is None:
+            continue
+        m = j.metrics or {}
+        out.append({
+            "id": j.id, "depth": j.params.get("depth"), "status": j.status,
+            "overall_accuracy": m.get("overall_accuracy"),
+            "per_class_accuracy": {r["class"]: r.get("accuracy") for r in m.get("per_class") or []},
+            "experiments": {k: v.get("overall_accuracy") for k, v in (m.get("experiments") or {}).items()
+                            if isinstance(v, dict)},
+        })
+    return out
+
+
 # ---------------------------------------------------------------- worker side
 def claim_next(session: Session, worker_id: str, *, stale_after: float = DEFAULT_STALE_SECONDS,
                max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> TrainingJob | None:

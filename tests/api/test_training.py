@@ -66,6 +66,10 @@ def test_queue_list_get_and_cancel(client, ctx):
 
     ladder = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "experiments": ["depth_ladder"]})
     assert ladder.status_code == 202 and len(ladder.json()["jobs"]) == 4 and ladder.json()["id"] == ladder.json()["jobs"][0]
+    side = client.get(f"/api/v1/training-jobs/{ladder.json()['id']}/ladder").json()["jobs"]
+    assert [(r["depth"], r["status"], r["overall_accuracy"]) for r in side] == [
+        (4, "queued", None), (19, "queued", None), (34, "queued", None), (64, "queued", None)]
+    assert client.get(f"/api/v1/training-jobs/{jid}/ladder").status_code == 404
     listing = client.get("/api/v1/training-jobs", params={"cohort_id": cid}).json()
     assert listing["total"] == 5 and [j["id"] for j in listing["items"]][-1] == jid  # newest first
     assert [j["params"]["depth"] for j in listing["items"][:4]] == [64, 34, 19, 4]

@@ -86,7 +86,8 @@ def _in_thread(worker: Worker) -> tuple[threading.Thread, list]:
     return t, out
 
 
-def test_job_runs_to_completion_and_reports_the_undecodable_file(ctx):
+def test_job_runs_to_completion_and_reports_the_undecodable_file(any_ctx):
+    ctx = any_ctx
     jid = _queue(ctx, undecodable=1, epochs=2, experiments=["rotate90"])
     outcomes = Worker(ctx, poll=0.2, tick=0.3).run(once=True)
     assert [(o.job_id, o.status) for o in outcomes] == [(jid, "completed")]

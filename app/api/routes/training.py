@@ -100,6 +100,25 @@ def cancel_training_job(job_id: int, session: SessionDep, actor: ActorDep):
     return _out(session, jobs.cancel_job(session, job_id, actor))
 
 
+class LadderRow(BaseModel):
+    id: int
+    depth: int | None
+    status: Status
+    overall_accuracy: float | None
+    per_class_accuracy: dict[str, float | None]
+    experiments: dict[str, float | None]
+
+
+class Ladder(BaseModel):
+    jobs: list[LadderRow]
+
+
+@router.get("/training-jobs/{job_id}/ladder", response_model=Ladder)
+def get_depth_ladder(job_id: int, session: SessionDep):
+    """The study's depth experiment side by side: every job of this job's depth ladder (4/19/34/64)."""
+    return Ladder(jobs=[LadderRow(**row) for row in jobs.ladder(session, job_id)])
+
+
 @router.get("/training-jobs/{job_id}/metrics")
 def get_training_metrics(job_id: int, session: SessionDep) -> dict:
     """Per-class accuracy and confidence (the study's Table 2), confusion matrix, experiments,
