@@ -164,3 +164,24 @@ def create_taxonomy(session: Session, payload: dict, rules: RuleSet) -> dict:
     except IntegrityError as exc:  # a concurrent request took the name
         raise Conflict(f"taxonomy '{tax['name']}' already exists") from exc
     return _row_dict(row)
+
+
+def matches(where: dict, labels: dict) -> bool:
+    """Python twin of the SQL class predicate: does a label dict (modality, body_part, view, ...)
+    satisfy a class's `where`? age_years ranges are whole years, both ends inclusive."""
+    for key, want in where.items():
+        have = labels.get(key)
+        if key == "age_years":
+            rng = want if isinstance(want, dict) else {"min": want, "max": want}
+            if have is None:
+                return False
+            if rng.get("min") is not None and have < rng["min"]:
+                return False
+            if rng.get("max") is not None and have >= int(rng["max"]) + 1:
+                return False
+        elif isinstance(want, list):
+            if have not in want:
+                return False
+        elif have != want:
+            return False
+    return True

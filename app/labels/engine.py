@@ -55,8 +55,9 @@ def _tag_key(value: Any) -> str:
 def _term_regex(term: str) -> re.Pattern:
     t = normalize_text(term)
     if t.isascii():
-        # whole words only: "PA" must not match inside "PARANASAL"
-        return re.compile(r"(?<![A-Z0-9])" + re.escape(t) + r"(?![A-Z0-9])")
+        # whole words only: "PA" must not match inside "PARANASAL"; a lone letter ("L") not in "L-SPINE"
+        edge = "A-Z0-9\\-" if len(t) == 1 else "A-Z0-9"
+        return re.compile(rf"(?<![{edge}])" + re.escape(t) + rf"(?![{edge}])")
     return re.compile(re.escape(t))
 
 
