@@ -1,34 +1,16 @@
-"""The cohort's members as the worker needs them (the one place to switch to app.cohorts.service)."""
+"""The cohort's members and classes as the worker needs them."""
 
 from __future__ import annotations
 
-import importlib.util
-
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Cohort, CohortMember, Instance
+from app.cohorts.service import cohort_items as _cohort_items
+from app.db.models import Cohort
 
 
 def cohort_items(session: Session, cohort_id: int) -> list[dict]:
-    """[{sop_instance_uid, class_name, split, file_path (relative to the store)}], ordered by UID."""
-    if importlib.util.find_spec("app.cohorts.service") is not None:
-        from app.cohorts import service
-
-        if hasattr(service, "cohort_items"):
-            return list(service.cohort_items(session, cohort_id))
-    # fallback until the cohort stage lands: the member rows, file path from the index when absent
-    q = (
-        select(CohortMember.sop_instance_uid, CohortMember.class_name, CohortMember.split,
-               CohortMember.file_path, Instance.file_path)
-        .outerjoin(Instance, Instance.sop_instance_uid == CohortMember.sop_instance_uid)
-        .where(CohortMember.cohort_id == cohort_id)
-        .order_by(CohortMember.sop_instance_uid)
-    )
-    return [
-        {"sop_instance_uid": uid, "class_name": cls, "split": split, "file_path": own or indexed}
-        for uid, cls, split, own, indexed in session.execute(q)
-    ]
+    """[{sop_instance_uid, class_name, split, file_path (relative to the store)}] of a frozen cohort."""
+    return list(_cohort_items(session, cohort_id))
 
 
 def cohort_classes(cohort: Cohort) -> list[str]:
