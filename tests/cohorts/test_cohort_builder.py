@@ -1,0 +1,175 @@
+"""The cohort builder on SQLite and PostgreSQL: one image per patient, two-class exclusion, exclusion
+report, seeded quotas, patient-level split, frozen snapshots, pseudonymous manifests."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from app.cohorts.builder import split_counts
+from app.cohorts.service import cohort_items, create_cohort, get_cohort, manifest_csv, patient_key
+from app.db.models import AuditEvent, Cohort, CohortMember, Instance, RuleSet as RuleSetRow
+from app.errors import InvalidInput, NotFound
+from app.cohorts.taxonomies import create_taxonomy
+from app.labels.engine import BUILTIN_RULES, RuleSet, load_rules
+from app.labels.service import relabel_all
+
+KEY = b"k1"
+
+
+def _create(ctx, **params):
+    params = {"taxonomy": "xr10", **params}
+    with ctx.sessions() as s:
+        out = create_cohort(s, params, pseudonym_key=params.pop("_key", KEY), store_dir=ctx.settings.store_dir,
+                            actor="test")
+        s.commit()
+    return out
+
+
+def _by_class(out):
+    return {c["name"]: c for c in out["classes"]}
+
+
+def _members(ctx, cohort_id):
+    with ctx.sessions() as s:
+        t = CohortMember.__table__
+        return s.execute(select(t.c.sop_instance_uid, t.c.class_name, t.c.split, t.c.patient_key)
+                         .where(t.c.cohort_id == cohort_id).order_by(t.c.sop_instance_uid)).all()
+
+
+def test_exclusion_report_and_one_image_per_patient(any_ctx, index):
+    out = _create(any_ctx)
+    assert out["excluded"] == {"no_label": 1, "not_an_image": 1, "unsupported_photometric": 1,
+                               "conflicting_labels": 1, "patient_in_two_classes": 2, "duplicate_patient": 1,
+                               "file_missing": 1}
+    c = _by_class(out)
+    assert (c["LtK"]["available"], c["LtK"]["selected"]) == (13, 13)  # 12 + one of DUP's two knees
+    assert (c["RtK"]["available"], c["RtK"]["selected"]) == (14, 13)  # 12 + alias + MISS (file gone)
+    assert c["C20F"]["selected"] == 12 and c["C60M"]["selected"] == 12 and c["W"]["selected"] == 0
+    members = _members(any_ctx, out["id"])
+    uids = {m.sop_instance_uid for m in members}
+    assert not uids & {index[k] for k in ("two_l", "two_r", "conflict", "rgb", "no_pixels", "no_label", "missing")}
+    assert len(uids & {index["dup_a"], index["dup_b"]}) == 1
+    keys = [m.patient_key for m in members]
+    assert len(keys) == len(set(keys)) == out["size"] == 50  # no patient twice
+    for cls in c.values():  # split sizes add up, test rounded from 20 %
+        assert cls["train"] + cls["val"] + cls["test"] == cls["selected"]
+        assert cls["test"] == round(cls["selected"] * 0.2)
+
+
+def test_conflicts_can_be_admitted_and_identities_merged(any_ctx, index):
+    out = _create(any_ctx, include_conflicts=True, check_files=False)
+    assert out["excluded"]["conflicting_labels"] == 0
+    assert _by_class(out)["RtK"]["available"] == 15  # the conflicting knee is labelled R (tag first)
+    out = _create(any_ctx, match_name_birthdate=True, preview=True)
+    # LK0 and LK0-NEW are one person (same name + birth date) with a left and a right knee
+    assert out["excluded"]["patient_in_two_classes"] == 4
+    assert _by_class(out)["LtK"]["available"] == 12
+
+
+def test_patient_level_split_and_seeds(any_ctx, index):
+    params = {"per_class": 8, "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "check_files": False}
+    a, b, c = _create(any_ctx, seed=1, **params), _create(any_ctx, seed=1, **params), _create(any_ctx, seed=2,
+                                                                                             **params)
+    ma, mb, mc = _members(any_ctx, a["id"]), _members(any_ctx, b["id"]), _members(any_ctx, c["id"])
+    assert ma == mb  # same seed -> same cohort, same split
+    assert {m.sop_instance_uid for m in ma} != {m.sop_instance_uid for m in mc}
+    sides: dict[str, set] = {}
+    for m in ma:
+        sides.setdefault(m.patient_key, set()).add(m.split)
+    assert all(len(s) == 1 for s in sides.values())  # no patient on two sides
+    for cls in a["classes"]:
+        if cls["available"] >= 8:
+            assert (cls["selected"], cls["train"], cls["val"], cls["test"]) == (8, 4, 2, 2)
+
+
+def test_balanced_quota(any_ctx, index):
+    out = _create(any_ctx, balanced=True, per_class=100, preview=True, check_files=False)
+    sizes = {c["name"]: c["selected"] for c in out["classes"]}
+    # W/Ps/... are empty here, so balancing over all classes gives 0: balance is over the taxonomy
+    assert set(sizes.values()) == {0}
+    with any_ctx.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Cohort)) == 0
+
+
+def test_preview_saves_nothing_and_empty_cohort_is_refused(any_ctx, index):
+    out = _create(any_ctx, preview=True)
+    assert out["id"] is None and out["size"] == 50
+    with any_ctx.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Cohort)) == 0
+        assert s.scalar(select(func.count()).select_from(CohortMember)) == 0
+        create_taxonomy(s, {"name": "elbows", "classes": [{"name": "E", "where": {"body_part": "ELBOW"}}]},
+                        load_rules())
+        with pytest.raises(InvalidInput, match="nothing saved"):
+            create_cohort(s, {"taxonomy": "elbows"}, pseudonym_key=KEY, store_dir=None)
+        assert s.scalar(select(func.count()).select_from(Cohort)) == 0
+
+
+def test_manifest_is_pseudonymous_and_keyed(any_ctx, index):
+    a = _create(any_ctx, check_files=False)
+    b = _create(any_ctx, check_files=False, _key=b"another-deployment")
+    with any_ctx.sessions() as s:
+        text_a = manifest_csv(s, a["id"])
+        text_b = manifest_csv(s, b["id"])
+        rows_a = list(csv.DictReader(io.StringIO(text_a)))
+        assert list(rows_a[0]) == ["sop_instance_uid", "class", "split", "patient_key"]
+        assert len(rows_a) == a["size"]
+        for secret in ("LK1", "RK1", "CF1", "LEFT^KNEE1", "KNEE1", "CHEST^F1"):
+            assert secret not in text_a
+        # stable per key, different across keys
+        lk1 = patient_key(KEY, "LK1", "")
+        assert lk1 in text_a and lk1 not in text_b
+        assert patient_key(b"another-deployment", "LK1", "") in text_b
+        assert patient_key(KEY, "LK1", "") == lk1 != patient_key(KEY, "LK1", "OTHER-ISSUER")
+        items = cohort_items(s, a["id"])
+        assert len(items) == a["size"] and set(items[0]) == {"sop_instance_uid", "class_name", "split", "file_path"}
+        assert all(i["file_path"] for i in items)
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "cohort.create")).all()
+        assert len(ev) == 2 and ev[0].target == f"cohort:{a['id']}"
+        with pytest.raises(NotFound):
+            manifest_csv(s, 9999)
+
+
+def test_changed_rules_new_version_old_cohort_frozen(any_ctx, index, tmp_path):
+    old = _create(any_ctx, check_files=False)
+    before = _members(any_ctx, old["id"])
+    # a changed rule set: laterality only from the series description (the tags are ignored)
+    data = yaml.safe_load(BUILTIN_RULES.read_text(encoding="utf-8"))
+    data["priority"]["laterality"] = ["text:series_description"]  # ignore the laterality tags
+    new_rules = RuleSet(data)
+    with any_ctx.sessions() as s:
+        stats = relabel_all(s, rules=new_rules, batch_size=7)
+        s.commit()
+        assert stats["version"] == new_rules.version != old["ruleset_version"]
+        assert stats["scanned"] == s.scalar(select(func.count()).select_from(Instance))
+        assert stats["changed"] > 0
+        assert set(s.scalars(select(Instance.ruleset_version))) == {new_rules.version}
+        assert s.scalar(select(func.count()).select_from(RuleSetRow)) == 2
+        stats2 = relabel_all(s, rules=new_rules)
+        assert stats2["changed"] == 0  # idempotent
+        s.commit()
+    new = _create(any_ctx, check_files=False)
+    assert new["ruleset_version"] == new_rules.version
+    # knees lost their side, except the former conflict whose description says 左 (now unopposed)
+    assert _by_class(new)["LtK"]["available"] == 1 and _by_class(new)["RtK"]["available"] == 0
+    assert _members(any_ctx, old["id"]) == before  # the old snapshot is untouched
+    with any_ctx.sessions() as s:
+        got = get_cohort(s, old["id"])
+        assert got["ruleset_version"] == old["ruleset_version"]
+        assert got["taxonomy_definition"]["classes"][4]["name"] == "LtK"
+
+
+@pytest.mark.parametrize("n, fr, expected", [
+    (10, {"train": 0.8, "test": 0.2}, {"train": 8, "test": 2}),
+    (1, {"train": 0.8, "test": 0.2}, {"train": 1, "test": 0}),
+    (3, {"train": 0.0, "val": 0.5, "test": 0.5}, {"train": 0, "val": 1, "test": 2}),
+    (5, {"test": 1.0}, {"test": 5}),
+])
+def test_split_counts(n, fr, expected):
+    got = split_counts(n, fr)
+    assert sum(got.values()) == n
+    assert got == expected
