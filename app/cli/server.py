@@ -1,4 +1,4 @@
-"""`radcohort serve` (API + Storage SCP), `radcohort scp` (SCP only, N processes), `radcohort reindex`."""
+"""`radcohort serve` (API + Storage SCP), `radcohort scp` (SCP only, N processes behind one port), `radcohort reindex`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from app.config import Settings, get_settings
 log = logging.getLogger("radcohort.server")
 
 
-def _scp_child(overrides: dict, log_level: str) -> None:
-    """One receiving process: its own engine, sharing the port through SO_REUSEPORT."""
+def _scp_child(overrides: dict, log_level: str, channel) -> None:
+    """One receiving process: its own engine; connections arrive from the dispatcher."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     from app.context import AppContext
     from app.dicom.scp import StorageSCP
@@ -26,7 +26,7 @@ def _scp_child(overrides: dict, log_level: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    scp = StorageSCP(ctx, reuse_port=True).start()
+    scp = StorageSCP(ctx).start(channel=channel)
     try:
         stop.wait()
     finally:
@@ -35,43 +35,33 @@ def _scp_child(overrides: dict, log_level: str) -> None:
 
 
 class ScpProcesses:
-    """N Storage SCP processes on one port (Linux SO_REUSEPORT: the kernel spreads associations).
-
-    Associations are threads sharing one GIL in a process; several processes are what scales.
+    """N Storage SCP processes behind one port: this process accepts and hands each connection
+    to the next child (round-robin, SCM_RIGHTS). Associations are threads sharing one GIL in a
+    process; several processes are what scales with concurrent senders.
     """
 
     def __init__(self, settings: Settings, n: int, overrides: dict | None = None):
         self.settings, self.n = settings, n
         self.overrides = overrides or {}
         self.procs: list = []
+        self.dispatcher = None
 
     def start(self) -> "ScpProcesses":
-        spawn = mp.get_context("spawn")  # fresh interpreters: no engine or socket inherited
+        from app.dicom.scp import ConnectionDispatcher
+
+        self.dispatcher = ConnectionDispatcher(self.settings.scp_host, self.settings.scp_port, self.n)
+        spawn = mp.get_context("spawn")  # fresh interpreters: no engine or threads inherited
         level = logging.getLevelName(logging.getLogger().level)
-        for _ in range(self.n):
-            p = spawn.Process(target=_scp_child, args=(self.overrides, level), daemon=True)
+        for ch in self.dispatcher.child_channels():
+            p = spawn.Process(target=_scp_child, args=(self.overrides, level, ch), daemon=True)
             p.start()
             self.procs.append(p)
+        self.dispatcher.start()
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until the port accepts connections (each child binds on its own)."""
-        import socket
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(not p.is_alive() for p in self.procs):
-                raise RuntimeError("a Storage SCP process exited at start-up (see its log)")
-            try:
-                with socket.create_connection((self.settings.scp_host, self.settings.scp_port), timeout=0.5):
-                    time.sleep(0.5)  # let the other children bind as well
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("Storage SCP processes did not start in time")
-
     def stop(self) -> None:
+        if self.dispatcher:
+            self.dispatcher.close()
         for p in self.procs:
             if p.is_alive():
                 p.terminate()
@@ -116,7 +106,6 @@ def register(cli: typer.Typer) -> None:
         if n > 1:
             procs = ScpProcesses(settings, n, overrides).start()
             try:
-                procs.wait_ready()
                 _wait_for_signal()
             finally:
                 procs.stop()
@@ -152,7 +141,6 @@ def register(cli: typer.Typer) -> None:
             n = scp_processes or settings.scp_processes
             if n > 1:
                 procs = ScpProcesses(settings, n).start()
-                procs.wait_ready()
             else:
                 server = StorageSCP(ctx).start()
             typer.echo(f"Storage SCP {settings.ae_title} on {settings.scp_host}:{settings.scp_port}")

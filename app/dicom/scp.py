@@ -13,8 +13,10 @@ It answers Success (0x0000) only when the file is on disk AND the sink (the inde
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 from pydicom import uid as _uid
 
 from app.dicom.store import DicomStore, StoredFile, file_meta_end, parse_header, validate_uid
@@ -292,14 +295,15 @@ class StorageSCP:
     """
 
     def __init__(self, ctx, *, port: int | None = None, fsync: bool = True, labeler=None,
-                 load_labels: bool = True, reuse_port: bool = False):
+                 load_labels: bool = True):
         self.ctx = ctx
         self.settings = ctx.settings
         self._port = self.settings.scp_port if port is None else port
         self.store = DicomStore(self.settings.store_dir, fsync=fsync)
-        self._labeler = labeler if labeler is not None else (load_labeler(ctx.sessions, self.settings.label_rules) if load_labels else None)
+        if labeler is None and load_labels:
+            labeler = load_labeler(ctx.sessions, self.settings.label_rules)
+        self._labeler = labeler
         self.batcher = IndexBatcher(ctx.sessions, self._labeler)
-        self.reuse_port = reuse_port
         self._server = None
         self._node_cache: dict[tuple[str, str], tuple[float, str | None]] = {}
         self._cache_lock = threading.Lock()
@@ -370,22 +374,32 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         return ae
 
-    def start(self) -> "StorageSCP":
-        """Start serving in background threads (returns at once)."""
-        self.store.root.mkdir(parents=True, exist_ok=True)
-        self.store.clean_temp()
-        self.batcher.start()
-        handlers = [
+    def _handlers(self):
+        return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, make_store_handler(self.store, self._sink, self.node_for)),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
         ]
+
+    def start(self, channel: socket.socket | None = None) -> "StorageSCP":
+        """Start serving in background threads (returns at once).
+
+        With `channel` (the child end from ConnectionDispatcher), serve the connections a
+        dispatcher process accepted and handed over, instead of listening ourselves.
+        """
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        self.store.clean_temp()
+        self.batcher.start()
         ae = self.make_ae()
-        if self.reuse_port:
-            self._server = _start_reuseport(ae, (self.settings.scp_host, self._port), handlers)
+        address = (self.settings.scp_host, self._port)
+        if channel is None:
+            self._server = ae.start_server(address, block=False, evt_handlers=self._handlers())
         else:
-            self._server = ae.start_server((self.settings.scp_host, self._port), block=False,
-                                           evt_handlers=handlers)
+            self._server = ae.make_server(("127.0.0.1", 0), evt_handlers=self._handlers(),
+                                          server_class=_HandoffServer)
+            self._server.server_address = address
+            threading.Thread(target=_serve_handoffs, args=(self._server, channel), name="scp-handoff",
+                             daemon=True).start()
         log.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, self.settings.scp_host, self.port)
         return self
 
@@ -403,8 +417,6 @@ class StorageSCP:
 
 
 def _same_host(configured: str, peer: str) -> bool:
-    import socket
-
     if configured == peer:
         return True
     try:
@@ -413,20 +425,90 @@ def _same_host(configured: str, peer: str) -> bool:
         return False
 
 
-def _start_reuseport(ae: AE, address: tuple[str, int], handlers):
-    """Like ae.start_server(block=False) but with SO_REUSEPORT, so several processes share a port
-    and the kernel spreads incoming associations over them."""
-    import socket
+class _HandoffServer(ThreadedAssociationServer):
+    """An association server that never listens: connections arrive through a dispatcher."""
 
-    from pynetdicom.transport import ThreadedAssociationServer
+    def server_activate(self) -> None:
+        pass
 
-    class _ReusePortServer(ThreadedAssociationServer):
-        def server_bind(self) -> None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            super().server_bind()
+    def shutdown(self) -> None:  # serve_forever never ran: BaseServer.shutdown would wait forever
+        for assoc in self.active_associations:
+            assoc.abort()
+        self.server_close()
 
-    server = ae.make_server(address, evt_handlers=handlers, server_class=_ReusePortServer)
-    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address}", daemon=True)
-    thread.start()
-    ae._servers.append(server)
-    return server
+
+def _serve_handoffs(server: ThreadedAssociationServer, channel: socket.socket) -> None:
+    channel.send(b"ready")
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(channel, 1024, 1)
+        except OSError:
+            break
+        if not msg and not fds:  # the dispatcher closed the channel
+            break
+        for fd in fds:
+            conn = socket.socket(fileno=fd)
+            try:
+                peer = tuple(json.loads(msg))
+            except ValueError:
+                peer = ("0.0.0.0", 0)
+            server.process_request(conn, peer)
+
+
+class ConnectionDispatcher:
+    """Accepts on the SCP port and hands each connection to the next of N SCP processes.
+
+    Associations are threads sharing one GIL, so one process does not scale with concurrent
+    senders; round-robin over processes does, deterministically (SO_REUSEPORT hashing would
+    often put two concurrent associations on the same process).
+    """
+
+    def __init__(self, host: str, port: int, n: int):
+        self.listener = socket.create_server((host, port), backlog=128)
+        self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(n)]
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def child_channels(self) -> list[socket.socket]:
+        return [b for _, b in self.pairs]
+
+    def start(self, ready_timeout: float = 60.0) -> "ConnectionDispatcher":
+        """Wait for every process to say ready, then start accepting."""
+        for a, b in self.pairs:
+            b.close()  # the children hold their own copies now
+            a.settimeout(ready_timeout)
+            if a.recv(16) != b"ready":
+                raise RuntimeError("a Storage SCP process did not start")
+            a.settimeout(None)
+        self._thread = threading.Thread(target=self._run, name="scp-dispatch", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        live = [a for a, _ in self.pairs]
+        i = 0
+        while not self._closed and live:
+            try:
+                conn, addr = self.listener.accept()
+            except OSError:
+                break
+            with conn:
+                while live:
+                    ch = live[i % len(live)]
+                    i += 1
+                    try:
+                        socket.send_fds(ch, [json.dumps(list(addr[:2])).encode()], [conn.fileno()])
+                        break
+                    except OSError:  # that process is gone: drop it, try the next
+                        live.remove(ch)
+                        log.error("a Storage SCP process is gone; %d left", len(live))
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.listener.close()
+        for a, _ in self.pairs:
+            a.close()

@@ -77,6 +77,9 @@ def test_scp_with_two_processes_stores_everything_once(node_ctx, tmp_path):
     assert proc.returncode == 0, out
     listening_pids = {line.split()[3] for line in out.splitlines() if "listening on" in line}
     assert len(listening_pids) == 2, out
+    # round-robin hand-over: both processes served associations
+    serving_pids = {line.split()[3] for line in out.splitlines() if "Accepting Association" in line}
+    assert serving_pids == listening_pids, out
     assert count(node_ctx) == 8
     assert len([p for p in settings.store_dir.rglob("*.dcm")]) == 8
 
