@@ -1,0 +1,1 @@
+"""Per-node PACS etiquette: transfer windows, rate limits, concurrency, adaptive backoff."""
