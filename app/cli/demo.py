@@ -10,7 +10,9 @@ import typer
 def register(cli: typer.Typer) -> None:
     @cli.command("demo")
     def demo(
-        per_class: int = typer.Option(60, "--per-class", min=2, help="synthetic patients per class"),
+        per_class: int = typer.Option(60, "--per-class", min=2, help="synthetic images per class"),
+        synth_size: str = typer.Option("small", "--synth-size",
+                                       help="synthetic image size: small (1/8 detector), full, scale:F or WxH"),
         epochs: int = typer.Option(None, "--epochs", min=1, help="training epochs (default: 6 on CPU, 30 on CUDA)"),
         image_size: int = typer.Option(None, "--image-size", min=16,
                                        help="input height in px (default: 64 on CPU, 256 on CUDA)"),
@@ -34,7 +36,7 @@ def register(cli: typer.Typer) -> None:
         opts = DemoOptions(
             demo_dir=demo_dir, per_class=per_class, epochs=epochs, image_size=image_size, model=model,
             batch_size=batch_size, device=device, retrieve_method=retrieve_method,
-            header_error_rate=header_error_rate, seed=seed, fresh=fresh, keep_running=keep_running,
+            header_error_rate=header_error_rate, synth_size=synth_size, seed=seed, fresh=fresh, keep_running=keep_running,
             experiments=None if experiments is None else [e.strip() for e in experiments.split(",") if e.strip()],
             say=lambda msg: typer.echo(msg),
         )

@@ -63,11 +63,23 @@ def _check(resp: httpx.Response, *expected: int, what: str) -> Any:
     return resp.text
 
 
+def _await(client: httpx.Client, url: str, status: int, timeout: float = 10.0) -> None:
+    """Read-after-write: wait until GET url answers `status`.
+
+    Why: a server may send its answer before its transaction is committed (FastAPI runs a yield
+    dependency's exit code after the response by default), so the next request can see old state.
+    """
+    deadline = time.monotonic() + timeout
+    while client.get(url).status_code != status:
+        if time.monotonic() > deadline:
+            raise FlowError(f"GET {url} did not answer {status} within {timeout:.0f} s of the write")
+        time.sleep(0.05)
+
+
 def _fmt_pct(v: Any) -> str:
     if v is None:
         return "-"
-    v = float(v)
-    return f"{v * 100:.1f}%" if v <= 1.0 else f"{v:.1f}%"
+    return f"{float(v):.1f}%"  # percentages, as everywhere in the API
 
 
 def epoch_line(h: dict, epochs: Any) -> str:
@@ -96,9 +108,11 @@ def run_flow(client: httpx.Client, opts: FlowOptions, say: Callable[[str], None]
     existing = client.get(f"/api/v1/pacs-nodes/{name}")
     if existing.status_code == 200:
         _check(client.delete(f"/api/v1/pacs-nodes/{name}"), 200, 204, what=f"DELETE pacs-node {name}")
+        _await(client, f"/api/v1/pacs-nodes/{name}", 404)
     res.node = _check(client.post("/api/v1/pacs-nodes", json={
         "name": name, "ae_title": opts.pacs_aet, "host": opts.pacs_host, "port": opts.pacs_port,
         "retrieve_method": opts.retrieve_method}), 201, what="POST /api/v1/pacs-nodes")
+    _await(client, f"/api/v1/pacs-nodes/{name}", 200)
     say(f"registered PACS node {name!r}: {opts.pacs_aet}@{opts.pacs_host}:{opts.pacs_port} "
         f"({opts.retrieve_method})")
 
@@ -140,14 +154,18 @@ def run_flow(client: httpx.Client, opts: FlowOptions, say: Callable[[str], None]
     body = {"taxonomy": opts.taxonomy, "per_class": opts.cohort_per_class, "split": opts.split,
             "seed": opts.seed}
     res.cohort = _check(client.post("/api/v1/cohorts", json=body), 201, what="POST /api/v1/cohorts")
+    _await(client, f"/api/v1/cohorts/{res.cohort['id']}", 200)
     classes = res.cohort.get("classes") or []
     say(f"cohort {res.cohort.get('id')} ({opts.taxonomy}): " + ", ".join(
         f"{c.get('name')} {c.get('train', 0)}/{c.get('test', 0)}" for c in classes) + "  (train/test)")
     excluded = {k: v for k, v in (res.cohort.get("excluded") or {}).items() if v}
     if excluded:
         say("excluded: " + ", ".join(f"{k} {v}" for k, v in sorted(excluded.items())))
-    if not classes or not all(c.get("test", 0) > 0 and c.get("train", 0) > 0 for c in classes):
-        raise FlowError(f"cohort has a class without train or test images: {classes}")
+    if not classes or sum(c.get("train", 0) for c in classes) == 0:
+        raise FlowError(f"cohort has no training images: {res.cohort}")
+    thin = [c.get("name") for c in classes if not c.get("train") or not c.get("test")]
+    if thin:
+        say(f"warning: no train or no test images for {', '.join(map(str, thin))} (more --per-class helps)")
 
     # 5. training, polled until done
     t = time.monotonic()

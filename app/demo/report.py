@@ -29,7 +29,7 @@ def table2(metrics: dict, with_study: bool = True) -> str:
     for r in rows:
         acc = _pct(r.get("accuracy"))
         mean, sd = r.get("confidence_mean"), r.get("confidence_sd")
-        conf = f"{mean:.3f} ± {sd:.3f}" if mean is not None and sd is not None else "-"
+        conf = "-" if mean is None else f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f} ± -"
         line = (f"{str(r.get('class')):<8}{r.get('n', '-'):>6}{r.get('correct', '-'):>9}"
                 f"{(f'{acc:.1f}' if acc is not None else '-'):>12}{conf:>24}")
         if study:

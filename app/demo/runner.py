@@ -3,7 +3,7 @@
 Layout under the demo dir (default ./.demo, ignored by git); everything expensive is kept and reused:
   synth-<key>/      the synthetic PACS content (`radcohort synth`), generated once per parameter set
   orthanc-<key>/    Orthanc's storage and log, seeded once (`radcohort seed`)
-  radcohort/        RADCOHORT_DATA_DIR (store, cache, runs) and the SQLite database
+  radcohort-<key>/  RADCOHORT_DATA_DIR (store, cache, runs) and the SQLite database
   logs/             one log per process and step
   summary.json      the last run's results
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -36,6 +37,7 @@ class DemoOptions:
     demo_dir: Path = Path(".demo")
     per_class: int = 60                 # synthetic patients per class
     header_error_rate: float = 0.05     # wrong/missing header labels in the synthetic PACS
+    synth_size: str = "small"           # `radcohort synth --size`: small = 1/8 of the detector (CPU-friendly)
     synth_args: list[str] = field(default_factory=list)  # extra `radcohort synth` options
     seed: int = 0
     epochs: int | None = None           # None: chosen for the device (CPU small, CUDA the study's)
@@ -99,7 +101,7 @@ def radcohort_argv(*args: str) -> list[str]:
 
 
 def _key(opts: DemoOptions) -> str:
-    raw = json.dumps([opts.per_class, opts.header_error_rate, opts.seed, opts.synth_args])
+    raw = json.dumps([opts.per_class, opts.header_error_rate, opts.seed, opts.synth_size, opts.synth_args])
     return f"n{opts.per_class}-" + hashlib.sha256(raw.encode()).hexdigest()[:8]
 
 
@@ -126,13 +128,15 @@ def child_env(base: dict[str, str], data_dir: Path, db_url: str, api_port: int, 
 def run_demo(opts: DemoOptions, after: Callable[[httpx.Client, FlowResult], None] | None = None) -> DemoResult:
     """The whole demo. `after(client, result)` runs while the services are still up (used by the e2e test)."""
     say = opts.say
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     t_start = time.monotonic()
     timings: dict[str, float] = {}
     demo = opts.demo_dir.resolve()
     logs = demo / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     key = _key(opts)
-    synth_dir, orthanc_dir, rc_dir = demo / f"synth-{key}", demo / f"orthanc-{key}", demo / "radcohort"
+    # radcohort's own state is keyed too: a different synthetic PACS must not mix into the old index
+    synth_dir, orthanc_dir, rc_dir = demo / f"synth-{key}", demo / f"orthanc-{key}", demo / f"radcohort-{key}"
     if opts.fresh and rc_dir.exists():
         shutil.rmtree(rc_dir)
     data_dir = rc_dir / "data"
@@ -163,10 +167,11 @@ def run_demo(opts: DemoOptions, after: Callable[[httpx.Client, FlowResult], None
         else:
             if synth_dir.exists():
                 shutil.rmtree(synth_dir)  # an interrupted earlier run: start that step over
-            say(f"generating the synthetic 10-class PACS: {opts.per_class} patients per class -> {synth_dir}")
+            say(f"generating the synthetic 10-class PACS: {opts.per_class} images per class -> {synth_dir}")
             run_step("radcohort synth", radcohort_argv(
                 "synth", "--per-class", str(opts.per_class), "--out", str(synth_dir), "--seed", str(opts.seed),
-                "--taxonomy", "xr10", "--header-error-rate", str(opts.header_error_rate), *opts.synth_args),
+                "--taxonomy", "xr10", "--header-error-rate", str(opts.header_error_rate), "--size", opts.synth_size,
+                *opts.synth_args),
                 env, demo, logs / "synth.log", timeout=1800)
             done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
             say(f"  {_count_dicom(synth_dir)} instances in {time.monotonic() - t:.0f} s")
