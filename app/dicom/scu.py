@@ -61,13 +61,17 @@ class Node:
     host: str
     port: int
     name: str = ""
+    find_limit: int | None = None  # a silent C-FIND result limit: an answer this long counts as capped
 
     @classmethod
     def of(cls, obj: Any) -> "Node":
-        """From a PacsNode row (or anything with ae_title/host/port)."""
+        """From a PacsNode row (or anything with ae_title/host/port and optional options)."""
         if isinstance(obj, Node):
             return obj
-        return cls(obj.ae_title, obj.host, int(obj.port), getattr(obj, "name", "") or "")
+        options = getattr(obj, "options", None) or {}
+        limit = options.get("find_limit") if isinstance(options, dict) else None
+        return cls(obj.ae_title, obj.host, int(obj.port), getattr(obj, "name", "") or "",
+                   int(limit) if limit else None)
 
     def __str__(self) -> str:
         return f"{self.name or self.ae_title} ({self.ae_title}@{self.host}:{self.port})"
@@ -270,7 +274,8 @@ class DicomClient:
                 raise self._lost("C-FIND")
             if final not in (0x0000, CANCEL):
                 raise _failure("C-FIND", self.node, final, comment)
-            return FindResult(results, final, capped=final == CANCEL)
+            limit = self.node.find_limit
+            return FindResult(results, final, capped=final == CANCEL or bool(limit and len(results) >= limit))
 
         return self._retry("C-FIND", once)
 

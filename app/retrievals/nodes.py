@@ -15,7 +15,8 @@ def create_node(session: Session, data: NodeIn, actor: str) -> PacsNode:
     if session.scalar(select(PacsNode.id).where(PacsNode.name == data.name)) is not None:
         raise Conflict(f"a PACS node named '{data.name}' already exists")
     node = PacsNode(name=data.name, ae_title=data.ae_title, host=data.host, port=data.port,
-                    retrieve_method=data.retrieve_method, options={})
+                    retrieve_method=data.retrieve_method,
+                    options={"find_limit": data.find_limit} if data.find_limit else {})
     session.add(node)
     session.flush()
     audit.record(session, actor, "pacs_node.create", data.name, ae_title=data.ae_title, host=data.host,

@@ -25,6 +25,8 @@ class NodeIn(BaseModel):
                       description="host name or IP address")
     port: int = Field(..., ge=1, le=65535)
     retrieve_method: Literal["move", "get"] = Field("move", description="C-MOVE to our SCP, or C-GET")
+    find_limit: int | None = Field(None, ge=1, description="the PACS's C-FIND result limit when it truncates "
+                                   "answers silently (no 0xFE00): an answer this long is treated as capped")
 
     @field_validator("ae_title")
     @classmethod
@@ -40,7 +42,14 @@ class NodeOut(BaseModel):
     host: str
     port: int
     retrieve_method: str
+    find_limit: int | None = None
     created_at: datetime | None = None
+
+    @classmethod
+    def of(cls, node) -> "NodeOut":
+        return cls(name=node.name, ae_title=node.ae_title, host=node.host, port=node.port,
+                   retrieve_method=node.retrieve_method, find_limit=(node.options or {}).get("find_limit"),
+                   created_at=node.created_at)
 
 
 class EchoOut(BaseModel):

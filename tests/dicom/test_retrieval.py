@@ -230,3 +230,31 @@ def test_concurrent_retrievals(rig, tmp_path):
         t.join(60)
     assert [results[st.study_uid].status for st in studies] == ["completed", "completed"]
     assert indexed(ctx) == {u for st in studies for u in st.sop_uids}
+
+
+def test_series_and_image_level_queries_fetch_only_what_matches(rig, tmp_path):
+    ctx, orthanc, scp = rig
+    (cr,) = make_studies(tmp_path / "cr", ["20120101"], instances_per_series=3)
+    # a DX series in the same study: a study-level move would bring it too
+    (dx,) = make_studies(tmp_path / "dx", ["20120101"], instances_per_series=2, modality="DX")
+    for p in sorted((tmp_path / "dx").iterdir()):
+        ds = dcmread(p)
+        ds.StudyInstanceUID = cr.study_uid
+        ds.save_as(p)
+    upload_all(orthanc, sorted((tmp_path / "cr").iterdir()) + sorted((tmp_path / "dx").iterdir()))
+    add_node(ctx, orthanc)
+    scp.start()
+    r = retrieve(ctx, {"StudyInstanceUID": cr.study_uid, "Modality": "CR"})
+    assert (r.status, r.expected, r.received) == ("completed", 3, 3)
+    assert indexed(ctx) == set(cr.sop_uids)
+    r = retrieve(ctx, {"StudyInstanceUID": cr.study_uid, "Modality": "DX", "InstanceNumber": "2"})
+    assert (r.status, r.expected, r.received) == ("completed", 1, 1)
+    assert indexed(ctx) == set(cr.sop_uids) | {dx.sop_uids[1]}
+
+
+def test_silent_result_limit_from_node_options_is_detected(orthanc, settings, tmp_path):
+    make_studies(tmp_path / "gen", ["20120101", "20120102", "20120103"], instances_per_series=1)
+    upload_all(orthanc, sorted((tmp_path / "gen").iterdir()))
+    silent = PacsNode(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port, options={"find_limit": 3})
+    assert DicomClient(settings, silent).find("STUDY", {"StudyDate": "20120101-20120131"}).capped
+    assert not DicomClient(settings, silent).find("STUDY", {"StudyDate": "20120101-20120102"}).capped

@@ -24,17 +24,17 @@ _ERRORS = {404: {"description": "unknown node"}, 502: {"description": "the PACS 
 @router.post("", status_code=201, response_model=NodeOut, responses={409: {"description": "duplicate name"}})
 def create_node(body: NodeIn, session: SessionDep, actor: ActorDep):
     """Register a PACS node (its AE title is then also accepted by our Storage SCP)."""
-    return nodes.create_node(session, body, actor)
+    return NodeOut.of(nodes.create_node(session, body, actor))
 
 
 @router.get("", response_model=list[NodeOut])
 def list_nodes(session: SessionDep):
-    return nodes.list_nodes(session)
+    return [NodeOut.of(n) for n in nodes.list_nodes(session)]
 
 
 @router.get("/{name}", response_model=NodeOut, responses={404: _ERRORS[404]})
 def get_node(name: str, session: SessionDep):
-    return nodes.get_node(session, name)
+    return NodeOut.of(nodes.get_node(session, name))
 
 
 @router.delete("/{name}", status_code=204, responses={404: _ERRORS[404]})
