@@ -258,3 +258,18 @@ def test_silent_result_limit_from_node_options_is_detected(orthanc, settings, tm
     silent = PacsNode(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port, options={"find_limit": 3})
     assert DicomClient(settings, silent).find("STUDY", {"StudyDate": "20120101-20120131"}).capped
     assert not DicomClient(settings, silent).find("STUDY", {"StudyDate": "20120101-20120102"}).capped
+
+
+def test_retrieval_on_sqlite_and_postgresql(any_ctx, orthanc_factory, tmp_path):
+    ctx = any_ctx
+    ctx.settings.arrival_timeout = 3.0
+    pacs = orthanc_factory(modalities={"rc": (ctx.settings.ae_title, "127.0.0.1", ctx.settings.scp_port)})
+    (st,) = make_studies(tmp_path / "gen", ["20120101"], series_per_study=2, instances_per_series=2)
+    upload_all(pacs, sorted((tmp_path / "gen").iterdir()))
+    add_node(ctx, pacs)
+    with StorageSCP(ctx):
+        r = retrieve(ctx, {"StudyDate": "20120101"})
+        again = retrieve(ctx, {"StudyDate": "20120101"})
+    assert (r.status, r.expected, r.received) == ("completed", 4, 4)
+    assert (again.status, again.skipped, again.received) == ("completed", 4, 0)
+    assert indexed(ctx) == set(st.sop_uids)
