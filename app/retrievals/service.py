@@ -13,7 +13,7 @@ from app import audit
 from app.context import AppContext
 from app.db.models import Retrieval
 from app.dicom.queries import validate_query
-from app.errors import InvalidInput, NotFound
+from app.errors import Conflict, InvalidInput, NotFound
 from app.retrievals.nodes import get_node
 from app.retrievals.schemas import RetrievalOut
 
@@ -34,6 +34,18 @@ def create_retrieval(session: Session, node_name: str, query: dict, actor: str) 
     session.add(r)
     session.flush()
     audit.record(session, actor, "retrieval.create", str(r.id), node=node.name, query_keys=sorted(q))
+    return r
+
+
+def requeue_retrieval(session: Session, retrieval_id: int, actor: str) -> Retrieval:
+    """Queue a finished retrieval again: it lists anew and fetches only what is not indexed."""
+    r = get_retrieval(session, retrieval_id)
+    if r.status in ("queued", "running"):
+        raise Conflict(f"retrieval {retrieval_id} is {r.status}")
+    r.status = "queued"
+    r.error = None
+    session.flush()
+    audit.record(session, actor, "retrieval.retry", str(r.id), node=r.node_name)
     return r
 
 
@@ -69,6 +81,7 @@ class RetrievalManager:
 
     def submit(self, retrieval_id: int) -> Future:
         fut = self._pool.submit(self._run, retrieval_id)
+        self.futures = {k: f for k, f in self.futures.items() if not f.done()}
         self.futures[retrieval_id] = fut
         return fut
 

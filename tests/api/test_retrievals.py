@@ -55,13 +55,20 @@ def test_retrieval_runs_in_background_and_reports_exactly(client, ctx, pacs_node
     assert any(e["action"] == "retrieval.create" for e in client.get("/api/v1/audit").json())
 
 
-def test_retrieval_without_our_scp_is_partial_or_failed_not_completed(client, ctx, pacs_node):
+def test_retrieval_without_our_scp_fails_then_retry_completes(client, ctx, pacs_node):
     ctx.settings.arrival_timeout = 1.0
     ctx.settings.dicom_retries = 0
     r = client.post("/api/v1/retrievals", json={"node": "pacs", "query": {"StudyDate": "20190101"}})
-    body = wait_done(client, r.json()["id"])
+    rid = r.json()["id"]
+    body = wait_done(client, rid)
     assert body["status"] == "failed" and body["received"] == 0 and len(body["missing"]) == 4
     assert body["error"]
+    with StorageSCP(ctx):
+        r = client.post(f"/api/v1/retrievals/{rid}/retry")
+        assert r.status_code == 202 and r.json() == {"id": rid, "status": "queued"}
+        body = wait_done(client, rid)
+    assert (body["status"], body["received"], body["missing"], body["error"]) == ("completed", 4, [], None)
+    assert client.post("/api/v1/retrievals/999/retry").status_code == 404
 
 
 @pytest.mark.parametrize("body, code, needle", [

@@ -32,3 +32,12 @@ def list_retrievals(session: SessionDep, limit: int = Query(50, ge=1, le=500), o
 @router.get("/{retrieval_id}", response_model=RetrievalOut, responses={404: {"description": "unknown retrieval"}})
 def get_retrieval(retrieval_id: int, session: SessionDep):
     return service.to_out(service.get_retrieval(session, retrieval_id))
+
+
+@router.post("/{retrieval_id}/retry", status_code=202, response_model=RetrievalCreated,
+             responses={404: {"description": "unknown retrieval"}, 409: {"description": "still queued or running"}})
+def retry_retrieval(retrieval_id: int, session: SessionDep, ctx: CtxDep, actor: ActorDep):
+    """Run a finished retrieval again (same node and query): only what is not indexed is fetched."""
+    r = service.requeue_retrieval(session, retrieval_id, actor)
+    service.get_manager(ctx).submit_after_commit(session, r.id)
+    return RetrievalCreated(id=r.id, status=r.status)
