@@ -48,6 +48,10 @@ def max_upload_bytes(settings: Settings) -> int:
     return int(mb * 1024 * 1024) if mb else DEFAULT_MAX_UPLOAD_BYTES
 
 
+def timeout_seconds(settings: Settings) -> float:
+    return float(getattr(settings, "predict_timeout_s", None) or DEFAULT_TIMEOUT_S)
+
+
 def get_model(session: Session, model_id: int) -> TrainedModel:
     model = session.get(TrainedModel, model_id)
     if model is None:

@@ -181,3 +181,16 @@ def test_torchrun_with_two_gloo_ranks_completes(ctx):
     assert config["resolved"]["world_size"] == 2
     assert "torch.distributed.run" in (jobs.run_dir(ctx.settings, jid) / "worker.log").read_text()
     assert [h["epoch"] for h in job.history] == [1, 2]
+
+
+def test_worker_that_lost_its_claim_stops_its_run(ctx):
+    jid = _queue(ctx, epochs=200)
+    thread, outcomes = _in_thread(Worker(ctx, poll=0.2, tick=0.3))
+    _wait(lambda: _job(ctx, jid).epoch >= 1, 120, "the first epoch")
+    with session_scope(ctx.sessions) as s:  # as if another worker had reclaimed it
+        s.get(TrainingJob, jid).worker_id = "someone-else"
+    thread.join(60)
+    assert not thread.is_alive()
+    assert [(o.job_id, o.status) for o in outcomes] == [(jid, "lost")]
+    assert _job(ctx, jid).worker_id == "someone-else" and _job(ctx, jid).status == "running"
+    assert _marked_pids(ctx, jid) == []

@@ -59,6 +59,7 @@ def predict_upload(model_id: int, request: Request, session: SessionDep, ctx: Ct
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise predict.PayloadTooLarge(f"upload larger than the limit of {limit} bytes")
     with predict.spooled_upload(file.file, settings.data_dir / "tmp", limit) as path:
-        result = predict.run_prediction((settings.data_dir / model.path).parent, path)
+        result = predict.run_prediction((settings.data_dir / model.path).parent, path,
+                                        timeout=predict.timeout_seconds(settings))
     audit.record(session, actor, "model.predict", f"model:{model_id}", predicted=result["class"])
     return Prediction.model_validate(result)
