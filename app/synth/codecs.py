@@ -48,6 +48,7 @@ def set_pixels(ds: Dataset, arr: np.ndarray, syntax: str) -> None:
         ds.file_meta.TransferSyntaxUID = uid
     else:
         plugin = {"j2k": "pylibjpeg", "jpegls": "pyjpegls", "rle": "pylibjpeg"}[syntax]
-        ds.compress(uid, arr, encoding_plugin=plugin)
+        # keep our deterministic SOPInstanceUID (pydicom would make a new random one)
+        ds.compress(uid, arr, encoding_plugin=plugin, generate_instance_uid=False)
     # every encoder above is lossless
     ds.LossyImageCompression = "00"

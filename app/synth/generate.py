@@ -69,7 +69,7 @@ def _acquisition(p: PlannedInstance, rows: int, cols: int, photometric: str, bit
     chest = p.region == "chest"
     fov = FOV_MM[p.region]
     coll = (0.0, 0.0, 0.0, 0.0) if chest and rng.random() < 0.5 else tuple(
-        float(rng.uniform(0.0, 0.05 if chest else 0.14)) for _ in range(4))
+        float(rng.uniform(0.0, 0.05 if chest else 0.10)) for _ in range(4))
     letter = p.side or ("R" if rng.random() < 0.6 else "L")
     # lead markers sit on the lateral side for limbs (viewer's left for a right limb)
     corner = ("t" if rng.random() < 0.8 else "b") + ("l" if letter == "R" else "r")
@@ -79,21 +79,26 @@ def _acquisition(p: PlannedInstance, rows: int, cols: int, photometric: str, bit
                 p.study_date.strftime("%Y/%m/%d")]
     return Acquisition(
         rows=rows, cols=cols, bits_stored=bits, monochrome1=photometric == "MONOCHROME1",
-        rotation_deg=float(np.clip(rng.normal(0, 6), -15, 15)),
-        shift_mm=(float(rng.normal(0, 0.03 * fov)), float(rng.normal(0, 0.03 * fov))),
+        rotation_deg=float(np.clip(rng.normal(0, 5), -15, 15)),
+        shift_mm=(float(rng.normal(0, 0.025 * fov)), float(rng.normal(0, 0.025 * fov))),
         zoom=float(rng.uniform(0.92, 1.08)), exposure=float(np.exp(rng.normal(0, 0.4))),
         contrast=(float(rng.uniform(0.04, 0.2)), float(rng.uniform(0.7, 0.93))),
         collimation=coll, marker=letter if marker else "", marker_corner=corner, text=text)
 
 
-def make_instance(p: PlannedInstance, seed: int, size_spec: tuple[str, object]):
-    """Header + pixels for one planned instance: (Dataset, pixel array, truth row without file)."""
+def make_instance(p: PlannedInstance, seed: int, size_spec: tuple[str, object], encode: bool = True):
+    """Header + pixels for one planned instance: (Dataset, pixel array, truth row without file).
+
+    With encode=False the pixel data is not written into the Dataset (faster, for analysis).
+    """
     rng_h = np.random.default_rng([seed, p.index, 1])
     rng_p = np.random.default_rng([seed, p.index, 2])
     cols, rows = _dims(p, size_spec)
     ds, info = build_dataset(p, seed, rng_h, (cols, rows))
     acq = _acquisition(p, rows, cols, info.photometric, info.bits_stored, info.marker, info.burned_in, rng_p)
     arr = render(subject_of(p, rng_p), acq, rng_p)
+    if not encode:
+        return ds, arr, None
     add_spacing(ds, FOV_MM[p.region] / acq.zoom / cols, rng_h)
     lo, hi = np.percentile(arr[::8, ::8], [1, 99])
     add_voi(ds, int(lo), int(hi), rng_h, p.vendor)

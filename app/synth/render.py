@@ -30,8 +30,13 @@ MU_BONE = 0.055
 MU_MARROW = 0.028
 MU_AIR = -MU_SOFT  # air replacing soft tissue
 
+# anatomy point (mm) at the field centre: Waters is centred on the maxillary sinuses, the
+# Caldwell sinus view on the orbits, the head PA on the whole skull
+CENTRE_MM = {"waters": (0.0, 22.0), "sinus_pa": (0.0, 0.0), "head_pa": (0.0, -22.0), "elbow": (0.0, 0.0),
+             "knee": (0.0, 0.0), "chest": (0.0, 0.0)}
+
 # field of view width in mm per region (height follows the detector aspect)
-FOV_MM = {"waters": 230.0, "sinus_pa": 205.0, "head_pa": 270.0, "elbow": 190.0, "knee": 230.0,
+FOV_MM = {"waters": 215.0, "sinus_pa": 215.0, "head_pa": 270.0, "elbow": 210.0, "knee": 210.0,
           "chest": 365.0}
 
 
@@ -124,7 +129,7 @@ class Canvas:
     def tube(self, x0, y0, x1, y1, r0, r1, mu, cortex=0.0, mu_in=None, flat=False):
         """A tapered cylinder along a segment; with `cortex`, a bone with cortex and marrow.
 
-        Ends are rounded (bone ends) unless `flat` (limbs, so joined segments do not double up).
+        Ends are rounded (bone ends) unless `flat`: cut at the end points' y (limb soft tissue).
         """
         rmax = max(r0, r1)
         box = self._box((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2 + rmax, abs(y1 - y0) / 2 + rmax)
@@ -135,11 +140,10 @@ class Canvas:
         Y = Y + (y1 - y0) / 2
         dx, dy = x1 - x0, y1 - y0
         L2 = dx * dx + dy * dy or 1e-6
-        t_raw = (X * dx + Y * dy) / L2
-        t = np.clip(t_raw, 0.0, 1.0)
+        t = np.clip((X * dx + Y * dy) / L2, 0.0, 1.0)
         d2 = (X - t * dx) ** 2 + (Y - t * dy) ** 2
-        if flat:
-            d2 = np.where((t_raw >= 0) & (t_raw <= 1), d2, np.float32(1e9))
+        if flat:  # cut horizontally, so near-vertical limb segments join without a seam
+            d2 = np.where((Y >= min(0.0, dy)) & (Y < max(0.0, dy)), d2, np.float32(1e9))
         r = r0 + (r1 - r0) * t
         outer = np.sqrt(np.clip(r * r - d2, 0.0, None))
         if cortex > 0:
@@ -200,12 +204,13 @@ def _skull(cv: Canvas, rng: np.random.Generator, s: float, view: str) -> None:
         cv.ellipsoid(sx * 10 * s, oy - 30 * s, 10 * s * j(), 9 * s, MU_AIR * 0.8, depth=8 * s)
         # maxillary sinuses: larger and clearer in the Waters view
         my = (16 if waters else 38) * s
-        mb = (27 if waters else 20) * s
-        cv.ellipsoid(sx * 29 * s, my, 19 * s * j(), mb, MU_AIR * 0.9, depth=16 * s, p=2.6)
+        mb = (30 if waters else 20) * s
+        cv.ellipsoid(sx * 29 * s, my, (22 if waters else 19) * s * j(), mb, MU_AIR * 0.9,
+                     depth=(22 if waters else 16) * s, p=2.6)
         cv.shell(sx * 29 * s, my, 21 * s, mb + 2 * s, 2 * s, MU_BONE * 0.5, depth=6 * s)
         # petrous ridges: dense bands slanting up towards the midline
         py = {"waters": 62, "sinus_pa": 9, "head_pa": 1}[view] * s + rng.normal(0, 2)
-        cv.tube(sx * 70 * s, py + 12 * s, sx * 18 * s, py - 6 * s, 6 * s, 4 * s, MU_BONE * 1.1)
+        cv.tube(sx * 70 * s, py + 12 * s, sx * 18 * s, py - 6 * s, 7 * s, 5 * s, MU_BONE * 1.3)
         # mandibular rami
         cv.tube(sx * 56 * s, (30 if waters else 35) * s, sx * 50 * s, 95 * s, 7 * s, 6 * s, MU_BONE,
                 cortex=2.5 * s)
@@ -233,8 +238,8 @@ def _elbow(cv: Canvas, rng: np.random.Generator, s: float, side: str) -> None:
     j = lambda: 1.0 + rng.normal(0, 0.04)  # noqa: E731
     carry = math.radians(8 + rng.normal(0, 3))  # carrying angle: forearm deviates laterally
     fx = lambda y: lat * math.tan(carry) * max(y, 0.0)  # noqa: E731
-    cv.tube(0, -200 * s, 0, -20 * s, 38 * s * j(), 42 * s, MU_SOFT, flat=True)
-    cv.tube(0, -20 * s, fx(200 * s), 200 * s, 42 * s, 32 * s * j(), MU_SOFT, flat=True)
+    cv.tube(0, -200 * s, 0, -20 * s, 35 * s * j(), 39 * s, MU_SOFT, flat=True)
+    cv.tube(0, -20 * s, fx(200 * s), 200 * s, 39 * s, 30 * s * j(), MU_SOFT, flat=True)
     # humerus shaft, distal flare, epicondyles, trochlea and capitulum
     cv.tube(0, -170 * s, 0, -45 * s, 11 * s * j(), 13 * s, MU_BONE, cortex=3.5 * s)
     cv.ellipsoid(0, -28 * s, 28 * s * j(), 15 * s, MU_BONE * 0.35, depth=10 * s, p=3.0)
@@ -259,10 +264,12 @@ def _knee(cv: Canvas, rng: np.random.Generator, s: float, side: str) -> None:
     lat = -1.0 if side == "R" else 1.0
     med = -lat
     j = lambda: 1.0 + rng.normal(0, 0.04)  # noqa: E731
-    cv.tube(0, -220 * s, 0, 0, 62 * s * j(), 56 * s, MU_SOFT, flat=True)
+    # the femoral shaft runs up and out towards the hip (anatomical valgus), the tibia straight down
+    valg = math.tan(math.radians(6 + rng.normal(0, 1.5)))
+    cv.tube(lat * valg * 170 * s, -220 * s, 0, 0, 62 * s * j(), 56 * s, MU_SOFT, flat=True)
     cv.tube(0, 0, 0, 220 * s, 56 * s, 44 * s * j(), MU_SOFT, flat=True)
     # femur: shaft, metaphysis, condyles (medial larger, lower), notch
-    cv.tube(0, -210 * s, 0, -50 * s, 14 * s * j(), 17 * s, MU_BONE, cortex=4.5 * s)
+    cv.tube(lat * valg * 160 * s, -210 * s, 0, -50 * s, 14 * s * j(), 17 * s, MU_BONE, cortex=4.5 * s)
     cv.ellipsoid(0, -38 * s, 36 * s * j(), 22 * s, MU_BONE * 0.3, depth=22 * s, p=3.0)
     cv.ellipsoid(med * 21 * s, -13 * s, 22 * s, 19 * s, MU_BONE * 0.6, depth=26 * s)
     cv.ellipsoid(lat * 21 * s, -16 * s, 20 * s, 17 * s, MU_BONE * 0.6, depth=24 * s)
@@ -277,8 +284,8 @@ def _knee(cv: Canvas, rng: np.random.Generator, s: float, side: str) -> None:
     cv.tube(0, 30 * s, 0, 210 * s, 18 * s, 13 * s * j(), MU_BONE, cortex=4.5 * s)
     # fibula: head below the plateau, lateral
     fx = lat * 37 * s
-    cv.ellipsoid(fx, 34 * s, 10 * s, 9 * s, MU_BONE * 0.7, depth=9 * s)
-    cv.tube(fx, 36 * s, fx - lat * 5 * s, 210 * s, 6 * s, 5 * s, MU_BONE, cortex=2 * s)
+    cv.ellipsoid(fx, 34 * s, 11 * s, 10 * s, MU_BONE * 0.8, depth=10 * s)
+    cv.tube(fx, 36 * s, fx - lat * 3 * s, 210 * s, 7 * s, 6 * s, MU_BONE, cortex=2.5 * s)
 
 
 def _chest(cv: Canvas, rng: np.random.Generator, s: float, sex: str, age: int) -> None:
@@ -427,7 +434,8 @@ def render(subject: Subject, acq: Acquisition, rng: np.random.Generator) -> np.n
     th = math.radians(acq.rotation_deg)
     c, s_ = math.cos(th), math.sin(th)
     cx_in, cy_in = L.shape[1] / 2, L.shape[0] / 2
-    sx, sy = acq.shift_mm[0] * ppm, acq.shift_mm[1] * ppm
+    ox, oy = CENTRE_MM[subject.region]
+    sx, sy = (acq.shift_mm[0] - ox) * ppm, (acq.shift_mm[1] - oy) * ppm
     # output pixel (u, v) -> input (x, y): rotate about the centre, then shift
     a, b = c, -s_
     d, e = s_, c
@@ -473,7 +481,7 @@ def render(subject: Subject, acq: Acquisition, rng: np.random.Generator) -> np.n
 
     # lead marker and burned-in text
     if acq.marker:
-        _stamp(D, _glyph(acq.marker, max(8, rows // 22)), acq.marker_corner, (j0, j1, i0, i1),
+        _stamp(D, _glyph(acq.marker, max(8, rows // 14)), acq.marker_corner, (j0, j1, i0, i1),
                maxval * 0.97, rng)
     for k, line in enumerate(acq.text):
         g = _glyph(line, max(6, rows // 70))
