@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     label_rules: Path | None = Field(None, description="labels rules file (YAML); built-in when unset")
     worker_poll_seconds: float = Field(2.0, gt=0)
     worker_gpus: int | None = Field(None, description="GPUs for one job (torchrun); all when unset")
+    predict_max_upload_mb: int = Field(512, ge=1, description="largest DICOM accepted by /predict, in MB")
+    predict_timeout_s: float = Field(300.0, gt=0, description="time limit of one prediction subprocess")
     log_level: str = "INFO"
 
     @field_validator("ae_title")
