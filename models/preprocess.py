@@ -1,0 +1,122 @@
+"""DICOM -> fixed-size uint8 image: Modality LUT, VOI LUT/window, MONOCHROME1 inversion, resize, pad.
+
+Pure numpy/pydicom/PIL (no torch), so cache workers start fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+# Bump when the output of `preprocess_dataset` changes: it is part of the cache key.
+PREPROCESS_VERSION = 1
+
+
+class PreprocessError(Exception):
+    """The file cannot be turned into an image (unreadable, no pixels, unsupported codec)."""
+
+
+def preprocess_params(image_size: int) -> dict:
+    """The parameters that determine the cached pixels (hashed into the cache key)."""
+    return {"version": PREPROCESS_VERSION, "image_size": int(image_size)}
+
+
+def _first(v):
+    if v is None:
+        return None
+    if isinstance(v, pydicom.multival.MultiValue):
+        return float(v[0]) if len(v) else None
+    return float(v)
+
+
+def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """Window to [0, 1] per PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / max(width, 1e-6)))
+    if function == "LINEAR_EXACT":
+        lo, span = center - width / 2.0, max(width, 1e-6)
+    else:  # LINEAR: width must be >= 1
+        width = max(width, 1.0)
+        lo, span = center - 0.5 - (width - 1.0) / 2.0, max(width - 1.0, 1e-6)
+    return np.clip((arr - lo) / span, 0.0, 1.0)
+
+
+def _to_unit(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
+    """Stored values -> display values in [0, 1] (0 = black), inverting MONOCHROME1."""
+    arr = apply_modality_lut(arr, ds).astype(np.float32, copy=False)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if "VOILUTSequence" in ds:
+        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
+        lo, hi = float(out.min()), float(out.max())
+        unit = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    elif center is not None and width is not None and width > 0:
+        unit = _window(arr, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
+    else:
+        # No VOI in the header: a robust full-range window (percentiles ignore a few hot pixels).
+        sample = arr[:: max(1, arr.shape[0] // 256), :: max(1, arr.shape[1] // 256)]
+        lo, hi = np.percentile(sample, [0.5, 99.5])
+        unit = np.clip((arr - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(arr)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit.astype(np.float32, copy=False)
+
+
+def fit_square(unit: np.ndarray, size: int) -> np.ndarray:
+    """Resize to `size` rows keeping the aspect ratio, then center-pad (black) or crop width to `size`."""
+    h, w = unit.shape
+    new_w = max(1, round(w * size / h))
+    # PIL's resampling widens the filter when shrinking, so large downscales are anti-aliased.
+    img = Image.fromarray(unit.astype(np.float32), mode="F").resize((new_w, size), Image.BILINEAR)
+    out8 = np.clip(np.asarray(img) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    canvas = np.zeros((size, size), dtype=np.uint8)
+    if new_w >= size:
+        x0 = (new_w - size) // 2
+        canvas[:] = out8[:, x0 : x0 + size]
+    else:
+        x0 = (size - new_w) // 2
+        canvas[:, x0 : x0 + new_w] = out8
+    return canvas
+
+
+def preprocess_dataset(ds: pydicom.Dataset, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A decoded dataset -> (uint8 image_size x image_size, original (rows, cols))."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise PreprocessError("no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - any codec failure means "cannot decode"
+        raise PreprocessError(f"cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]  # multi-frame radiographs: the first frame
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3:  # colour: luminance
+        if pi.startswith("YBR"):
+            arr = arr[..., 0]
+        else:
+            arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        unit = arr.astype(np.float32)
+        lo, hi = float(unit.min()), float(unit.max())
+        unit = (unit - lo) / (hi - lo) if hi > lo else np.zeros_like(unit)
+    elif arr.ndim == 2:
+        unit = _to_unit(ds, arr)
+    else:
+        raise PreprocessError(f"unsupported pixel array shape {arr.shape}")
+    if not np.isfinite(unit).all():
+        unit = np.nan_to_num(unit, nan=0.0, posinf=1.0, neginf=0.0)
+    return fit_square(unit, image_size), (int(arr.shape[0]), int(arr.shape[1]))
+
+
+def preprocess_file(path: str | Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read and preprocess one DICOM file; PreprocessError when it cannot be used."""
+    try:
+        ds = pydicom.dcmread(str(path))
+    except FileNotFoundError as exc:
+        raise PreprocessError(f"file not found: {path}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise PreprocessError(f"not a readable DICOM file: {exc}") from exc
+    return preprocess_dataset(ds, image_size)
