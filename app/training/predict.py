@@ -19,7 +19,6 @@ from app.config import Settings
 from app.db.models import TrainedModel
 from app.errors import InvalidInput, NotFound, RadcohortError, ServiceUnavailable
 
-DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 300.0
 CHUNK = 1024 * 1024
 # exit codes of models.predict_cli
@@ -44,12 +43,11 @@ class PredictionFailed(RadcohortError):
 
 
 def max_upload_bytes(settings: Settings) -> int:
-    mb = getattr(settings, "predict_max_upload_mb", None)
-    return int(mb * 1024 * 1024) if mb else DEFAULT_MAX_UPLOAD_BYTES
+    return settings.predict_max_upload_mb * 1024 * 1024
 
 
 def timeout_seconds(settings: Settings) -> float:
-    return float(getattr(settings, "predict_timeout_s", None) or DEFAULT_TIMEOUT_S)
+    return settings.predict_timeout_s
 
 
 def get_model(session: Session, model_id: int) -> TrainedModel:
