@@ -138,7 +138,7 @@ def run_backend(name: str, url: str, n_rows: int, relabel: int) -> None:
     with ctx.sessions() as s:
         classes = get_taxonomy(s, "xr10")["classes"]
         print("plan:")
-        for line in explain(s, classes):
+        for line in explain(s, classes, vocabulary=load_rules().vocabulary):
             print("   ", line)
         base = None
         for _ in range(2):  # baseline: read (id, patient_pk) of every row once

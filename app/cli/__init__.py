@@ -10,7 +10,7 @@ import typer
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="radcohort: PACS -> labels -> cohorts -> CNN")
 
 # modules under app/cli, each with `register(cli)`
-COMMAND_MODULES = ["db", "pacs", "synth", "worker", "demo", "server"]
+COMMAND_MODULES = ["db", "pacs", "synth", "worker", "demo", "server", "cohorts"]
 
 
 @cli.callback()

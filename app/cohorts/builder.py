@@ -1,6 +1,6 @@
 """Cohort selection: class predicates in SQL over the covering label index, one row per patient
-aggregated in SQL (classes matched, usable images, a seeded pick), then quota sampling and a
-patient-level split in Python over patients, not instances.
+aggregated in SQL in a single pass (classes matched, usable images, a seeded pick, exclusion
+counts), then quota sampling and a patient-level split in Python over patients, not instances.
 
 Exclusion reasons (counts of instances): no_label (index rows without a body-part label),
 not_an_image / unsupported_photometric, conflicting_labels, patient_in_two_classes,
@@ -57,27 +57,66 @@ class BuildResult:
     timings: dict[str, float]
 
 
-def class_predicate(where: dict, table=None) -> ColumnElement:
+# Labels the engine always sets on a labelled row (never NULL), in index order after body part/view:
+# when a class leaves one open but constrains a later index column, naming every value turns one
+# long range scan into a few tight index seeks (a hand-made skip scan; same rows).
+_ALWAYS_SET = ("laterality", "sex")
+
+
+def class_predicate(where: dict, table=None, vocabulary: dict[str, list[str]] | None = None) -> ColumnElement:
     """SQL for one class: a conjunction over the label columns of `instances`."""
     t = table if table is not None else Instance.__table__
     conds = []
     for key, value in where.items():
         col = t.c[LABEL_COLUMN[key]]
         if key == "age_years":
-            rng = value if isinstance(value, dict) else {"min": value, "max": value}
-            if rng.get("min") is not None:
-                conds.append(col >= float(rng["min"]))
-            if rng.get("max") is not None:
-                # whole years, inclusive: max 29 admits 29.99
-                conds.append(col < math.floor(float(rng["max"])) + 1)
+            lo, hi = _age_bounds(value)
+            if lo is not None:
+                conds.append(col >= lo)
+            if hi is not None:
+                conds.append(col < hi)
         elif isinstance(value, list):
             conds.append(col.in_(value) if len(value) > 1 else col == value[0])
         else:
             conds.append(col == value)
+    if vocabulary and "body_part" in where and "view" in where:
+        later = ("sex", "age_years", "age_band")
+        for i, key in enumerate(_ALWAYS_SET):
+            if key not in where and any(k in where for k in _ALWAYS_SET[i + 1:] + later) and vocabulary.get(key):
+                conds.append(t.c[LABEL_COLUMN[key]].in_(vocabulary[key]))
     return and_(*conds)
 
 
-def candidate_query(classes: list[dict], spec: CohortSpec):
+def _age_bounds(value) -> tuple[float | None, float | None]:
+    """[lo, hi) years of an age_years predicate: whole years, inclusive (max 29 admits 29.99)."""
+    rng = value if isinstance(value, dict) else {"min": value, "max": value}
+    lo = float(rng["min"]) if rng.get("min") is not None else None
+    hi = float(math.floor(float(rng["max"])) + 1) if rng.get("max") is not None else None
+    return lo, hi
+
+
+def classes_disjoint(classes: list[dict]) -> bool:
+    """True when no instance can match two classes (some label's allowed values never overlap),
+    so the selection can count rows instead of distinct instances."""
+    def disjoint(a: dict, b: dict) -> bool:
+        for key in a.keys() & b.keys():
+            if key == "age_years":
+                (alo, ahi), (blo, bhi) = _age_bounds(a[key]), _age_bounds(b[key])
+                if (ahi is not None and blo is not None and ahi <= blo) or \
+                        (bhi is not None and alo is not None and bhi <= alo):
+                    return True
+            else:
+                va = set(a[key] if isinstance(a[key], list) else [a[key]])
+                vb = set(b[key] if isinstance(b[key], list) else [b[key]])
+                if not va & vb:
+                    return True
+        return False
+
+    ws = [c["where"] for c in classes]
+    return all(disjoint(ws[i], ws[j]) for i in range(len(ws)) for j in range(i + 1, len(ws)))
+
+
+def candidate_query(classes: list[dict], spec: CohortSpec, vocabulary: dict | None = None):
     """One UNION ALL branch per class (each an index-only range scan), tagged with the class
     number, usability (an image, no label conflict unless allowed) and a seeded pick key."""
     t = Instance.__table__
@@ -92,25 +131,30 @@ def candidate_query(classes: list[dict], spec: CohortSpec):
         select(t.c.id.label("id"), t.c.patient_pk.label("patient_pk"), literal(k).label("cls"),
                case((ok, 1), else_=0).label("ok"), t.c.photometric_interpretation.label("pi"),
                t.c.has_conflict.label("conflict"), pick.label("pick"))
-        .where(class_predicate(c["where"], t))
+        .where(class_predicate(c["where"], t, vocabulary))
         for k, c in enumerate(classes)
     ]
     return branches[0] if len(branches) == 1 else union_all(*branches)
 
 
-def selection_queries(classes: list[dict], spec: CohortSpec):
-    """(per-patient aggregate over usable candidates, exclusion counts over the unusable ones)."""
-    c = candidate_query(classes, spec).subquery("c")
-    per_patient = (select(c.c.patient_pk, func.min(c.c.cls), func.max(c.c.cls),
-                          func.count(distinct(c.c.id)), func.min(c.c.pick))
-                   .where(c.c.ok == 1).group_by(c.c.patient_pk))
+def selection_query(classes: list[dict], spec: CohortSpec, vocabulary: dict | None = None):
+    """One row per patient with a candidate: (patient_pk, first class, last class, usable images,
+    pick, not-an-image, unsupported photometric, conflicting) - a single pass over the index.
+
+    Counts are of distinct instances; when the classes cannot overlap, plain row counts are the
+    same thing and much cheaper."""
+    c = candidate_query(classes, spec, vocabulary).subquery("c")
+    count = (lambda e: func.count(e)) if classes_disjoint(classes) else (lambda e: func.count(distinct(e)))
+    usable = c.c.ok == 1
     mono = c.c.pi.in_(IMAGE_PHOTOMETRIC)
-    reasons = select(
-        func.count(distinct(case((c.c.pi.is_(None), c.c.id)))),
-        func.count(distinct(case((and_(c.c.pi.is_not(None), ~mono), c.c.id)))),
-        func.count(distinct(case((and_(mono, c.c.conflict.is_(True)), c.c.id)))),
-    ).where(c.c.ok == 0)
-    return per_patient, reasons
+    conflicting = and_(mono, c.c.conflict.is_(True)) if not spec.include_conflicts else literal(False)
+    return (select(c.c.patient_pk,
+                   func.min(case((usable, c.c.cls))), func.max(case((usable, c.c.cls))),
+                   count(case((usable, c.c.id))), func.min(case((usable, c.c.pick))),
+                   count(case((c.c.pi.is_(None), c.c.id))),
+                   count(case((and_(c.c.pi.is_not(None), ~mono), c.c.id))),
+                   count(case((conflicting, c.c.id))))
+            .group_by(c.c.patient_pk))
 
 
 def _norm_name(name: str | None) -> str:
@@ -175,19 +219,31 @@ def _in(col, ids: list[int], dialect: str):
 
 
 def _fetch_members(session: Session, ids: list[int]) -> dict[int, tuple]:
-    """instance id -> (sop_instance_uid, file_path, ruleset_version, patient_id, issuer)."""
+    """instance id -> (sop_instance_uid, file_path, ruleset_version, patient_id, issuer).
+
+    Two primary-key lookups rather than a join: a join over a few thousand ids let PostgreSQL
+    pick a hash join over the whole patients table."""
     i, p = Instance.__table__, Patient.__table__
     dialect = session.bind.dialect.name
-    out = {}
+    inst: dict[int, tuple] = {}
     for k in range(0, len(ids), _CHUNK):
-        q = (select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, p.c.patient_id, p.c.issuer)
-             .join_from(i, p, i.c.patient_pk == p.c.id).where(_in(i.c.id, ids[k:k + _CHUNK], dialect)))
-        out.update({r[0]: tuple(r[1:]) for r in session.execute(q)})
-    return out
+        q = select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, i.c.patient_pk).where(
+            _in(i.c.id, ids[k:k + _CHUNK], dialect))
+        inst.update({r[0]: tuple(r[1:]) for r in session.execute(q)})
+    pks = sorted({v[3] for v in inst.values()})
+    pat: dict[int, tuple] = {}
+    for k in range(0, len(pks), _CHUNK):
+        q = select(p.c.id, p.c.patient_id, p.c.issuer).where(_in(p.c.id, pks[k:k + _CHUNK], dialect))
+        pat.update({r[0]: (r[1], r[2]) for r in session.execute(q)})
+    return {iid: (uid, path, version, *pat[ppk]) for iid, (uid, path, version, ppk) in inst.items()}
 
 
-def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | None = None) -> BuildResult:
-    """Select, de-duplicate, sample and split. Reads only; the caller saves the snapshot."""
+def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | None = None,
+          vocabulary: dict[str, list[str]] | None = None) -> BuildResult:
+    """Select, de-duplicate, sample and split. Reads only; the caller saves the snapshot.
+
+    `vocabulary` (the rule set's label vocabularies) lets the class predicates seek the index
+    instead of scanning a range; results are the same without it."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     classes = taxonomy["classes"]
@@ -196,12 +252,14 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
     t = Instance.__table__
     excluded["no_label"] = session.scalar(select(func.count()).select_from(t)
                                           .where(t.c.label_body_part.is_(None))) or 0
-    per_patient, reasons = selection_queries(classes, spec)
-    rows = session.execute(per_patient).all()
-    not_image, unsupported, conflicting = session.execute(reasons).one()
-    excluded["not_an_image"] = not_image
-    excluded["unsupported_photometric"] = unsupported
-    excluded["conflicting_labels"] = conflicting
+    rows = []
+    for ppk, cmin, cmax, n, pick, not_image, unsupported, conflicting in session.execute(
+            selection_query(classes, spec, vocabulary)):
+        excluded["not_an_image"] += not_image
+        excluded["unsupported_photometric"] += unsupported
+        excluded["conflicting_labels"] += conflicting
+        if n:
+            rows.append((ppk, cmin, cmax, n, pick))
     timings["query_s"] = time.perf_counter() - t0
 
     if spec.match_name_birthdate:
@@ -236,38 +294,49 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
     members: list[dict] = []
     summary: list[dict] = []
     root = store_dir or Path(".")
+    wants, positions, picked = [], [], []
     for k, pool in enumerate(pools):
         pool.sort()
         rng = random.Random(f"{spec.seed}/{names[k]}")  # per class: adding a class does not reshuffle others
         rng.shuffle(pool)
-        want = len(pool) if quota is None else min(quota, len(pool))
-        picked: list[tuple[int, tuple]] = []
-        pos = 0
-        while len(picked) < want and pos < len(pool):
-            batch = pool[pos:pos + (want - len(picked))]
-            pos += len(batch)
-            info = _fetch_members(session, [iid for _, iid in batch])
+        wants.append(len(pool) if quota is None else min(quota, len(pool)))
+        positions.append(0)
+        picked.append([])
+    # fetch what every class still needs in one round; refill only classes that lost files
+    while True:
+        batches = []
+        for k, pool in enumerate(pools):
+            need = wants[k] - len(picked[k])
+            batch = pool[positions[k]:positions[k] + need] if need > 0 else []
+            positions[k] += len(batch)
+            batches.append(batch)
+        if not any(batches):
+            break
+        info = _fetch_members(session, [iid for batch in batches for _, iid in batch])
+        for k, batch in enumerate(batches):
             for _key, iid in batch:
                 if spec.check_files and not (root / info[iid][1]).is_file():
                     excluded["file_missing"] += 1
                     continue
-                picked.append((iid, info[iid]))
-        counts = split_counts(len(picked), spec.split)
+                picked[k].append((iid, info[iid]))
+    for k in range(len(pools)):
+        counts = split_counts(len(picked[k]), spec.split)
         sides = [s for s in ("test", "val", "train") if s in counts for _ in range(counts[s])]
-        for (iid, (uid, path, version, pid, issuer)), side in zip(picked, sides):
+        for (iid, (uid, path, version, pid, issuer)), side in zip(picked[k], sides):
             members.append({"instance_pk": iid, "patient_id": pid, "issuer": issuer, "sop_instance_uid": uid,
                             "file_path": path, "class_name": names[k], "split": side,
                             "ruleset_version": version})
-        summary.append({"name": names[k], "available": available[k], "selected": len(picked),
+        summary.append({"name": names[k], "available": available[k], "selected": len(picked[k]),
                         **{s: counts.get(s, 0) for s in SPLITS}})
     timings["sample_s"] = time.perf_counter() - t0 - timings["query_s"] - timings["dedup_s"]
     timings["total_s"] = time.perf_counter() - t0
     return BuildResult(classes=summary, excluded=excluded, members=members, timings=timings)
 
 
-def explain(session: Session, classes: list[dict], spec: CohortSpec | None = None) -> list[str]:
+def explain(session: Session, classes: list[dict], spec: CohortSpec | None = None,
+            vocabulary: dict | None = None) -> list[str]:
     """The backend's query plan for the per-patient selection (for the benchmark and debugging)."""
-    stmt = selection_queries(classes, spec or CohortSpec())[0]
+    stmt = selection_query(classes, spec or CohortSpec(), vocabulary)
     compiled = stmt.compile(dialect=session.bind.dialect, compile_kwargs={"literal_binds": True})
     sql = str(compiled)
     if session.bind.dialect.name == "sqlite":

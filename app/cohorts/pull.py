@@ -113,7 +113,7 @@ def plan_queries(taxonomy: dict, study_date_range: str | tuple, rules: RuleSet |
             # query those too and let the labeler decide after retrieval
             general = sorted(g for s, g in (rules.refines.get("body_part", ()) if rules else ()) if s == bp)
             for value in [bp, *general]:
-                parts += [v for v in sorted(set(tag_values.get(value, [])) | {value}) if v not in parts]
+                parts += [v for v in [value, *sorted(set(tag_values.get(value, [])) - {value})] if v not in parts]
         post = {k: where[k] for k in POST_FILTER if k in where}
         if len(parts) > 1 or (parts and parts[0] != where.get("body_part")):
             post["body_part"] = where["body_part"]

@@ -18,6 +18,8 @@ from app.cohorts.builder import BuildResult, CohortSpec, build
 from app.cohorts.taxonomies import get_taxonomy
 from app.db.models import Cohort, CohortMember
 from app.errors import InvalidInput, NotFound
+from app.labels.engine import RuleSet
+from app.labels.service import get_rules
 
 _CHUNK = 5000
 MANIFEST_COLUMNS = ("sop_instance_uid", "class", "split", "patient_key")
@@ -40,15 +42,17 @@ def _view(c: Cohort) -> dict:
 
 
 def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: bytes,
-                  store_dir: Path | None, actor: str = "cli") -> dict:
+                  store_dir: Path | None, actor: str = "cli", rules: RuleSet | None = None) -> dict:
     """Build a cohort from the request `params` (taxonomy name + CohortSpec fields).
 
     `preview` -> counts only, nothing written. Otherwise a Cohort row and its members (exact
-    UIDs, split, HMAC patient key) are flushed and the creation is audited.
+    UIDs, split, HMAC patient key) are flushed and the creation is audited. `rules` (default:
+    built-in) supplies the label vocabularies that let the selection seek the label index.
     """
     taxonomy = get_taxonomy(session, params["taxonomy"])
     spec = CohortSpec(**{k: params[k] for k in CohortSpec.__dataclass_fields__ if k in params})
-    result: BuildResult = build(session, taxonomy, spec, store_dir=store_dir)
+    vocabulary = (rules or get_rules()).vocabulary
+    result: BuildResult = build(session, taxonomy, spec, store_dir=store_dir, vocabulary=vocabulary)
     if params.get("preview"):
         return {"id": None, "taxonomy": taxonomy["name"], "preview": True, "seed": spec.seed,
                 "size": len(result.members), "classes": result.classes, "excluded": result.excluded,

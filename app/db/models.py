@@ -87,7 +87,7 @@ class Instance(Base):
         # covering index for cohort selection (app.cohorts.builder): every column a class predicate or
         # the selection reads, so both backends answer it with an index-only scan
         Index("ix_instances_labels", "label_body_part", "label_view", "label_laterality", "label_sex",
-              "label_age_band", "label_age_years", "modality", "has_conflict", "photometric_interpretation",
+              "label_age_years", "label_age_band", "modality", "has_conflict", "photometric_interpretation",
               "patient_pk", "id"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

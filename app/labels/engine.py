@@ -115,6 +115,11 @@ class RuleSet:
         for label in ("body_part", "view", "laterality", "sex"):
             if label not in self.vocabulary:
                 raise RulesError(f"rules: vocabulary.{label} is missing")
+        # the engine's own fallbacks must be vocabulary values (cohort selection relies on it)
+        for label, needed in (("laterality", ("NONE", "UNKNOWN")), ("sex", ("UNKNOWN",))):
+            for v in needed:
+                if v not in self.vocabulary[label]:
+                    raise RulesError(f"rules: vocabulary.{label} must include {v}")
         self.priority: dict[str, list[tuple[str, str]]] = {}
         for label, sources in r["priority"].items():
             if label not in ("body_part", "view", "laterality", "sex"):

@@ -123,15 +123,3 @@ def relabel_all(session: Session, rules_file: str | Path | None = None, rules: R
     seconds = time.perf_counter() - t0
     log.info("relabel %s: %d scanned, %d changed in %.1f s", version, scanned, changed, seconds)
     return {"version": version, "scanned": scanned, "changed": changed, "seconds": round(seconds, 3)}
-
-
-def instance_labels(inst: Any) -> dict:
-    """The API view of an instance's labels: {label: {"value", "source"}, "conflicts", "ruleset_version"}."""
-    get = (lambda k: inst.get(k)) if isinstance(inst, dict) else (lambda k: getattr(inst, k, None))
-    sources = get("label_sources") or {}
-    out: dict[str, Any] = {}
-    for label in ("body_part", "view", "laterality", "sex", "age_years", "age_band"):
-        out[label] = {"value": get(f"label_{label}"), "source": sources.get(label)}
-    out["conflicts"] = get("label_conflicts") or []
-    out["ruleset_version"] = get("ruleset_version")
-    return out

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 11:59:39.723288
+Create Date: 2026-11-26 12:08:36.551644
 """
 from alembic import op
 import sqlalchemy as sa
@@ -231,7 +231,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('sop_instance_uid', name=op.f('uq_instances_sop_instance_uid'))
     )
     with op.batch_alter_table('instances', schema=None) as batch_op:
-        batch_op.create_index('ix_instances_labels', ['label_body_part', 'label_view', 'label_laterality', 'label_sex', 'label_age_band', 'label_age_years', 'modality', 'has_conflict', 'photometric_interpretation', 'patient_pk', 'id'], unique=False)
+        batch_op.create_index('ix_instances_labels', ['label_body_part', 'label_view', 'label_laterality', 'label_sex', 'label_age_years', 'label_age_band', 'modality', 'has_conflict', 'photometric_interpretation', 'patient_pk', 'id'], unique=False)
         batch_op.create_index(batch_op.f('ix_instances_patient_pk'), ['patient_pk'], unique=False)
         batch_op.create_index(batch_op.f('ix_instances_series_pk'), ['series_pk'], unique=False)
         batch_op.create_index(batch_op.f('ix_instances_study_pk'), ['study_pk'], unique=False)

@@ -173,3 +173,26 @@ def test_split_counts(n, fr, expected):
     got = split_counts(n, fr)
     assert sum(got.values()) == n
     assert got == expected
+
+
+def test_overlapping_classes_and_index_hints_give_exact_counts(any_ctx, index):
+    from app.cohorts.builder import CohortSpec, build, classes_disjoint
+
+    overlapping = {"name": "o", "classes": [{"name": "knee", "where": {"body_part": "KNEE"}},
+                                            {"name": "left", "where": {"body_part": "KNEE", "laterality": "L"}}]}
+    assert not classes_disjoint(overlapping["classes"])
+    from app.cohorts.taxonomies import presets
+
+    assert classes_disjoint(presets()["xr10"]["classes"]) and classes_disjoint(presets()["xr5"]["classes"])
+    spec = CohortSpec(check_files=False)
+    with any_ctx.sessions() as s:
+        r = build(s, overlapping, spec)
+        # a left knee matches both classes, so its patient is in two classes; each instance of
+        # those patients counts once (LK0-11, DUP's two left knees, TWO's left and right knee)
+        assert r.excluded["patient_in_two_classes"] == 12 + 2 + 2
+        assert r.excluded["unsupported_photometric"] == 1 and r.excluded["not_an_image"] == 1
+        vocab = load_rules().vocabulary
+        for tax in (presets()["xr10"], presets()["xr5"]):
+            plain = build(s, tax, spec)
+            hinted = build(s, tax, spec, vocabulary=vocab)
+            assert plain.members == hinted.members and plain.excluded == hinted.excluded

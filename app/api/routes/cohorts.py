@@ -8,6 +8,7 @@ from app.api.deps import ActorDep, SessionDep, SettingsDep
 from app.cohorts import service
 from app.cohorts.schemas import CohortDetail, CohortIn, CohortOut
 from app.errors import NotFound
+from app.labels.service import get_rules
 
 router = APIRouter(prefix="/cohorts", tags=["cohorts"])
 
@@ -21,7 +22,8 @@ def create_cohort(body: CohortIn, response: Response, session: SessionDep, setti
     patient-level split. `preview: true` returns the counts (200) without saving."""
     try:
         out = service.create_cohort(session, body.model_dump(), pseudonym_key=settings.get_pseudonym_key(),
-                                    store_dir=settings.store_dir, actor=actor)
+                                    store_dir=settings.store_dir, actor=actor,
+                                    rules=get_rules(settings.label_rules))
     except NotFound as exc:
         raise HTTPException(status_code=422, detail=[{"loc": ["body", "taxonomy"], "msg": exc.message,
                                                       "type": "value_error"}]) from exc

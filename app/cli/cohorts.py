@@ -1,0 +1,113 @@
+"""`radcohort labels relabel` and `radcohort cohort create|manifest|plan-pull`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from app.config import get_settings
+
+
+def register(cli: typer.Typer) -> None:
+    labels = typer.Typer(help="header labels (rules file, relabel)", no_args_is_help=True)
+    cohort = typer.Typer(help="cohorts: build snapshots, export manifests, plan PACS pulls", no_args_is_help=True)
+
+    @labels.command("relabel")
+    def relabel(rules: Path = typer.Option(None, help="rules file (default: RADCOHORT_LABEL_RULES or built-in)"),
+                ) -> None:
+        """Recompute every instance's labels with the current rule set (a new version when it changed)."""
+        from app.context import AppContext
+        from app.db.base import session_scope
+        from app.labels.service import relabel_all
+
+        settings = get_settings()
+        ctx = AppContext.build(settings)
+        try:
+            with session_scope(ctx.sessions) as s:
+                stats = relabel_all(s, rules_file=rules or settings.label_rules)
+        finally:
+            ctx.close()
+        typer.echo(json.dumps(stats))
+
+    @cohort.command("create")
+    def create(taxonomy: str = typer.Option("xr10"), per_class: int = typer.Option(None, min=1),
+               train: float = typer.Option(0.8), val: float = typer.Option(0.0), test: float = typer.Option(0.2),
+               seed: int = typer.Option(0, min=0), preview: bool = typer.Option(False, "--preview"),
+               include_conflicts: bool = typer.Option(False, "--include-conflicts"),
+               match_name_birthdate: bool = typer.Option(False, "--match-name-birthdate")) -> None:
+        """Build (or --preview) a cohort snapshot; prints the class counts and the exclusion report."""
+        from pydantic import ValidationError
+
+        from app.cohorts.schemas import CohortIn
+        from app.cohorts.service import create_cohort
+        from app.context import AppContext
+        from app.db.base import session_scope
+        from app.errors import RadcohortError
+        from app.labels.service import get_rules
+
+        split = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v}
+        try:
+            body = CohortIn(taxonomy=taxonomy, per_class=per_class, split=split, seed=seed, preview=preview,
+                            include_conflicts=include_conflicts, match_name_birthdate=match_name_birthdate)
+        except ValidationError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        settings = get_settings()
+        ctx = AppContext.build(settings)
+        try:
+            with session_scope(ctx.sessions) as s:
+                out = create_cohort(s, body.model_dump(), pseudonym_key=settings.get_pseudonym_key(),
+                                    store_dir=settings.store_dir, actor="cli",
+                                    rules=get_rules(settings.label_rules))
+        except RadcohortError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(2) from exc
+        finally:
+            ctx.close()
+        typer.echo(json.dumps(out, default=str, indent=1))
+
+    @cohort.command("manifest")
+    def manifest(cohort_id: int, out: Path = typer.Option(None, help="file to write (default: stdout)")) -> None:
+        """The manifest CSV (sop_instance_uid, class, split, patient_key)."""
+        from app.cohorts.service import manifest_csv
+        from app.context import AppContext
+        from app.errors import RadcohortError
+
+        ctx = AppContext.build(get_settings())
+        try:
+            with ctx.sessions() as s:
+                text = manifest_csv(s, cohort_id)
+        except RadcohortError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(2) from exc
+        finally:
+            ctx.close()
+        if out:
+            tmp = out.with_suffix(out.suffix + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(out)  # never a half-written manifest
+        else:
+            typer.echo(text, nl=False)
+
+    @cohort.command("plan-pull")
+    def plan_pull(taxonomy: str = typer.Option("xr10"),
+                  study_dates: str = typer.Option("20110101-20161231", help="YYYYMMDD-YYYYMMDD")) -> None:
+        """The C-FIND queries (one per line, JSON) that find a taxonomy's candidates on a PACS."""
+        from app.cohorts.pull import plan_queries
+        from app.cohorts.taxonomies import get_taxonomy
+        from app.context import AppContext
+        from app.labels.service import get_rules
+
+        settings = get_settings()
+        ctx = AppContext.build(settings)
+        try:
+            with ctx.sessions() as s:
+                tax = get_taxonomy(s, taxonomy)
+        finally:
+            ctx.close()
+        for q in plan_queries(tax, study_dates, get_rules(settings.label_rules)):
+            typer.echo(json.dumps(q, ensure_ascii=False))
+
+    cli.add_typer(labels, name="labels")
+    cli.add_typer(cohort, name="cohort")
