@@ -60,6 +60,8 @@ def _to_unit(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
         # No VOI in the header: a robust full-range window (percentiles ignore a few hot pixels).
         sample = arr[:: max(1, arr.shape[0] // 256), :: max(1, arr.shape[1] // 256)]
         lo, hi = np.percentile(sample, [0.5, 99.5])
+        if hi <= lo:  # (nearly) flat image: fall back to the full range
+            lo, hi = float(arr.min()), float(arr.max())
         unit = np.clip((arr - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(arr)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         unit = 1.0 - unit
