@@ -110,9 +110,10 @@ def validate_value(keyword: str, value: object) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise InvalidInput(f"{field}: value must be a string")
-    if len(value) > 1024 or any(ord(c) < 32 for c in value):
-        raise InvalidInput(f"{field}: value too long or contains control characters")
     vr = dictionary_VR(tag_for_keyword(keyword))
+    # UID lists (several studies/instances in one retrieve) may be long; a 16-bit length bounds them
+    if len(value) > (65534 if vr == "UI" else 1024) or any(ord(c) < 32 for c in value):
+        raise InvalidInput(f"{field}: value too long or contains control characters")
     if not value:
         return ""
     if vr in _NO_WILDCARD_VRS and any(c in value for c in "*?"):

@@ -27,30 +27,44 @@ log = logging.getLogger("radcohort.retrievals")
 
 _CHUNK = 500
 IMAGE_UNIT_MAX = 200  # SOP Instance UIDs per image-level retrieve identifier
+MAX_UIDS_PER_RETRIEVE = 50  # studies (or series of one study) named in one retrieve
+MAX_SOPS_PER_RETRIEVE = 2000  # instances one batched retrieve should bring, about
 POLL_S = 0.2
 LEVEL_DEPTH = {"PATIENT": 0, "STUDY": 1, "SERIES": 2, "IMAGE": 3}
 
 
 @dataclass
 class Unit:
-    """One C-MOVE/C-GET: a study, a series, or a list of instances of one series."""
+    """One C-MOVE/C-GET: studies, series of one study, or instances of one series.
+
+    Several studies (or several series of one study) go in one retrieve as a UID list (PS3.4
+    C.4.2.2.1: list matching on the unique key of the retrieve level): one association and one
+    PACS job instead of hundreds when studies are small.
+    """
 
     level: str
-    study: str
-    series: str | None
+    studies: list[str]
+    series: list[str]
     sops: list[str]  # the expected instances it should bring
 
     @property
     def keys(self) -> dict[str, str]:
-        k = {"StudyInstanceUID": self.study}
+        k = {"StudyInstanceUID": "\\".join(self.studies)}
         if self.level in ("SERIES", "IMAGE"):
-            k["SeriesInstanceUID"] = self.series or ""
+            k["SeriesInstanceUID"] = "\\".join(self.series)
         if self.level == "IMAGE":
             k["SOPInstanceUID"] = "\\".join(self.sops)
         return k
 
+    @property
+    def batched(self) -> bool:
+        return len(self.studies) > 1 or len(self.series) > 1
+
     def describe(self) -> str:
-        return f"{self.level.lower()} {self.series if self.level != 'STUDY' else self.study}"
+        what = {"STUDY": ("study", self.studies), "SERIES": ("series", self.series),
+                "IMAGE": ("instances of series", self.series)}[self.level]
+        uids = what[1]
+        return f"{what[0]} {uids[0]}" + (f" (+{len(uids) - 1})" if len(uids) > 1 else "")
 
 
 @dataclass
@@ -98,6 +112,20 @@ def query_depth(query: dict[str, str]) -> str:
     return depth
 
 
+def _batches(items: list[tuple[str, list[str]]], max_uids: int, max_sops: int):
+    """Group (uid, sops) pairs into batches of at most max_uids uids and about max_sops instances."""
+    batch: list[tuple[str, list[str]]] = []
+    n = 0
+    for uid, sops in items:
+        if batch and (len(batch) >= max_uids or n + len(sops) > max_sops):
+            yield batch
+            batch, n = [], 0
+        batch.append((uid, sops))
+        n += len(sops)
+    if batch:
+        yield batch
+
+
 def plan_units(missing: list[ExpectedInstance], expected: dict[str, ExpectedInstance], depth: str) -> list[Unit]:
     """The fewest retrieves that bring exactly the missing instances.
 
@@ -105,42 +133,55 @@ def plan_units(missing: list[ExpectedInstance], expected: dict[str, ExpectedInst
     expected instance of it is missing; a whole series likewise; otherwise the missing instances
     of a series are named one by one (so a rerun fetches only what is missing).
     """
-    by_study: dict[str, dict[str, list[str]]] = {}
-    for e in expected.values():
-        by_study.setdefault(e.study_instance_uid, {}).setdefault(e.series_instance_uid, [])
-    miss: dict[str, dict[str, list[str]]] = {}
-    for e in missing:
-        miss.setdefault(e.study_instance_uid, {}).setdefault(e.series_instance_uid, []).append(e.sop_instance_uid)
     counts: dict[tuple[str, str], int] = {}
+    series_of: dict[str, set[str]] = {}
     for e in expected.values():
         key = (e.study_instance_uid, e.series_instance_uid)
         counts[key] = counts.get(key, 0) + 1
+        series_of.setdefault(e.study_instance_uid, set()).add(e.series_instance_uid)
+    miss: dict[str, dict[str, list[str]]] = {}
+    for e in missing:
+        miss.setdefault(e.study_instance_uid, {}).setdefault(e.series_instance_uid, []).append(e.sop_instance_uid)
+    whole_studies: list[tuple[str, list[str]]] = []
     units: list[Unit] = []
     for study, series_map in miss.items():
-        whole_study = depth == "STUDY" and all(
-            len(series_map.get(se, [])) == counts[(study, se)] for se in by_study[study])
-        if whole_study:
-            units.append(Unit("STUDY", study, None, [u for sops in series_map.values() for u in sops]))
+        if depth == "STUDY" and all(len(series_map.get(se, [])) == counts[(study, se)] for se in series_of[study]):
+            whole_studies.append((study, [u for sops in series_map.values() for u in sops]))
             continue
+        whole_series = []
         for se, sops in series_map.items():
             if depth in ("STUDY", "SERIES") and len(sops) == counts[(study, se)]:
-                units.append(Unit("SERIES", study, se, sops))
+                whole_series.append((se, sops))
             else:
                 for i in range(0, len(sops), IMAGE_UNIT_MAX):
-                    units.append(Unit("IMAGE", study, se, sops[i:i + IMAGE_UNIT_MAX]))
+                    units.append(Unit("IMAGE", [study], [se], sops[i:i + IMAGE_UNIT_MAX]))
+        for b in _batches(whole_series, MAX_UIDS_PER_RETRIEVE, MAX_SOPS_PER_RETRIEVE):
+            units.append(Unit("SERIES", [study], [se for se, _ in b], [u for _, sops in b for u in sops]))
+    for b in _batches(whole_studies, MAX_UIDS_PER_RETRIEVE, MAX_SOPS_PER_RETRIEVE):
+        units.append(Unit("STUDY", [st for st, _ in b], [], [u for _, sops in b for u in sops]))
     return units
 
 
 MAX_REFUSALS = 3  # consecutive refused retrieves with nothing arriving: the PACS refuses us, stop
 
 
-def _split(unit: Unit, expected: dict[str, ExpectedInstance]) -> list[Unit]:
-    """A refused study-level retrieve -> one per series (some PACS refuse study-level moves)."""
+def _split(unit: Unit, expected: dict[str, ExpectedInstance], only: set[str] | None = None) -> list[Unit]:
+    """Smaller retrieves for a refused (or short-delivered) one: a batch -> one per UID; a single
+    study -> one per series (some PACS refuse study-level moves). `only`: keep these instances."""
+    sops = [u for u in unit.sops if only is None or u in only]
     if unit.level == "STUDY":
-        series: dict[str, list[str]] = {}
-        for sop in unit.sops:
-            series.setdefault(expected[sop].series_instance_uid, []).append(sop)
-        return [Unit("SERIES", unit.study, se, sops) for se, sops in series.items()]
+        by: dict[str, dict[str, list[str]]] = {}
+        for sop in sops:
+            e = expected[sop]
+            by.setdefault(e.study_instance_uid, {}).setdefault(e.series_instance_uid, []).append(sop)
+        if unit.batched:
+            return [Unit("STUDY", [st], [], [u for v in m.values() for u in v]) for st, m in by.items()]
+        return [Unit("SERIES", [st], [se], v) for st, m in by.items() for se, v in m.items()]
+    if unit.level == "SERIES" and unit.batched:
+        by_series: dict[str, list[str]] = {}
+        for sop in sops:
+            by_series.setdefault(expected[sop].series_instance_uid, []).append(sop)
+        return [Unit("SERIES", unit.studies, [se], v) for se, v in by_series.items()]
     return []
 
 
@@ -277,6 +318,14 @@ class RetrievalRunner:
                                       if u in st.expected and u not in st.arrived})
                 elif res.failed:
                     st.failed.update({u: "sub-operation failed" for u in unit.sops if u not in st.arrived})
+                short = {u for u in unit.sops if u not in st.arrived and u not in st.failed}
+                if short and unit.batched:
+                    # a PACS that ignores UID lists: ask again for what did not come, one by one
+                    smaller = _split(unit, st.expected, only=short)
+                    log.info("retrieval %s: %d instance(s) of a batched %s did not arrive; asking per UID",
+                             self.id, len(short), unit.level.lower())
+                    queue[:0] = smaller
+                    self._notify(units=self.progress.units + len(smaller))
             done += 1
             self._update(received=len(st.arrived), report=self._report(st))
             self._notify(units_done=done, received=len(st.arrived))

@@ -27,6 +27,8 @@ def fake_pacs():
     study = generate_uid()
     series = generate_uid()
     datasets = [make_cr(study_uid=study, series_uid=series, seed=i) for i in range(2)]
+    other = generate_uid()  # a second study, for the 'first_only' mode
+    datasets.append(make_cr(study_uid=other, series_uid=generate_uid(), seed=9))
     moves: list[str] = []
     mode = {"move": "blackhole"}
 
@@ -50,9 +52,16 @@ def fake_pacs():
         if mode["move"] == "unknown":
             yield None, None
             return
-        yield "127.0.0.1", sink_port
-        yield len(datasets)
-        for ds in datasets:
+        if mode["move"] == "first_only":  # honours only the first UID of a list, says Success
+            uids = event.identifier.StudyInstanceUID
+            first = uids if isinstance(uids, str) else uids[0]
+            chosen = [ds for ds in datasets if ds.StudyInstanceUID == first]
+            yield "127.0.0.1", mode["port"]
+        else:
+            chosen = datasets
+            yield "127.0.0.1", sink_port
+        yield len(chosen)
+        for ds in chosen:
             yield 0xFF00, ds
 
     pacs = AE("LIAR")
@@ -68,10 +77,10 @@ def fake_pacs():
     sink_server.shutdown()
 
 
-def _run(ctx, port):
+def _run(ctx, port, query=None):
     with ctx.sessions() as s:
         create_node(s, NodeIn(name="liar", ae_title="LIAR", host="127.0.0.1", port=port), "test")
-        rid = create_retrieval(s, "liar", {"StudyDate": "20120101-20121231"}, "test").id
+        rid = create_retrieval(s, "liar", query or {"StudyDate": "20120101-20121231"}, "test").id
         s.commit()
     return run_retrieval(ctx, rid)
 
@@ -80,8 +89,10 @@ def test_success_status_without_arrivals_is_not_completed(ctx, fake_pacs):
     port, datasets, moves, _ = fake_pacs
     ctx.settings.arrival_timeout = 1.0
     r = _run(ctx, port)
-    assert r.report["suboperations"]["completed"] == 2  # the PACS claims success...
-    assert (r.status, r.expected, r.received) == ("failed", 2, 0)  # ...but nothing is in our index
+    # the PACS claims success every time (the batch, then each study asked for again)...
+    assert moves == ["STUDY"] * 3
+    assert r.report["suboperations"]["completed"] == 9 and r.report["suboperations"]["failed"] == 0
+    assert (r.status, r.expected, r.received) == ("failed", 3, 0)  # ...but nothing is in our index
     assert sorted(r.missing) == sorted(d.SOPInstanceUID for d in datasets)
     assert "did not arrive" in r.error
 
@@ -91,5 +102,17 @@ def test_unknown_destination_a801_stops_at_once(ctx, fake_pacs):
     mode["move"] = "unknown"
     r = _run(ctx, port)
     assert moves == ["STUDY"]  # permanent: no retry, no per-series fallback
-    assert (r.status, r.failed, len(r.missing)) == ("failed", 2, 2)
+    assert (r.status, r.failed, len(r.missing)) == ("failed", 3, 3)
     assert "0xA801" in r.error and "destination" in r.error
+
+
+def test_pacs_ignoring_uid_lists_gets_asked_again_one_by_one(ctx, fake_pacs):
+    from app.dicom.scp import StorageSCP
+
+    port, datasets, moves, mode = fake_pacs
+    mode.update(move="first_only", port=ctx.settings.scp_port)
+    ctx.settings.arrival_timeout = 1.0
+    with StorageSCP(ctx):
+        r = _run(ctx, port)
+    assert moves == ["STUDY", "STUDY"]  # one batched move of both studies, then the one that did not come
+    assert (r.status, r.expected, r.received, r.missing) == ("completed", 3, 3, [])
