@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -127,7 +128,7 @@ def load(engine, data) -> float:
 
 
 def run_backend(name: str, url: str, n_rows: int, relabel: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="bench_cohort_"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cohort_"))  # data dir (pseudonym key only)
     settings = Settings(data_dir=tmp / "data", database_url=url, pseudonym_key="bench", _env_file=None)
     upgrade(url)
     ctx = AppContext.build(settings)
@@ -181,7 +182,10 @@ def main() -> None:
     for b in a.backends.split(","):
         if b == "sqlite":
             d = Path(tempfile.mkdtemp(prefix="bench_sqlite_"))
-            run_backend("sqlite", f"sqlite:///{d / 'bench.db'}", a.rows, a.relabel)
+            try:
+                run_backend("sqlite", f"sqlite:///{d / 'bench.db'}", a.rows, a.relabel)
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
         else:
             db = "rc_bench_" + uuid.uuid4().hex[:8]
             admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")

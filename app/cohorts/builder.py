@@ -211,6 +211,21 @@ def split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
 
 
 
+def _raw_rows(session: Session, stmt) -> list[tuple]:
+    """Execute on the DBAPI cursor and return plain tuples: the hot path returns ~10^5 rows and
+    SQLAlchemy's result objects cost more than the query itself. Only integer/string columns."""
+    conn = session.connection()
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.construct_params()
+    args = tuple(params[k] for k in compiled.positiontup) if compiled.positional else params
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        cur.execute(str(compiled), args)
+        return cur.fetchall()
+    finally:
+        cur.close()
+
+
 def _in(col, ids: list[int], dialect: str):
     # PostgreSQL: one array parameter instead of thousands of bound values
     if dialect == "postgresql":
@@ -218,32 +233,40 @@ def _in(col, ids: list[int], dialect: str):
     return col.in_(ids)
 
 
-def _fetch_members(session: Session, ids: list[int]) -> dict[int, tuple]:
-    """instance id -> (sop_instance_uid, file_path, ruleset_version, patient_id, issuer).
+def _fetch_members(session: Session, ids: list[int], details: bool = True) -> dict[int, tuple]:
+    """instance id -> (sop_instance_uid, file_path, ruleset_version, patient_id, issuer); with
+    details=False (a preview) only the file path is read: (None, file_path, None, None, None).
 
     Two primary-key lookups rather than a join: a join over a few thousand ids let PostgreSQL
     pick a hash join over the whole patients table."""
     i, p = Instance.__table__, Patient.__table__
     dialect = session.bind.dialect.name
+    if not details:
+        out: dict[int, tuple] = {}
+        for k in range(0, len(ids), _CHUNK):
+            q = select(i.c.id, i.c.file_path).where(_in(i.c.id, ids[k:k + _CHUNK], dialect))
+            out.update({r[0]: (None, r[1], None, None, None) for r in _raw_rows(session, q)})
+        return out
     inst: dict[int, tuple] = {}
     for k in range(0, len(ids), _CHUNK):
         q = select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, i.c.patient_pk).where(
             _in(i.c.id, ids[k:k + _CHUNK], dialect))
-        inst.update({r[0]: tuple(r[1:]) for r in session.execute(q)})
+        inst.update({r[0]: tuple(r[1:]) for r in _raw_rows(session, q)})
     pks = sorted({v[3] for v in inst.values()})
     pat: dict[int, tuple] = {}
     for k in range(0, len(pks), _CHUNK):
         q = select(p.c.id, p.c.patient_id, p.c.issuer).where(_in(p.c.id, pks[k:k + _CHUNK], dialect))
-        pat.update({r[0]: (r[1], r[2]) for r in session.execute(q)})
+        pat.update({r[0]: (r[1], r[2]) for r in _raw_rows(session, q)})
     return {iid: (uid, path, version, *pat[ppk]) for iid, (uid, path, version, ppk) in inst.items()}
 
 
 def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | None = None,
-          vocabulary: dict[str, list[str]] | None = None) -> BuildResult:
+          vocabulary: dict[str, list[str]] | None = None, details: bool = True) -> BuildResult:
     """Select, de-duplicate, sample and split. Reads only; the caller saves the snapshot.
 
     `vocabulary` (the rule set's label vocabularies) lets the class predicates seek the index
-    instead of scanning a range; results are the same without it."""
+    instead of scanning a range; results are the same without it. `details=False` (a preview)
+    skips reading UIDs and patient IDs of the members."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     classes = taxonomy["classes"]
@@ -253,8 +276,8 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
     excluded["no_label"] = session.scalar(select(func.count()).select_from(t)
                                           .where(t.c.label_body_part.is_(None))) or 0
     rows = []
-    for ppk, cmin, cmax, n, pick, not_image, unsupported, conflicting in session.execute(
-            selection_query(classes, spec, vocabulary)):
+    for ppk, cmin, cmax, n, pick, not_image, unsupported, conflicting in _raw_rows(
+            session, selection_query(classes, spec, vocabulary)):
         excluded["not_an_image"] += not_image
         excluded["unsupported_photometric"] += unsupported
         excluded["conflicting_labels"] += conflicting
@@ -312,7 +335,11 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
             batches.append(batch)
         if not any(batches):
             break
-        info = _fetch_members(session, [iid for batch in batches for _, iid in batch])
+        ids = [iid for batch in batches for _, iid in batch]
+        if details or spec.check_files:
+            info = _fetch_members(session, ids, details)
+        else:  # a preview without the file check needs nothing more than the counts
+            info = dict.fromkeys(ids, (None, None, None, None, None))
         for k, batch in enumerate(batches):
             for _key, iid in batch:
                 if spec.check_files and not (root / info[iid][1]).is_file():

@@ -52,7 +52,8 @@ def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: by
     taxonomy = get_taxonomy(session, params["taxonomy"])
     spec = CohortSpec(**{k: params[k] for k in CohortSpec.__dataclass_fields__ if k in params})
     vocabulary = (rules or get_rules()).vocabulary
-    result: BuildResult = build(session, taxonomy, spec, store_dir=store_dir, vocabulary=vocabulary)
+    result: BuildResult = build(session, taxonomy, spec, store_dir=store_dir, vocabulary=vocabulary,
+                                details=not params.get("preview"))
     if params.get("preview"):
         return {"id": None, "taxonomy": taxonomy["name"], "preview": True, "seed": spec.seed,
                 "size": len(result.members), "classes": result.classes, "excluded": result.excluded,
