@@ -293,7 +293,8 @@ class RetrievalRunner:
                         st.failed.update({sop: exc.message for sop in u.sops})
                     return
                 self._count(st, getattr(exc, "result", None))
-                smaller = _split(unit, st.expected)
+                self._wait_arrivals(unit, st, None, grace=0.0)  # what came before the refusal
+                smaller = _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived})
                 if smaller:
                     log.info("retrieval %s: %s refused (%s); retrying per %s", self.id, unit.describe(),
                              exc.message, smaller[0].level.lower())
