@@ -15,7 +15,7 @@ from app.config import Settings, get_settings
 log = logging.getLogger("radcohort.server")
 
 
-def _scp_child(overrides: dict, log_level: str, channel) -> None:
+def _scp_child(overrides: dict, log_level: str, channel, fsync: bool = True) -> None:
     """One receiving process: its own engine; connections arrive from the dispatcher."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     from app.context import AppContext
@@ -26,7 +26,7 @@ def _scp_child(overrides: dict, log_level: str, channel) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    scp = StorageSCP(ctx).start(channel=channel)
+    scp = StorageSCP(ctx, fsync=fsync).start(channel=channel)
     try:
         stop.wait()
     finally:
@@ -40,8 +40,8 @@ class ScpProcesses:
     process; several processes are what scales with concurrent senders.
     """
 
-    def __init__(self, settings: Settings, n: int, overrides: dict | None = None):
-        self.settings, self.n = settings, n
+    def __init__(self, settings: Settings, n: int, overrides: dict | None = None, fsync: bool = True):
+        self.settings, self.n, self.fsync = settings, n, fsync
         self.overrides = overrides or {}
         self.procs: list = []
         self.dispatcher = None
@@ -53,7 +53,8 @@ class ScpProcesses:
         spawn = mp.get_context("spawn")  # fresh interpreters: no engine or threads inherited
         level = logging.getLevelName(logging.getLogger().level)
         for ch in self.dispatcher.child_channels():
-            p = spawn.Process(target=_scp_child, args=(self.overrides, level, ch), daemon=True)
+            p = spawn.Process(target=_scp_child, args=(self.overrides, level, ch, self.fsync),
+                              daemon=True)
             p.start()
             self.procs.append(p)
         self.dispatcher.start()
@@ -92,6 +93,7 @@ def register(cli: typer.Typer) -> None:
         ae_title: str = typer.Option(None, help="override RADCOHORT_AE_TITLE"),
         host: str = typer.Option(None, help="override RADCOHORT_SCP_HOST"),
         port: int = typer.Option(None, help="override RADCOHORT_SCP_PORT"),
+        fsync: bool = typer.Option(True, help="fsync each file before answering Success (durable)"),
     ) -> None:
         """Run the DICOM Storage SCP only (after `db upgrade`)."""
         from app.context import AppContext
@@ -104,14 +106,14 @@ def register(cli: typer.Typer) -> None:
         n = processes or settings.scp_processes
         typer.echo(f"Storage SCP {settings.ae_title} on {settings.scp_host}:{settings.scp_port} ({n} process(es))")
         if n > 1:
-            procs = ScpProcesses(settings, n, overrides).start()
+            procs = ScpProcesses(settings, n, overrides, fsync=fsync).start()
             try:
                 _wait_for_signal()
             finally:
                 procs.stop()
             return
         ctx = AppContext.build(settings)
-        server = StorageSCP(ctx).start()
+        server = StorageSCP(ctx, fsync=fsync).start()
         try:
             _wait_for_signal()
         finally:

@@ -188,6 +188,9 @@ class IndexBatcher:
         self.sessions = sessions
         self.labeler = labeler
         self.max_batch = max_batch
+        from app.index.ingest import IngestCache
+
+        self.cache = IngestCache()
         self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -253,10 +256,16 @@ class IndexBatcher:
     def _commit(self, records: list[dict], ingest) -> None:
         session = self.sessions()
         try:
-            ingest(session, records, labeler=self.labeler)
+            if session.get_bind().dialect.name == "sqlite":
+                # take the write lock first: a read-then-write transaction that loses a race with
+                # another SCP process gets SQLITE_BUSY at once instead of waiting its turn
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            ingest(session, records, labeler=self.labeler, cache=self.cache)
             session.commit()
+            self.cache.commit()
         except BaseException:
             session.rollback()
+            self.cache.clear()  # a failure may come from a stale id: look everything up again
             raise
         finally:
             session.close()
@@ -464,7 +473,11 @@ class ConnectionDispatcher:
     """
 
     def __init__(self, host: str, port: int, n: int):
-        self.listener = socket.create_server((host, port), backlog=128)
+        # bind now (a busy port fails here), listen only once every process is ready
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port))
         self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(n)]
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -480,6 +493,7 @@ class ConnectionDispatcher:
             if a.recv(16) != b"ready":
                 raise RuntimeError("a Storage SCP process did not start")
             a.settimeout(None)
+        self.listener.listen(128)
         self._thread = threading.Thread(target=self._run, name="scp-dispatch", daemon=True)
         self._thread.start()
         return self

@@ -167,7 +167,7 @@ class DicomStore:
                     shutil.copyfileobj(dataset, out, 1 << 20)
                 out.flush()
                 if self.fsync:
-                    os.fsync(out.fileno())
+                    os.fdatasync(out.fileno())
                 size = out.tell()
             if final.exists():  # a concurrent writer won the race: keep its file
                 os.unlink(tmp)

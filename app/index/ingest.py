@@ -77,6 +77,39 @@ def _chunks(seq: list, n: int = _CHUNK) -> Iterable[list]:
         yield seq[i:i + n]
 
 
+@dataclass
+class IngestCache:
+    """Patient/study/series ids known to be committed, reused across batches by one writer.
+
+    ingest() stages what it resolved; the caller calls commit() after its transaction
+    committed (or discard() after a rollback), so a cached id always names a committed row.
+    """
+
+    max_entries: int = 200_000
+    patients: dict = field(default_factory=dict)  # (patient_id, issuer) -> id
+    studies: dict = field(default_factory=dict)  # study uid -> (id, patient_pk)
+    series: dict = field(default_factory=dict)  # series uid -> id
+    _staged: list = field(default_factory=list)
+
+    def commit(self) -> None:
+        if sum(map(len, (self.patients, self.studies, self.series))) > self.max_entries:
+            self.clear()
+        for p, st, se in self._staged:
+            self.patients.update(p)
+            self.studies.update(st)
+            self.series.update(se)
+        self._staged.clear()
+
+    def discard(self) -> None:
+        self._staged.clear()
+
+    def clear(self) -> None:
+        self.patients.clear()
+        self.studies.clear()
+        self.series.clear()
+        self._staged.clear()
+
+
 def _ensure(session: Session, table, key_cols: tuple[str, ...], rows: dict[tuple, dict]) -> dict[tuple, int]:
     """Ids for `rows` (key tuple -> row), inserting the missing ones (first writer wins)."""
     cols = [table.c[k] for k in key_cols]
@@ -90,6 +123,8 @@ def _ensure(session: Session, table, key_cols: tuple[str, ...], rows: dict[tuple
                 found[tuple(r[1:])] = r[0]
         return found
 
+    if not rows:
+        return {}
     ids = lookup(list(rows))
     missing = [rows[k] for k in rows if k not in ids]
     if missing:
@@ -99,8 +134,12 @@ def _ensure(session: Session, table, key_cols: tuple[str, ...], rows: dict[tuple
     return ids
 
 
-def ingest(session: Session, records: list[dict], labeler: Labeler | None = None) -> IngestResult:
-    """Upsert records (from extract_record); idempotent on SOPInstanceUID. Flushes, never commits."""
+def ingest(session: Session, records: list[dict], labeler: Labeler | None = None,
+           cache: IngestCache | None = None) -> IngestResult:
+    """Upsert records (from extract_record); idempotent on SOPInstanceUID. Flushes, never commits.
+
+    With `cache`, patient/study/series ids resolved by earlier committed batches are not looked up again.
+    """
     result = IngestResult()
     by_sop: dict[str, dict] = {}
     for r in records:
@@ -109,51 +148,68 @@ def ingest(session: Session, records: list[dict], labeler: Labeler | None = None
         by_sop.setdefault(r["sop_instance_uid"], r)
     if not by_sop:
         return result
-    present: set[str] = set()
-    for chunk in _chunks(list(by_sop)):
-        present.update(session.scalars(select(Instance.sop_instance_uid).where(
-            Instance.sop_instance_uid.in_(chunk))))
-    new = [r for s, r in by_sop.items() if s not in present]
-    result.existing_uids = [s for s in by_sop if s in present]
-    if not new:
-        result.existing = len(result.existing_uids)
-        return result
+    # no pre-check of the SOP UIDs: INSERT ... ON CONFLICT DO NOTHING RETURNING tells which are new
+    new = list(by_sop.values())
+    cache = cache if cache is not None else IngestCache()
 
     pt, st, se, it = Patient.__table__, Study.__table__, Series.__table__, Instance.__table__
-    pat_rows = {(r["patient_id"] or "", r.get("issuer") or ""): {c: r.get(c) for c in _P_COLS} for r in new}
-    for (pid, iss), row in pat_rows.items():
-        row["patient_id"], row["issuer"] = pid, iss
+
+    def pkey(r: dict) -> tuple:
+        return (r["patient_id"] or "", r.get("issuer") or "")
+
+    pat_rows = {}
+    for r in new:
+        k = pkey(r)
+        if k not in cache.patients and k not in pat_rows:
+            row = {c: r.get(c) for c in _P_COLS}
+            row["patient_id"], row["issuer"] = k
+            pat_rows[k] = row
     pat_ids = _ensure(session, pt, ("patient_id", "issuer"), pat_rows)
+    for r in new:
+        k = pkey(r)
+        if k not in pat_ids:
+            pat_ids[k] = cache.patients[k]
 
     study_rows = {}
     for r in new:
-        if (r["study_instance_uid"],) not in study_rows:
+        uid = r["study_instance_uid"]
+        if uid not in cache.studies and (uid,) not in study_rows:
             row = {c: r.get(c) for c in _ST_COLS}
-            row["patient_pk"] = pat_ids[(r["patient_id"] or "", r.get("issuer") or "")]
-            study_rows[(r["study_instance_uid"],)] = row
-    study_ids = _ensure(session, st, ("study_instance_uid",), study_rows)
+            row["patient_pk"] = pat_ids[pkey(r)]
+            study_rows[(uid,)] = row
     # the study's owner as stored (a study seen before under another patient keeps its owner)
-    study_patient = {}
-    for chunk in _chunks([k[0] for k in study_ids]):
-        for uid, ppk in session.execute(select(st.c.study_instance_uid, st.c.patient_pk).where(
-                st.c.study_instance_uid.in_(chunk))):
-            study_patient[uid] = ppk
+    studies: dict[str, tuple[int, int]] = {}
+    if study_rows:
+        _ensure(session, st, ("study_instance_uid",), study_rows)
+        for chunk in _chunks([k[0] for k in study_rows]):
+            for sid, uid, ppk in session.execute(select(st.c.id, st.c.study_instance_uid, st.c.patient_pk).where(
+                    st.c.study_instance_uid.in_(chunk))):
+                studies[uid] = (sid, ppk)
+    for r in new:
+        uid = r["study_instance_uid"]
+        if uid not in studies:
+            studies[uid] = cache.studies[uid]
 
     series_rows = {}
     for r in new:
-        if (r["series_instance_uid"],) not in series_rows:
+        uid = r["series_instance_uid"]
+        if uid not in cache.series and (uid,) not in series_rows:
             row = {c: r.get(c) for c in _SE_COLS}
-            row["study_pk"] = study_ids[(r["study_instance_uid"],)]
-            series_rows[(r["series_instance_uid"],)] = row
-    series_ids = _ensure(session, se, ("series_instance_uid",), series_rows)
+            row["study_pk"] = studies[r["study_instance_uid"]][0]
+            series_rows[(uid,)] = row
+    series_ids = {k[0]: v for k, v in _ensure(session, se, ("series_instance_uid",), series_rows).items()}
+    for r in new:
+        uid = r["series_instance_uid"]
+        if uid not in series_ids:
+            series_ids[uid] = cache.series[uid]
+    cache._staged.append((pat_ids, studies, series_ids))
 
     now = datetime.now(timezone.utc)
     inst_rows = []
     for r in new:
         row = {c: r.get(c) for c in _I_COLS}
-        row["series_pk"] = series_ids[(r["series_instance_uid"],)]
-        row["study_pk"] = study_ids[(r["study_instance_uid"],)]
-        row["patient_pk"] = study_patient[r["study_instance_uid"]]
+        row["series_pk"] = series_ids[r["series_instance_uid"]]
+        row["study_pk"], row["patient_pk"] = studies[r["study_instance_uid"]]
         row["file_path"] = row["file_path"] or ""
         row["file_size"] = row["file_size"] or 0
         row["received_at"] = row["received_at"] or now
@@ -171,8 +227,8 @@ def ingest(session: Session, records: list[dict], labeler: Labeler | None = None
         it.c.sop_instance_uid)
     inserted = set(session.scalars(stmt, inst_rows).all())
     result.inserted_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] in inserted]
-    # lost a race with a concurrent writer: the row exists, which is what idempotence means
-    result.existing_uids += [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] not in inserted]
+    # already indexed (or a concurrent writer won): the row exists, which is what idempotence means
+    result.existing_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] not in inserted]
     result.inserted, result.existing = len(result.inserted_uids), len(result.existing_uids)
     session.flush()
     return result
@@ -211,13 +267,19 @@ def index_directory(ctx, directory: Path | None = None, labeler: Labeler | None 
     root = Path(directory or store_root).resolve()
     res = IndexDirResult()
     pending: list[dict] = []
+    cache = IngestCache()
 
     def flush() -> None:
         if not pending:
             return
         with ctx.sessions() as s:
-            r = ingest(s, pending, labeler=labeler)
-            s.commit()
+            try:
+                r = ingest(s, pending, labeler=labeler, cache=cache)
+                s.commit()
+            except BaseException:
+                cache.clear()
+                raise
+            cache.commit()
         res.inserted += r.inserted
         res.existing += r.existing
         if progress:

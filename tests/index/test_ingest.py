@@ -146,3 +146,30 @@ def test_index_directory_and_reindex(any_ctx, tmp_path):
     again = index_directory(any_ctx)
     assert again.inserted == 0 and again.existing == 5
     assert counts(any_ctx)[3] == 5
+
+
+def test_cache_reuses_committed_ids_and_ignores_rolled_back_ones(any_ctx):
+    from app.index.ingest import IngestCache
+
+    cache = IngestCache()
+    a = make_cr(patient_id="PC")
+    b = make_cr(patient_id="PC", study_uid=a.StudyInstanceUID, series_uid=a.SeriesInstanceUID)
+    ghost = make_cr(patient_id="GHOST")
+    with any_ctx.sessions() as s:
+        ingest(s, [extract_record(ghost)], cache=cache)
+        s.rollback()
+        cache.discard()
+    with any_ctx.sessions() as s:
+        ingest(s, [extract_record(a)], cache=cache)
+        s.commit()
+        cache.commit()
+    assert ("GHOST", "") not in cache.patients and ("PC", "") in cache.patients
+    with any_ctx.sessions() as s:
+        r = ingest(s, [extract_record(b), extract_record(ghost)], cache=cache)
+        s.commit()
+        cache.commit()
+        rows = {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
+    assert r.inserted == 2
+    assert rows[b.SOPInstanceUID].series_pk == rows[a.SOPInstanceUID].series_pk
+    assert rows[b.SOPInstanceUID].patient_pk == rows[a.SOPInstanceUID].patient_pk
+    assert counts(any_ctx) == (2, 2, 2, 3)
