@@ -8,7 +8,7 @@ import logging
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError, InterfaceError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy import text
 
 from app import __version__
@@ -42,6 +42,23 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
     async def _db_down(_req: Request, exc: Exception):
         log.warning("database unavailable: %s", type(exc).__name__)
         return JSONResponse(status_code=503, content={"detail": "database unavailable, retry later"})
+
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(DataError)
+    async def _out_of_range(req: Request, exc: Exception):
+        # a number or text the database cannot hold is bad input, not a server fault: name the field
+        # (SQLite overflows past 2**63-1, PostgreSQL INTEGER past 2**31-1)
+        errors = []
+        for where, params in (("path", req.path_params), ("query", req.query_params)):
+            for k, v in params.items():
+                try:
+                    too_big = abs(int(v)) > 2**31 - 1
+                except (TypeError, ValueError):
+                    continue
+                if too_big:
+                    errors.append({"loc": [where, k], "msg": "number out of range", "type": "out_of_range"})
+        detail = errors or f"a value is out of range for the database ({type(exc).__name__})"
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
