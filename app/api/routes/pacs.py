@@ -47,7 +47,9 @@ def delete_node(name: str, session: SessionDep, actor: ActorDep):
 def echo(name: str, session: SessionDep, settings: SettingsDep):
     """C-ECHO the node; 504 when unreachable, 502 when it refuses us."""
     node = nodes.get_node(session, name)
-    return EchoOut(ok=True, elapsed_ms=round(DicomClient(settings, node).echo(), 2))
+    # interactive: at most one retry, so an unreachable node answers in seconds, not minutes
+    client = DicomClient(settings, node, retries=min(settings.dicom_retries, 1))
+    return EchoOut(ok=True, elapsed_ms=round(client.echo(), 2))
 
 
 @router.post("/{name}/find", response_model=FindOut, responses=_ERRORS)
