@@ -104,6 +104,7 @@ class RuleSet:
         self.version = f"{name}-{rules.get('version', 1)}+{self.sha256[:12]}"
         self._compile()
         self._cache: dict[tuple, tuple] = {}
+        self._age_cache: dict[tuple, tuple] = {}
 
     # ------------------------------------------------------------ compile
     def _compile(self) -> None:
@@ -255,7 +256,7 @@ class RuleSet:
         return cur_v, cur_s, None
 
     def _categorical(self, key: tuple) -> tuple:
-        fields = dict(key)
+        fields = dict(zip(_CAT_FIELDS, key))
         values, sources, conflicts = {}, {}, []
         for label in _CATEGORICAL + ("sex",):
             v, s, c = self._resolve(label, self._observe(label, fields))
@@ -337,7 +338,8 @@ def _anniversary(b: date, year: int) -> date:
 
 def compute_labels(fields: dict, rules: RuleSet) -> LabelResult:
     """Labels for one index record (keys: the column names of the index tables)."""
-    key = tuple((k, fields.get(k)) for k in _CAT_FIELDS)
+    # descriptions and tags repeat across an index: memoize the categorical part and the age
+    key = tuple(map(fields.get, _CAT_FIELDS))
     cached = rules._cache.get(key)
     if cached is None:
         cached = rules._categorical(key)
@@ -347,7 +349,14 @@ def compute_labels(fields: dict, rules: RuleSet) -> LabelResult:
     values, sources, conflicts = cached
     sources = dict(sources)
     conflicts = list(conflicts)
-    age, age_src, age_conflict = rules._age(fields)
+    age_key = (fields.get("patient_age"), fields.get("patient_birth_date"), fields.get("study_date"))
+    aged = rules._age_cache.get(age_key)
+    if aged is None:
+        aged = rules._age(dict(zip(("patient_age", "patient_birth_date", "study_date"), age_key)))
+        if len(rules._age_cache) > 200_000:
+            rules._age_cache.clear()
+        rules._age_cache[age_key] = aged
+    age, age_src, age_conflict = aged
     if age is not None:
         sources["age_years"] = age_src
         sources["age_band"] = age_src

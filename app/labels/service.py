@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -87,39 +88,72 @@ def relabel_all(session: Session, rules_file: str | Path | None = None, rules: R
                 batch_size: int = 10_000, progress: Callable[[int], Any] | None = None) -> dict:
     """Recompute the labels of every indexed instance with the current rule set.
 
-    Reads the index in id-keyed batches, UPDATEs only rows whose labels changed (executemany by
-    primary key), then stamps the new version on all rows in one statement. Flushes only: the
-    caller commits. Returns {"version", "scanned", "changed", "seconds"}.
+    Reads the index in id-keyed batches, UPDATEs only rows whose labels changed (one executemany
+    per batch on the DBAPI cursor), then stamps the new version on all rows in one statement.
+    Flushes only: the caller commits. Returns {"version", "scanned", "changed", "seconds"}.
     """
     t0 = time.perf_counter()
     labeler = make_labeler(session, rules_file=rules_file, rules=rules)
     version = labeler.version  # type: ignore[attr-defined]
     table = Instance.__table__
-    stmt = (update(table).where(table.c.id == bindparam("_id"))
-            .values({c: bindparam(c) for c in LABEL_COLUMNS}))
-    q = _fields_query()
     conn = session.connection()
+    dialect = conn.dialect
+    ph = (lambda n: "?") if dialect.paramstyle == "qmark" else (lambda n: "%s")
+    sets = ", ".join(f"{c} = {ph(c)}" for c in LABEL_COLUMNS)
+    update_sql = f"UPDATE instances SET {sets} WHERE id = {ph('id')}"
+    json_cols = {"label_sources", "label_conflicts"}
+    q = _fields_query()
+    names = [c.name for c in q.selected_columns]
     last_id, scanned, changed = 0, 0, 0
-    while True:
-        rows = conn.execute(q.where(table.c.id > last_id).order_by(table.c.id).limit(batch_size)).mappings().all()
-        if not rows:
-            break
-        params = []
-        for row in rows:
-            new = labeler(row)
-            if any(new[c] != row[c] for c in LABEL_COLUMNS):
-                new["_id"] = row["id"]
-                del new["ruleset_version"]
-                params.append(new)
-        if params:
-            conn.execute(stmt, params)
-        scanned += len(rows)
-        changed += len(params)
-        last_id = rows[-1]["id"]
-        if progress:
-            progress(scanned)
+    dumped: dict = {}  # JSON text per distinct sources/conflicts value: they repeat across rows
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        while True:
+            stmt = q.where(table.c.id > last_id).order_by(table.c.id).limit(batch_size)
+            rows = [dict(zip(names, r)) for r in _raw(conn, stmt, cur)]
+            if not rows:
+                break
+            params = []
+            for row in rows:
+                new = labeler(row)
+                old_sources, old_conflicts = row["label_sources"], row["label_conflicts"]
+                if isinstance(old_sources, str):  # raw JSON text from the DBAPI
+                    old_sources, old_conflicts = json.loads(old_sources), json.loads(old_conflicts or "null")
+                if any(new[c] != row[c] for c in LABEL_COLUMNS if c not in json_cols) or \
+                        new["label_sources"] != old_sources or new["label_conflicts"] != old_conflicts:
+                    params.append(tuple(_dump(new[c], dumped) if c in json_cols else new[c]
+                                        for c in LABEL_COLUMNS) + (row["id"],))
+            if params:
+                cur.executemany(update_sql, params)
+            scanned += len(rows)
+            changed += len(params)
+            last_id = rows[-1]["id"]
+            if progress:
+                progress(scanned)
+    finally:
+        cur.close()
     conn.execute(update(table).where(or_(table.c.ruleset_version.is_(None), table.c.ruleset_version != version))
                  .values(ruleset_version=version))
     seconds = time.perf_counter() - t0
     log.info("relabel %s: %d scanned, %d changed in %.1f s", version, scanned, changed, seconds)
     return {"version": version, "scanned": scanned, "changed": changed, "seconds": round(seconds, 3)}
+
+
+def _dump(value, memo: dict) -> str:
+    if not value:
+        return "[]" if isinstance(value, list) else "{}"
+    key = tuple(value.items()) if isinstance(value, dict) else json.dumps(value, ensure_ascii=False)
+    text = memo.get(key)
+    if text is None:
+        text = key if isinstance(key, str) else json.dumps(value, ensure_ascii=False)
+        if len(memo) > 100_000:
+            memo.clear()
+        memo[key] = text
+    return text
+
+
+def _raw(conn, stmt, cur) -> list[tuple]:
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.construct_params()
+    cur.execute(str(compiled), tuple(params[k] for k in compiled.positiontup) if compiled.positional else params)
+    return cur.fetchall()
