@@ -6,6 +6,7 @@ import csv
 import hashlib
 import hmac
 import io
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: by
     if not result.members:
         raise InvalidInput("no instance qualifies for any class, nothing saved; "
                            "preview the cohort to see the exclusion report")
+    t_saved = time.perf_counter()
     versions = Counter(m["ruleset_version"] for m in result.members)
     ruleset_version = versions.most_common(1)[0][0] if versions else None
     frozen_taxonomy = {"name": taxonomy["name"], "description": taxonomy.get("description"),
@@ -72,14 +74,16 @@ def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: by
     session.add(cohort)
     session.flush()
     rows = [{"cohort_id": cohort.id, "instance_pk": m["instance_pk"], "sop_instance_uid": m["sop_instance_uid"],
-             "class_name": m["class_name"], "split": m["split"], "patient_key": patient_key(pseudonym_key, m["patient_id"], m["issuer"]),
-             "file_path": m["file_path"]} for m in result.members]
+             "class_name": m["class_name"], "split": m["split"], "file_path": m["file_path"],
+             "patient_key": patient_key(pseudonym_key, m["patient_id"], m["issuer"])} for m in result.members]
     for i in range(0, len(rows), _CHUNK):
         session.execute(insert(CohortMember.__table__), rows[i:i + _CHUNK])
     audit.record(session, actor, "cohort.create", target=f"cohort:{cohort.id}", taxonomy=taxonomy["name"],
                  size=cohort.size, seed=spec.seed, ruleset_version=ruleset_version)
     session.flush()
-    return {**_view(cohort), "timings": _rounded(result.timings)}
+    timings = dict(result.timings, save_s=time.perf_counter() - t_saved)
+    timings["total_s"] = timings["total_s"] + timings["save_s"]
+    return {**_view(cohort), "timings": _rounded(timings)}
 
 
 def _get(session: Session, cohort_id: int) -> Cohort:
