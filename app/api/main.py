@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +27,18 @@ ROUTE_MODULES = ["pacs", "retrievals", "instances", "taxonomies", "cohorts", "tr
 def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
     """Build the API around one AppContext (engine and settings made by the caller)."""
     ctx = ctx or AppContext.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        # background pools (retrievals ...) registered in ctx.extras stop with the app
+        for extra in list(ctx.extras.values()):
+            stop = getattr(extra, "shutdown", None)
+            if callable(stop):
+                stop(wait=False)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="radcohort",
         version=__version__,
         description="PACS query/retrieve, header labels, leakage-free cohorts and CNN training.",
