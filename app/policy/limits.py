@@ -54,7 +54,7 @@ class NodeLimits:
     """The shared limiters of one node (rebuilt when its policy changes)."""
 
     def __init__(self, key: tuple, max_associations: int, instances_per_minute: float | None,
-                 mb_per_second: float | None, clock: Clock, unit_seconds: float = 1.0):
+                 mb_per_second: float | None, clock: Clock, unit_seconds: float = 2.0):
         self.key = key
         self.slots = threading.BoundedSemaphore(max_associations)
         self.max_associations = max_associations

@@ -255,8 +255,8 @@ def preferred_method(options: dict | None, configured: str) -> tuple[str, str | 
 
 
 def effective_find_cap(options: dict | None) -> int | None:
-    """A cap on C-FIND results: the policy's own, else the one the probe detected."""
+    """A cap on C-FIND results: the policy's, the node's `find_limit`, else the probe's finding."""
     options = options or {}
     pol = (options.get("policy") or {}).get("max_find_results")
     caps = options.get("capabilities") or {}
-    return pol or caps.get("instance_cap") or caps.get("find_cap")
+    return pol or options.get("find_limit") or caps.get("instance_cap") or caps.get("find_cap")

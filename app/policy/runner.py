@@ -1,0 +1,253 @@
+"""The retrieval runner under the node's policy: the runner's steps, passed through the Governor.
+
+`GovernedRunner` subclasses `RetrievalRunner` and changes only where it touches the PACS:
+- before starting: wait for the transfer window (or the user's resume); cancel ends it there;
+- every retrieve unit is cut at study/series boundaries (and to the instance bucket's size when a
+  rate limit is set) and each piece passes `Governor.before_unit`: user pause/cancel, window,
+  adaptive backoff, token buckets; each runs holding one of the node's association slots;
+- the SCU's retry sleeps go through the Governor, so every 0xA7xx / refused association /
+  timeout is counted and slows the following units;
+- the method comes from the node's protocol and its probe (DICOMweb, or C-GET where C-MOVE cannot
+  reach us), and a detected silent C-FIND cap marks answers of that size as capped;
+- the report gets the Governor's figures; a cancelled job ends `cancelled`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select, update
+
+from app.db.models import Instance, PacsNode, Retrieval
+from app.dicom.scu import DicomClient, FindResult, RetrieveResult
+from app.policy.clock import Clock
+from app.policy.governor import Cancelled, Governor
+from app.probe.probe import effective_find_cap, preferred_method
+from app.retrievals.runner import RetrievalRunner, Unit
+
+log = logging.getLogger("radcohort.policy")
+
+
+class GovernedClient:
+    """A DIMSE or DICOMweb client whose finds hold an association slot and honour a known cap."""
+
+    def __init__(self, inner, gate: Governor, cap: int | None):
+        self.inner, self.gate, self.cap = inner, gate, cap
+
+    def find(self, level, query=None, **kw) -> FindResult:
+        with self.gate.association():
+            res = self.inner.find(level, query, **kw)
+        if self.cap and not res.capped and len(res.results) >= self.cap:
+            res.capped = True  # a PACS that truncates at its cap and still says Success
+        return res
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _unit(level: str, study: str, series: str | None, sops: list[str]) -> Unit:
+    return Unit(level, [study], [series] if series else [], sops)
+
+
+class GovernedRunner(RetrievalRunner):
+    def __init__(self, ctx, retrieval_id: int, *, clock: Clock | None = None, poll_s: float = 2.0, **kw):
+        super().__init__(ctx, retrieval_id, **kw)
+        self.clock = clock
+        self.poll_s = poll_s
+        self.gate: Governor | None = None
+        self.method: str | None = None
+        self.method_reason: str | None = None
+        self.cancelled: str | None = None
+        self._dw_batcher = None
+        self._dw_sink = None
+        self._user_factory = kw.get("client_factory")
+        self.client_factory = self._make_client
+
+    # --------------------------------------------------------------- set-up
+    def _make_client(self, node: PacsNode):
+        opts = node.options or {}
+        if self.method == "dicomweb":
+            from app.dicomweb.client import DicomwebNode
+
+            inner = DicomwebNode(opts["dicomweb_url"], name=node.name, timeout=self.ctx.settings.dicom_timeout,
+                                 retries=self.ctx.settings.dicom_retries, sleep=self.gate.retry_sleep)
+            if (opts.get("protocol") == "both"):
+                # listing over C-FIND, retrieval over WADO-RS
+                return _Both(self._dimse(node), inner, self.gate)
+            return GovernedClient(inner, self.gate, None)
+        return GovernedClient(self._dimse(node), self.gate, effective_find_cap(opts))
+
+    def _dimse(self, node):
+        if self._user_factory is not None:
+            return self._user_factory(node)
+        return DicomClient(self.ctx.settings, node, sleep=self.gate.retry_sleep)
+
+    def run(self) -> Retrieval:
+        with self.ctx.sessions() as s:
+            r = s.get(Retrieval, self.id)
+            if r is None:
+                raise LookupError(f"retrieval {self.id} does not exist")
+            node = s.scalar(select(PacsNode).where(PacsNode.name == r.node_name))
+            if node is not None:
+                s.expunge(node)
+        if node is None:
+            return super().run()  # the runner reports the missing node
+        self.gate = Governor(self.ctx, node, self.id, clock=self.clock, poll_s=self.poll_s)
+        self.method, self.method_reason = preferred_method(node.options, node.retrieve_method or "move")
+        try:
+            self.gate.claim_start()
+        except Cancelled as exc:
+            return self._cancel_unstarted(str(exc) or "cancelled by the user before it started")
+        try:
+            return super().run()
+        finally:
+            if self._dw_batcher is not None:
+                self._dw_batcher.stop()
+
+    def _cancel_unstarted(self, why: str) -> Retrieval:
+        with self.ctx.sessions() as s:
+            r = s.get(Retrieval, self.id)
+            r.status, r.error, r.finished_at = "cancelled", why, datetime.now(timezone.utc)
+            r.report = {**(r.report or {}), **self.gate.report()}
+            s.commit()
+            s.refresh(r)
+            s.expunge(r)
+        return r
+
+    # --------------------------------------------------------------- per unit
+    def _pieces(self, unit: Unit) -> list[Unit]:
+        """Cut a unit at study/series boundaries, and to the instance bucket's size."""
+        size = self.gate.unit_max
+        if not unit.batched and not size and (self.method != "dicomweb" or unit.level == "IMAGE"):
+            return [unit]
+        groups: dict[tuple[str, str], list[str]] = {}
+        for sop in unit.sops:
+            e = self._expected[sop]
+            groups.setdefault((e.study_instance_uid, e.series_instance_uid), []).append(sop)
+        if not size:
+            if unit.level == "STUDY" and self.method != "dicomweb":
+                by_study: dict[str, list[str]] = {}
+                for (st, _se), sops in groups.items():
+                    by_study.setdefault(st, []).extend(sops)
+                return [_unit("STUDY", st, None, sops) for st, sops in by_study.items()]
+            level = "IMAGE" if unit.level == "IMAGE" else "SERIES"
+            return [_unit(level, st, se, sops) for (st, se), sops in groups.items()]
+        out = []
+        for (st, se), sops in groups.items():
+            for i in range(0, len(sops), size):
+                out.append(_unit("IMAGE", st, se, sops[i:i + size]))
+        return out
+
+    def _fetch(self, client, node, method, unit: Unit) -> RetrieveResult:
+        total = RetrieveResult(method=self.method or method)
+        for piece in self._pieces(unit):
+            self.gate.before_unit(len(piece.sops))
+            try:
+                with self.gate.association():
+                    if self.method == "dicomweb":
+                        res = self._fetch_dicomweb(client, node, piece)
+                    else:
+                        res = super()._fetch(client.inner if isinstance(client, GovernedClient) else client,
+                                             node, self.method or method, piece)
+            except Exception:
+                self.gate.after_unit(ok=False)
+                raise
+            self.gate.after_unit(ok=res.status == 0 and not res.failed, nbytes=self._bytes_of(piece))
+            self._notify(phase=f"fetched {piece.describe()}")  # a boundary: where a pause would stop
+            total.completed += res.completed
+            total.failed += res.failed
+            total.warning += res.warning
+            total.failed_uids += res.failed_uids
+            total.status = res.status or total.status
+        return total
+
+    def _bytes_of(self, unit: Unit) -> int:
+        if self.gate.limits_bytes is None:
+            return 0
+        with self.ctx.sessions() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))
+                                .where(Instance.sop_instance_uid.in_(unit.sops))) or 0)
+
+    def _fetch_dicomweb(self, client, node, unit: Unit) -> RetrieveResult:
+        from app.dicomweb.ingest import PartRefused, store_part10
+
+        dw = client.dw if isinstance(client, _Both) else client.inner
+        sink = self._dicomweb_sink(node)
+        res = RetrieveResult(method="WADO-RS")
+        wanted = set(unit.sops)
+        for st in unit.studies:
+            for raw in dw.iter_unit(unit.level, st, unit.series[0] if unit.series else None, unit.sops):
+                try:
+                    stored = store_part10(self._dw_store, raw, sink)
+                except PartRefused as exc:
+                    res.failed += 1
+                    log.warning("retrieval %s: WADO-RS part refused: %s", self.id, exc)
+                    continue
+                if stored.sop_instance_uid in wanted:
+                    res.completed += 1
+        if res.failed:
+            res.status = 0xB000
+        return res
+
+    def _dicomweb_sink(self, node):
+        if self._dw_sink is None:
+            from app.dicom.scp import IndexBatcher, load_labeler
+            from app.dicom.store import DicomStore
+            from app.index.extract import extract_record
+
+            self._dw_store = DicomStore(self.ctx.settings.store_dir)
+            self._dw_batcher = batcher = IndexBatcher(self.ctx.sessions, load_labeler(self.ctx.sessions)).start()
+            name, timeout = node.name, max(60.0, self.ctx.settings.dicom_timeout)
+
+            def sink(stored, header) -> None:
+                rec = extract_record(header, file_path=stored.relpath, file_size=stored.size,
+                                     transfer_syntax_uid=stored.transfer_syntax_uid, source_node=name)
+                batcher.submit(rec).result(timeout=timeout)
+
+            self._dw_sink = sink
+        return self._dw_sink
+
+    # --------------------------------------------------------------- report and end
+    def _report(self, st, listing=None) -> dict:
+        rep = super()._report(st, listing)
+        if self.gate is not None:
+            rep.update(self.gate.report())
+            rep["method"] = self.method
+            if self.method_reason:
+                rep["method_reason"] = self.method_reason
+        return rep
+
+    def _fetch_all(self, client, node, method, units, st) -> None:
+        try:
+            super()._fetch_all(client, node, method, units, st)
+        except Cancelled as exc:
+            self.cancelled = str(exc) or "cancelled by the user"
+
+    def _finish(self, st, t0, *, error=None, method=None, listing=None) -> Retrieval:
+        r = super()._finish(st, t0, error=error, method=self.method or method, listing=listing)
+        if self.cancelled and r.status != "completed":
+            with self.ctx.sessions() as s:
+                s.execute(update(Retrieval).where(Retrieval.id == self.id).values(
+                    status="cancelled", error=f"{self.cancelled} (stopped at a study/series boundary; "
+                                              f"{r.received} received, {len(r.missing or [])} not fetched)"))
+                s.commit()
+                r = s.get(Retrieval, self.id)
+                s.expunge(r)
+        return r
+
+
+class _Both:
+    """protocol 'both': C-FIND for the listing, WADO-RS for the instances."""
+
+    def __init__(self, dimse, dw, gate: Governor):
+        self.inner, self.dw, self.gate = dimse, dw, gate
+
+    def find(self, level, query=None, **kw):
+        with self.gate.association():
+            return self.inner.find(level, query, **kw)
+
+
+def run_governed(ctx, retrieval_id: int, **kw) -> Retrieval:
+    return GovernedRunner(ctx, retrieval_id, **kw).run()
+

@@ -1,0 +1,87 @@
+"""A small pynetdicom PACS for what Orthanc cannot be made to do: answer 0xA700 on demand."""
+
+from __future__ import annotations
+
+import threading
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
+
+from app.dicom.scp import storage_presentation_contexts
+from app.devtools.orthanc import free_port
+
+OUT_OF_RESOURCES = 0xA700
+
+
+class FakePacs:
+    """Serves `datasets` over C-FIND (any level, matching on UIDs) and C-GET; the first
+    `refuse_gets` C-GET requests are answered 0xA700 (out of resources) with nothing sent."""
+
+    def __init__(self, datasets: list[Dataset], refuse_gets: int = 0, ae_title: str = "FAKEPACS"):
+        self.datasets = datasets
+        self.refuse_gets = refuse_gets
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.gets = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._server = None
+
+    def _match(self, ident: Dataset) -> list[Dataset]:
+        out = []
+        for ds in self.datasets:
+            ok = True
+            for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                want = str(ident.get(key, "") or "")
+                if want and str(ds.get(key)) not in want.split("\\"):
+                    ok = False
+            if ok:
+                out.append(ds)
+        return out
+
+    def _find(self, event):
+        ident = event.identifier
+        level = ident.QueryRetrieveLevel
+        seen = set()
+        for ds in self._match(ident):
+            rsp = Dataset()
+            rsp.QueryRetrieveLevel = level
+            for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+                if key in ident:
+                    setattr(rsp, key, getattr(ds, key))
+            k = tuple(rsp.get(key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+            if k in seen:
+                continue
+            seen.add(k)
+            yield 0xFF00, rsp
+
+    def _get(self, event):
+        with self._lock:
+            self.gets += 1
+            refuse = self.refused < self.refuse_gets
+            if refuse:
+                self.refused += 1
+        if refuse:
+            yield 1  # with 0 sub-operations pynetdicom would answer Success straight away
+            yield OUT_OF_RESOURCES, None
+            return
+        matches = self._match(event.identifier)
+        yield len(matches)
+        for ds in matches:
+            yield 0xFF00, ds
+
+    def start(self) -> "FakePacs":
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        for cx in storage_presentation_contexts():
+            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax, scu_role=True, scp_role=True)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_FIND, self._find), (evt.EVT_C_GET, self._get)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
