@@ -51,7 +51,8 @@ def _to_unit(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
     arr = apply_modality_lut(arr, ds).astype(np.float32, copy=False)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if "VOILUTSequence" in ds:
-        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
+        # LUT lookup wants integer inputs (the Modality LUT output is float even when it is identity)
+        out = apply_voi_lut(np.rint(arr).astype(np.int64), ds, index=0, prefer_lut=True).astype(np.float32)
         lo, hi = float(out.min()), float(out.max())
         unit = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
     elif center is not None and width is not None and width > 0:
