@@ -340,7 +340,11 @@ def compute_labels(fields: dict, rules: RuleSet) -> LabelResult:
     """Labels for one index record (keys: the column names of the index tables)."""
     # descriptions and tags repeat across an index: memoize the categorical part and the age
     key = tuple(map(fields.get, _CAT_FIELDS))
-    cached = rules._cache.get(key)
+    try:
+        cached = rules._cache.get(key)
+    except TypeError:  # an unhashable value (a multi-valued element): use its text
+        key = tuple(None if v is None else str(v) for v in key)
+        cached = rules._cache.get(key)
     if cached is None:
         cached = rules._categorical(key)
         if len(rules._cache) > 200_000:

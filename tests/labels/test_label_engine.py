@@ -179,3 +179,11 @@ def test_injected_header_errors_surface(rules):
             seen["swapped"] += 1
     assert seen["wrong:conflict"] > 0.8 * (seen["wrong:conflict"] + seen["wrong:other"])
     assert seen["blank"] and seen["swapped"]
+
+
+def test_odd_inputs_do_not_break_the_engine(rules):
+    r = compute_labels({"series_description": ["KNEE", "AP"], "laterality": "L"}, rules)  # multi-valued
+    assert (r.body_part, r.laterality) == ("KNEE", "L")
+    r = compute_labels({}, rules)
+    assert (r.body_part, r.view, r.laterality, r.sex, r.age_years) == (None, None, "UNKNOWN", "UNKNOWN", None)
+    assert compute_labels({"patient_age": "abc", "study_date": "x"}, rules).age_years is None
