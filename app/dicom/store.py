@@ -73,6 +73,51 @@ def file_meta_end(fp: BinaryIO) -> int:
     return 144 + group_len
 
 
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def read_file_meta(fp: BinaryIO) -> tuple[dict[int, bytes], int]:
+    """The file meta group of a Part 10 file as {tag: value bytes} and the dataset offset.
+
+    A small explicit VR LE parser: much cheaper than a full dcmread of group 2.
+    """
+    end = file_meta_end(fp)
+    fp.seek(144)
+    raw = fp.read(end - 144)
+    meta: dict[int, bytes] = {}
+    i = 0
+    while i + 8 <= len(raw):
+        group, elem = struct.unpack_from("<HH", raw, i)
+        vr = raw[i + 4:i + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", raw, i + 8)
+            i += 12
+        else:
+            (length,) = struct.unpack_from("<H", raw, i + 6)
+            i += 8
+        if i + length > len(raw):
+            raise ValueError("truncated file meta")
+        meta[(group << 16) | elem] = raw[i:i + length]
+        i += length
+    return meta, end
+
+
+def read_part10_header(path: Path) -> Dataset:
+    """Header (no pixel data) of a Part 10 file, with file_meta holding the transfer syntax and
+    SOP class. Equivalent to dcmread(stop_before_pixels=True) for indexing, at a lower cost."""
+    with open(path, "rb") as fp:
+        meta, offset = read_file_meta(fp)
+        ts = meta.get(0x00020010, b"").rstrip(b"\x00 ").decode("ascii")
+        ds = parse_header(fp, ts, offset)
+    fm = FileMetaDataset()
+    fm.TransferSyntaxUID = ts
+    sop_class = meta.get(0x00020002, b"").rstrip(b"\x00 ").decode("ascii")
+    if sop_class:
+        fm.MediaStorageSOPClassUID = sop_class
+    ds.file_meta = fm
+    return ds
+
+
 def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset: int = 0) -> Dataset:
     """Decode the dataset header (everything before Pixel Data) of a raw dataset stream.
 

@@ -9,8 +9,11 @@ Instance tables (keys named as the columns), plus a few extra header fields the 
 
 from __future__ import annotations
 
+import struct
 from datetime import datetime, timezone
 
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -84,6 +87,64 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+# Fast path: raw (not yet converted) values decoded here for character sets without code
+# extensions; pydicom's per-element conversion costs more than parsing the whole header.
+# ISO 2022 sets (escape sequences, e.g. Japanese ISO 2022 IR 87) go through pydicom.
+_FAST_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+_TAGS = {kw: tag_for_keyword(kw) for kw in list(_TEXT.values()) + list(_INT.values()) + ["SpecificCharacterSet"]}
+_US = {"Rows", "Columns", "BitsStored"}
+
+
+def _codec(ds: Dataset) -> str | None:
+    elem = ds._dict.get(_TAGS["SpecificCharacterSet"])
+    if elem is None:
+        return _FAST_CODECS[""]
+    value = elem.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = "\\".join(value)
+    value = (value or "").strip(" \x00")
+    return _FAST_CODECS.get(value)
+
+
+def _raw(ds: Dataset, keyword: str):
+    """The raw value bytes and element if the element is still raw, else (None, element)."""
+    elem = ds._dict.get(_TAGS[keyword])
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        return elem.value, elem
+    return None, elem
+
+
+def _fast_text(ds: Dataset, keyword: str, codec: str | None) -> str | None:
+    raw, elem = _raw(ds, keyword)
+    if elem is None:
+        return None
+    if raw is None or codec is None:
+        return _text(ds, keyword)
+    text = raw.decode(codec, "replace").replace("\x00", "").strip()
+    if keyword == "PatientName":  # as pydicom's PersonName prints it: no empty trailing groups
+        text = text.rstrip("=")
+    return text or None
+
+
+def _fast_int(ds: Dataset, keyword: str) -> int | None:
+    raw, elem = _raw(ds, keyword)
+    if elem is None:
+        return None
+    if raw is None:
+        return _int(ds, keyword)
+    try:
+        if keyword in _US:
+            if len(raw) < 2:
+                return None
+            return struct.unpack("<H" if elem.is_little_endian else ">H", raw[:2])[0]
+        text = raw.decode("latin-1").strip(" \x00").split("\\")[0].strip()
+        return int(text) if text else None
+    except (ValueError, struct.error):
+        return None
+
+
 def extract_record(
     ds: Dataset,
     *,
@@ -94,8 +155,9 @@ def extract_record(
     received_at: datetime | None = None,
 ) -> dict:
     """One index record from a header Dataset (pixel data not needed)."""
-    rec: dict = {k: _text(ds, kw) for k, kw in _TEXT.items()}
-    rec.update({k: _int(ds, kw) for k, kw in _INT.items()})
+    codec = _codec(ds)
+    rec: dict = {k: _fast_text(ds, kw, codec) for k, kw in _TEXT.items()}
+    rec.update({k: _fast_int(ds, kw) for k, kw in _INT.items()})
     rec["patient_id"] = rec["patient_id"] or ""
     rec["issuer"] = rec["issuer"] or ""
     if rec["patient_sex"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,17 +247,16 @@ class IndexDirResult:
 
 def read_record(path: Path, relpath: str, source_node: str | None = None) -> dict:
     """Record for one Part 10 file (header only)."""
-    from pydicom import dcmread
-
+    from app.dicom.store import read_part10_header
     from app.index.extract import extract_record
 
-    ds = dcmread(path, stop_before_pixels=True)
+    ds = read_part10_header(path)
     return extract_record(ds, file_path=relpath, file_size=path.stat().st_size,
                           transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
                           source_node=source_node)
 
 
-def index_directory(ctx, directory: Path | None = None, labeler: Labeler | None = None, batch: int = 500,
+def index_directory(ctx, directory: Path | None = None, labeler: Labeler | None = None, batch: int = 200,
                     progress: Callable[[int], None] | None = None) -> IndexDirResult:
     """Index the Part 10 files under `directory` (default: the store) in committed batches.
 
@@ -268,13 +268,14 @@ def index_directory(ctx, directory: Path | None = None, labeler: Labeler | None 
     res = IndexDirResult()
     pending: list[dict] = []
     cache = IngestCache()
+    # one writer thread: the DB round trips of batch k overlap the header parsing of batch k+1
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
+    inflight: Future | None = None
 
-    def flush() -> None:
-        if not pending:
-            return
+    def write(records: list[dict]) -> None:
         with ctx.sessions() as s:
             try:
-                r = ingest(s, pending, labeler=labeler, cache=cache)
+                r = ingest(s, records, labeler=labeler, cache=cache)
                 s.commit()
             except BaseException:
                 cache.clear()
@@ -283,28 +284,40 @@ def index_directory(ctx, directory: Path | None = None, labeler: Labeler | None 
         res.inserted += r.inserted
         res.existing += r.existing
         if progress:
-            progress(len(pending))
-        pending.clear()
+            progress(len(records))
 
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name.startswith(".tmp-"):
-            continue
-        res.files += 1
-        rel = str(p.relative_to(store_root)) if p.is_relative_to(store_root) else str(p)
-        try:
-            pending.append(read_record(p, rel))
-        except Exception as exc:  # noqa: BLE001 - not DICOM or broken: report, keep going
-            res.unreadable.append(str(p))
-            log.warning("cannot index %s: %s", p, type(exc).__name__)
-            continue
-        if not pending[-1].get("sop_instance_uid") or not pending[-1].get("study_instance_uid") \
-                or not pending[-1].get("series_instance_uid"):
-            res.unreadable.append(str(p))
-            pending.pop()
-            continue
-        if len(pending) >= batch:
-            flush()
-    flush()
+    def flush() -> None:
+        nonlocal inflight, pending
+        if inflight is not None:
+            inflight.result()  # one batch in flight at most; re-raises a write failure
+            inflight = None
+        if pending:
+            inflight = pool.submit(write, pending)
+            pending = []
+
+    try:
+        for p in sorted(root.rglob("*")):
+            if not p.is_file() or p.name.startswith(".tmp-"):
+                continue
+            res.files += 1
+            rel = str(p.relative_to(store_root)) if p.is_relative_to(store_root) else str(p)
+            try:
+                rec = read_record(p, rel)
+            except Exception as exc:  # noqa: BLE001 - not DICOM or broken: report, keep going
+                res.unreadable.append(str(p))
+                log.warning("cannot index %s: %s", p, type(exc).__name__)
+                continue
+            if not rec.get("sop_instance_uid") or not rec.get("study_instance_uid") \
+                    or not rec.get("series_instance_uid"):
+                res.unreadable.append(str(p))
+                continue
+            pending.append(rec)
+            if len(pending) >= batch:
+                flush()
+        flush()
+        flush()  # wait for the last batch
+    finally:
+        pool.shutdown(wait=True)
     return res
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -173,3 +175,28 @@ def test_cache_reuses_committed_ids_and_ignores_rolled_back_ones(any_ctx):
     assert rows[b.SOPInstanceUID].series_pk == rows[a.SOPInstanceUID].series_pk
     assert rows[b.SOPInstanceUID].patient_pk == rows[a.SOPInstanceUID].patient_pk
     assert counts(any_ctx) == (2, 2, 2, 3)
+
+
+def _charset_files() -> list:
+    import pydicom
+
+    d = Path(pydicom.__file__).parent / "data" / "charset_files"
+    return sorted(d.glob("chr*.dcm"))
+
+
+def test_fast_header_read_and_extract_match_pydicom():
+    """read_part10_header + the raw fast path give the same record as dcmread + pydicom conversion,
+    over pydicom's character set files (Japanese, Korean, Greek, Arabic, ... ) and real radiographs."""
+    from app.dicom.store import read_part10_header
+    from tests.conftest import testdata as sample
+
+    files = _charset_files() + [sample("RG1_J2KR.dcm"), sample("RG3_UNCR.dcm"), sample("CT_small.dcm")]
+    assert len(files) > 10
+    for f in files:
+        fast = extract_record(read_part10_header(f), received_at=None)
+        ref_ds = dcmread(f, stop_before_pixels=True)
+        for elem in ref_ds:  # convert every value with pydicom first: forces the slow path
+            _ = elem.value
+        ref = extract_record(ref_ds)
+        fast.pop("received_at"), ref.pop("received_at")
+        assert fast == ref, f.name
