@@ -13,14 +13,18 @@ def _progress():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
+def _syntaxes(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
 def _run_synth(out: Path, per_class: int, seed: int, taxonomy: str, header_error_rate: float, size: str,
-               workers: int | None):
+               workers: int | None, syntaxes: str | None = None):
     from app.synth.generate import generate
 
     with _progress() as bar:
         task = bar.add_task(f"rendering {taxonomy}", total=None)
         summary = generate(out, per_class, seed=seed, taxonomy=taxonomy, header_error_rate=header_error_rate,
-                           size=size, workers=workers,
+                           size=size, workers=workers, syntaxes=_syntaxes(syntaxes),
                            progress=lambda d, n: bar.update(task, completed=d, total=n))
     typer.echo(f"{summary.count} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s, "
                f"{summary.workers} workers) -> {out}/dicom, truth in {out}/truth.csv")
@@ -65,10 +69,12 @@ def register(cli: typer.Typer) -> None:
                                                 help="fraction of wrong or missing header labels"),
         size: str = typer.Option("full", "--size", help="full (vendor detector), small (1/8), scale:F or WxH"),
         workers: int | None = typer.Option(None, "--workers", min=1, help="processes (default: all cores)"),
+        syntaxes: str | None = typer.Option(None, "--syntaxes",
+                                            help="comma list of explicit,j2k,jpegls,jpeg_sv1,rle (default: vendor mix)"),
     ) -> None:
         """Render synthetic radiographs with messy headers; the true class of each goes to truth.csv."""
         try:
-            _run_synth(out, per_class, seed, taxonomy, header_error_rate, size, workers)
+            _run_synth(out, per_class, seed, taxonomy, header_error_rate, size, workers, syntaxes)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
 
@@ -87,6 +93,7 @@ def register(cli: typer.Typer) -> None:
         taxonomy: str = typer.Option("xr10", "--taxonomy"),
         header_error_rate: float = typer.Option(0.0, "--header-error-rate", min=0.0, max=1.0),
         size: str = typer.Option("full", "--size"),
+        syntaxes: str | None = typer.Option(None, "--syntaxes", help="with --synth: transfer syntaxes to use"),
         timeout: float = typer.Option(30.0, "--timeout", min=1.0, help="DICOM timeouts in seconds"),
     ) -> None:
         """C-STORE files into a PACS over several associations; exits 1 unless every file was stored."""
@@ -107,7 +114,7 @@ def register(cli: typer.Typer) -> None:
             directory = get_settings().data_dir / "synth" / f"{taxonomy}-seed{seed}"
         if synth:
             try:
-                _run_synth(directory, per_class, seed, taxonomy, header_error_rate, size, None)
+                _run_synth(directory, per_class, seed, taxonomy, header_error_rate, size, None, syntaxes)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc)) from exc
         if not directory.exists():

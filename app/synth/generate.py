@@ -72,7 +72,7 @@ def _acquisition(p: PlannedInstance, rows: int, cols: int, photometric: str, bit
         float(rng.uniform(0.0, 0.05 if chest else 0.10)) for _ in range(4))
     letter = p.side or ("R" if rng.random() < 0.6 else "L")
     # lead markers sit on the lateral side for limbs (viewer's left for a right limb)
-    corner = ("t" if rng.random() < 0.8 else "b") + ("l" if letter == "R" else "r")
+    corner = "t" + ("l" if letter == "R" else "r")  # top: the burned-in text sits bottom-left
     text = []
     if burned_in:
         text = [f"S:{int(rng.integers(80, 600))} L:{rng.uniform(1.4, 2.6):.1f}",
@@ -142,14 +142,18 @@ class SynthSummary:
 
 def generate(out_dir: str | Path, per_class: int, seed: int = 0, taxonomy: str = "xr10",
              header_error_rate: float = 0.0, size: str | tuple[int, int] | None = "full",
-             workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> SynthSummary:
-    """Write per_class instances of every class of `taxonomy` under out_dir/dicom and out_dir/truth.csv."""
+             workers: int | None = None, progress: Callable[[int, int], None] | None = None,
+             syntaxes: list[str] | None = None) -> SynthSummary:
+    """Write per_class instances of every class of `taxonomy` under out_dir/dicom and out_dir/truth.csv.
+
+    `syntaxes` (names from codecs.TRANSFER_SYNTAXES) overrides the vendors' transfer syntax mix.
+    """
     if per_class < 1:
         raise ValueError("per_class must be at least 1")
     size_spec = parse_size(size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    planned = plan(taxonomy, per_class, seed, header_error_rate)
+    planned = plan(taxonomy, per_class, seed, header_error_rate, syntaxes=syntaxes)
     workers = max(1, min(workers or os.cpu_count() or 1, len(planned)))
     jobs = [(p, seed, size_spec, str(out)) for p in planned]
     rows: list[dict] = []

@@ -162,8 +162,18 @@ def _new_patient(rng, key: int, sex: str, age_range: tuple[int, int] | None, on:
 
 
 def plan(taxonomy: str, per_class: int, seed: int, header_error_rate: float = 0.0,
-         follow_up_rate: float = 0.12, cross_class_rate: float = 0.08) -> list[PlannedInstance]:
-    """Every instance's class, patient, study and header choices: sequential, so deterministic."""
+         follow_up_rate: float = 0.12, cross_class_rate: float = 0.08,
+         syntaxes: list[str] | None = None) -> list[PlannedInstance]:
+    """Every instance's class, patient, study and header choices: sequential, so deterministic.
+
+    `syntaxes` restricts transfer syntaxes (uniform among them) instead of each vendor's mix.
+    """
+    from app.synth.codecs import TRANSFER_SYNTAXES
+
+    if syntaxes is not None:
+        bad = sorted(set(syntaxes) - set(TRANSFER_SYNTAXES))
+        if bad or not syntaxes:
+            raise ValueError(f"unknown transfer syntax {bad}; choose from {sorted(TRANSFER_SYNTAXES)}")
     if taxonomy not in TAXONOMIES:
         raise ValueError(f"unknown taxonomy {taxonomy!r}; choose from {sorted(TAXONOMIES)}")
     if not 0.0 <= header_error_rate <= 1.0:
@@ -206,6 +216,8 @@ def plan(taxonomy: str, per_class: int, seed: int, header_error_rate: float = 0.
         names = list(vendor.ts_weights)
         w = np.array([vendor.ts_weights[n] for n in names])
         syntax = names[int(rng.choice(len(names), p=w / w.sum()))]
+        if syntaxes is not None:
+            syntax = syntaxes[int(rng.integers(len(syntaxes)))]
         error = ""
         if rng.random() < header_error_rate:
             kinds = HEADER_ERRORS if side else HEADER_ERRORS[1:]

@@ -240,10 +240,12 @@ def _elbow(cv: Canvas, rng: np.random.Generator, s: float, side: str) -> None:
     fx = lambda y: lat * math.tan(carry) * max(y, 0.0)  # noqa: E731
     cv.tube(0, -200 * s, 0, -20 * s, 35 * s * j(), 39 * s, MU_SOFT, flat=True)
     cv.tube(0, -20 * s, fx(200 * s), 200 * s, 39 * s, 30 * s * j(), MU_SOFT, flat=True)
+    # forearm extensor/brachioradialis bulk on the lateral side below the joint
+    cv.ellipsoid(lat * 24 * s + fx(60 * s), 60 * s, 22 * s, 60 * s, MU_SOFT, depth=13 * s)
     # humerus shaft, distal flare, epicondyles, trochlea and capitulum
     cv.tube(0, -170 * s, 0, -45 * s, 11 * s * j(), 13 * s, MU_BONE, cortex=3.5 * s)
     cv.ellipsoid(0, -28 * s, 28 * s * j(), 15 * s, MU_BONE * 0.35, depth=10 * s, p=3.0)
-    cv.ellipsoid(med * 33 * s, -25 * s, 9 * s, 8 * s, MU_BONE * 0.8, depth=7 * s)
+    cv.ellipsoid(med * 34 * s, -25 * s, 11 * s, 9 * s, MU_BONE * 0.8, depth=8 * s)
     cv.ellipsoid(lat * 28 * s, -24 * s, 6 * s, 6 * s, MU_BONE * 0.7, depth=5 * s)
     cv.ellipsoid(med * 10 * s, -7 * s, 14 * s, 10 * s, MU_BONE * 0.7, depth=11 * s)
     cv.ellipsoid(lat * 14 * s, -7 * s, 11 * s, 9 * s, MU_BONE * 0.7, depth=10 * s)
@@ -268,11 +270,14 @@ def _knee(cv: Canvas, rng: np.random.Generator, s: float, side: str) -> None:
     valg = math.tan(math.radians(6 + rng.normal(0, 1.5)))
     cv.tube(lat * valg * 170 * s, -220 * s, 0, 0, 62 * s * j(), 56 * s, MU_SOFT, flat=True)
     cv.tube(0, 0, 0, 220 * s, 56 * s, 44 * s * j(), MU_SOFT, flat=True)
+    # vastus medialis bulk above the joint on the medial side, calf bulk below
+    cv.ellipsoid(med * 45 * s, -70 * s, 30 * s, 70 * s, MU_SOFT, depth=22 * s)
+    cv.ellipsoid(med * 28 * s, 110 * s, 28 * s, 70 * s, MU_SOFT * 0.7, depth=18 * s)
     # femur: shaft, metaphysis, condyles (medial larger, lower), notch
     cv.tube(lat * valg * 160 * s, -210 * s, 0, -50 * s, 14 * s * j(), 17 * s, MU_BONE, cortex=4.5 * s)
     cv.ellipsoid(0, -38 * s, 36 * s * j(), 22 * s, MU_BONE * 0.3, depth=22 * s, p=3.0)
-    cv.ellipsoid(med * 21 * s, -13 * s, 22 * s, 19 * s, MU_BONE * 0.6, depth=26 * s)
-    cv.ellipsoid(lat * 21 * s, -16 * s, 20 * s, 17 * s, MU_BONE * 0.6, depth=24 * s)
+    cv.ellipsoid(med * 22 * s, -11 * s, 24 * s, 20 * s, MU_BONE * 0.6, depth=27 * s)
+    cv.ellipsoid(lat * 20 * s, -17 * s, 19 * s, 16 * s, MU_BONE * 0.6, depth=23 * s)
     cv.ellipsoid(0, -6 * s, 7 * s, 9 * s, -MU_BONE * 0.25, depth=10 * s)
     # patella superimposed on the distal femur
     cv.ellipsoid(lat * 3 * s, -32 * s, 20 * s * j(), 24 * s, MU_BONE * 0.3, depth=10 * s)
@@ -441,7 +446,7 @@ def render(subject: Subject, acq: Acquisition, rng: np.random.Generator) -> np.n
     d, e = s_, c
     u0, v0 = lr_cols / 2, lr_rows / 2
     coeffs = (a, b, cx_in - a * u0 - b * v0 - sx, d, e, cy_in - d * u0 - e * v0 - sy)
-    Lf = float(np.percentile(L, 2))  # outside the canvas: as thin as the thinnest body part
+    Lf = float(np.percentile(L[::4, ::4], 2))  # outside the canvas: as thin as the thinnest body part
     low = Image.fromarray(L).transform((lr_cols, lr_rows), Image.AFFINE, coeffs, resample=Image.BILINEAR,
                                        fillcolor=Lf)
 
@@ -449,7 +454,7 @@ def render(subject: Subject, acq: Acquisition, rng: np.random.Generator) -> np.n
     cl, ct, cr, cb = acq.collimation
     li0, li1 = int(cl * lr_cols), max(int(cl * lr_cols) + 2, int((1 - cr) * lr_cols))
     lj0, lj1 = int(ct * lr_rows), max(int(ct * lr_rows) + 2, int((1 - cb) * lr_rows))
-    field_px = np.asarray(low)[lj0:lj1:2, li0:li1:2]
+    field_px = np.asarray(low)[lj0:lj1:3, li0:li1:3]
     p_lo, p_hi = np.percentile(field_px, [1.0, 99.5])
     maxval = (1 << acq.bits_stored) - 1
     lo, hi = acq.contrast
