@@ -15,7 +15,7 @@ from app.config import Settings, get_settings
 log = logging.getLogger("radcohort.server")
 
 
-def _scp_child(overrides: dict, log_level: str, channel, fsync: bool = True) -> None:
+def _scp_child(overrides: dict, log_level: str, channel, fsync: bool = True, chunked: bool = False) -> None:
     """One receiving process: its own engine; connections arrive from the dispatcher."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     from app.context import AppContext
@@ -26,7 +26,7 @@ def _scp_child(overrides: dict, log_level: str, channel, fsync: bool = True) -> 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    scp = StorageSCP(ctx, fsync=fsync).start(channel=channel)
+    scp = StorageSCP(ctx, fsync=fsync, chunked=chunked).start(channel=channel)
     try:
         stop.wait()
     finally:
@@ -40,20 +40,23 @@ class ScpProcesses:
     process; several processes are what scales with concurrent senders.
     """
 
-    def __init__(self, settings: Settings, n: int, overrides: dict | None = None, fsync: bool = True):
-        self.settings, self.n, self.fsync = settings, n, fsync
+    def __init__(self, settings: Settings, n: int, overrides: dict | None = None, fsync: bool = True,
+                 chunked: bool = False):
+        self.settings, self.n, self.fsync, self.chunked = settings, n, fsync, chunked
         self.overrides = overrides or {}
         self.procs: list = []
         self.dispatcher = None
 
     def start(self) -> "ScpProcesses":
         from app.dicom.scp import ConnectionDispatcher
+        from app.dicom.store import DicomStore
 
+        DicomStore(self.settings.store_dir).clean_temp()  # before any child writes
         self.dispatcher = ConnectionDispatcher(self.settings.scp_host, self.settings.scp_port, self.n)
         spawn = mp.get_context("spawn")  # fresh interpreters: no engine or threads inherited
         level = logging.getLevelName(logging.getLogger().level)
         for ch in self.dispatcher.child_channels():
-            p = spawn.Process(target=_scp_child, args=(self.overrides, level, ch, self.fsync),
+            p = spawn.Process(target=_scp_child, args=(self.overrides, level, ch, self.fsync, self.chunked),
                               daemon=True)
             p.start()
             self.procs.append(p)
@@ -94,6 +97,7 @@ def register(cli: typer.Typer) -> None:
         host: str = typer.Option(None, help="override RADCOHORT_SCP_HOST"),
         port: int = typer.Option(None, help="override RADCOHORT_SCP_PORT"),
         fsync: bool = typer.Option(True, help="fsync each file before answering Success (durable)"),
+        chunked: bool = typer.Option(False, help="stream each dataset to disk while it arrives (huge instances)"),
     ) -> None:
         """Run the DICOM Storage SCP only (after `db upgrade`)."""
         from app.context import AppContext
@@ -106,14 +110,14 @@ def register(cli: typer.Typer) -> None:
         n = processes or settings.scp_processes
         typer.echo(f"Storage SCP {settings.ae_title} on {settings.scp_host}:{settings.scp_port} ({n} process(es))")
         if n > 1:
-            procs = ScpProcesses(settings, n, overrides, fsync=fsync).start()
+            procs = ScpProcesses(settings, n, overrides, fsync=fsync, chunked=chunked).start()
             try:
                 _wait_for_signal()
             finally:
                 procs.stop()
             return
         ctx = AppContext.build(settings)
-        server = StorageSCP(ctx, fsync=fsync).start()
+        server = StorageSCP(ctx, fsync=fsync, chunked=chunked).start()
         try:
             _wait_for_signal()
         finally:

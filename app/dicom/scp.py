@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
 import threading
@@ -141,12 +142,19 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
         except InvalidInput as exc:
             log.warning("C-STORE refused: %s", exc.message)
             return STATUS_INVALID_UID
+        except Exception as exc:  # noqa: BLE001 - a UID element that will not decode (e.g. an unknown VR)
+            log.warning("C-STORE %s: undecodable UID element (%s)", _safe(req.AffectedSOPInstanceUID),
+                        type(exc).__name__)
+            return STATUS_MALFORMED
         if ds_sop != sop:
             log.warning("C-STORE %s: dataset SOP Instance UID differs from the request", sop)
             return STATUS_UID_MISMATCH
         file_meta = event.file_meta
         try:
-            stored = store.write_raw(study, series, sop, file_meta, src, offset)  # type: ignore[arg-type]
+            if chunked is not None and _same_fs(src, store.root):  # type: ignore[arg-type]
+                stored = store.adopt(study, series, sop, src, ts)  # type: ignore[arg-type]
+            else:
+                stored = store.write_raw(study, series, sop, file_meta, src, offset)  # type: ignore[arg-type]
         except InvalidInput as exc:
             log.warning("C-STORE refused: %s", exc.message)
             return STATUS_INVALID_UID
@@ -169,6 +177,13 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
         return STATUS_SUCCESS
 
     return handle_store
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
 
 
 def _safe(uid) -> str:
@@ -271,6 +286,18 @@ class IndexBatcher:
             session.close()
 
 
+def enable_chunked_receive(store: DicomStore) -> None:
+    """Stream received datasets to files in the store's .incoming dir instead of memory (huge
+    instances), then move them into place. Process-wide: pynetdicom's flag and tempfile's dir."""
+    import tempfile
+
+    from pynetdicom import _config
+
+    store.incoming_dir.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(store.incoming_dir)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
 def load_labeler(sessions, rules_file=None):
     """The labels stage's labeler when it is installed (None otherwise: labels can be recomputed)."""
     try:
@@ -304,11 +331,12 @@ class StorageSCP:
     """
 
     def __init__(self, ctx, *, port: int | None = None, fsync: bool = True, labeler=None,
-                 load_labels: bool = True):
+                 load_labels: bool = True, chunked: bool = False):
         self.ctx = ctx
         self.settings = ctx.settings
         self._port = self.settings.scp_port if port is None else port
         self.store = DicomStore(self.settings.store_dir, fsync=fsync)
+        self.chunked = chunked
         if labeler is None and load_labels:
             labeler = load_labeler(ctx.sessions, self.settings.label_rules)
         self._labeler = labeler
@@ -397,7 +425,10 @@ class StorageSCP:
         dispatcher process accepted and handed over, instead of listening ourselves.
         """
         self.store.root.mkdir(parents=True, exist_ok=True)
-        self.store.clean_temp()
+        if channel is None:  # a dispatched child shares the store with its siblings: the parent cleans
+            self.store.clean_temp()
+        if self.chunked:
+            enable_chunked_receive(self.store)
         self.batcher.start()
         ae = self.make_ae()
         address = (self.settings.scp_host, self._port)

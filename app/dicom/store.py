@@ -228,10 +228,39 @@ class DicomStore:
             raise
         return StoredFile(rel, size, validate_uid(sop_uid), ts, False)
 
+    def adopt(self, study_uid: str, series_uid: str, sop_uid: str, src: Path, transfer_syntax_uid: str) -> StoredFile:
+        """Move a complete Part 10 file on the store's filesystem into place, without copying it
+        (pynetdicom's chunked receive file). No-clobber: an existing SOP file is kept and `src`
+        left alone. Raises OSError (EXDEV across filesystems)."""
+        rel = self.relpath(study_uid, series_uid, sop_uid)
+        final = self.path(rel)
+        if final.is_file():
+            return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), transfer_syntax_uid, True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        try:
+            os.link(src, final)  # atomic and never overwrites
+        except FileExistsError:
+            return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), transfer_syntax_uid, True)
+        os.unlink(src)
+        if self.fsync:
+            _fsync_dir(final.parent)
+        return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), transfer_syntax_uid, False)
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where chunked receives stream to (same filesystem, so files are moved, not copied)."""
+        return self.root / ".incoming"
+
     def iter_files(self):
         """All stored files (skips temp files left by a crash)."""
         for p in self.root.rglob("*.dcm"):
-            if p.is_file() and not p.name.startswith(".tmp-"):
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts):
                 yield p
 
     def clean_temp(self) -> int:
@@ -240,6 +269,10 @@ class DicomStore:
         for p in self.root.rglob(".tmp-*.part"):
             p.unlink(missing_ok=True)
             n += 1
+        if self.incoming_dir.is_dir():
+            for p in self.incoming_dir.iterdir():
+                p.unlink(missing_ok=True)
+                n += 1
         return n
 
 

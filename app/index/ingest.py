@@ -297,8 +297,8 @@ def index_directory(ctx, directory: Path | None = None, labeler: Labeler | None 
 
     try:
         for p in sorted(root.rglob("*")):
-            if not p.is_file() or p.name.startswith(".tmp-"):
-                continue
+            if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
+                continue  # temp files of writes in progress (.tmp-*, .incoming/)
             res.files += 1
             rel = str(p.relative_to(store_root)) if p.is_relative_to(store_root) else str(p)
             try:

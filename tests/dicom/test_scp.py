@@ -281,3 +281,25 @@ def test_junk_values_do_not_refuse_the_instance_and_labels_are_applied(ctx, scp)
     assert row.instance_number is None
     # the labels stage's labeler is wired in at SCP start-up
     assert row.label_body_part == "CHEST" and row.ruleset_version
+
+
+def test_chunked_receive_moves_the_streamed_file_into_place(ctx, monkeypatch):
+    import tempfile
+
+    # the SCP switches these process-wide; restore them after the test
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    add_node(ctx, "sender", SENDER)
+    j2k = sample_file("RG1_J2KR.dcm")
+    with StorageSCP(ctx, chunked=True) as server:
+        assert send(server.port, [j2k]) == [0]
+        assert send(server.port, [j2k]) == [0]  # again: kept once, the streamed copy discarded
+    incoming = ctx.settings.store_dir / ".incoming"
+    assert incoming.is_dir() and list(incoming.iterdir()) == []
+    with ctx.sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    stored = ctx.settings.store_dir / row.file_path
+    assert dataset_bytes(stored) == dataset_bytes(j2k)
+    assert row.file_size == stored.stat().st_size
+    assert len(store_files(ctx)) == 1
