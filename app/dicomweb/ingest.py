@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 
-from pydicom.filereader import read_file_meta_info
+from pydicom import dcmread
 
 from app.dicom.store import DicomStore, StoredFile, file_meta_end, parse_header, validate_uid
 
@@ -23,7 +23,8 @@ def store_part10(store: DicomStore, raw: bytes, sink) -> StoredFile:
     try:
         fp = io.BytesIO(raw)
         offset = file_meta_end(fp)
-        file_meta = read_file_meta_info(io.BytesIO(raw))
+        # the file meta group alone (read_file_meta_info wants a path; this keeps to public API)
+        file_meta = dcmread(io.BytesIO(raw[:offset])).file_meta
         ts = str(file_meta.TransferSyntaxUID)
         header = parse_header(raw, ts, offset)
     except Exception as exc:  # noqa: BLE001 - whatever it is, we cannot understand it
@@ -37,7 +38,7 @@ def store_part10(store: DicomStore, raw: bytes, sink) -> StoredFile:
     if str(file_meta.get("MediaStorageSOPInstanceUID", sop)).rstrip("\x00 ") != sop:
         raise PartRefused(f"{sop}: file meta names another instance")
     try:
-        stored = store.write_raw(study, series, sop, file_meta, raw, offset)
+        stored = store.write_raw(study, series, sop, file_meta, memoryview(raw)[offset:])
     except OSError as exc:
         raise PartRefused(f"{sop}: write failed ({exc})") from exc
     header.file_meta = file_meta

@@ -74,8 +74,10 @@ class GovernedRunner(RetrievalRunner):
                                  retries=self.ctx.settings.dicom_retries, sleep=self.gate.retry_sleep)
             if (opts.get("protocol") == "both"):
                 # listing over C-FIND, retrieval over WADO-RS
-                return _Both(self._dimse(node), inner, self.gate)
-            return GovernedClient(inner, self.gate, None)
+                return _Both(GovernedClient(self._dimse(node), self.gate, effective_find_cap(opts)), inner)
+            # Orthanc's QIDO truncates at its limit silently, offset or not: only a known cap
+            # (policy, or the probe of the same server over DIMSE) reveals it
+            return GovernedClient(inner, self.gate, effective_find_cap(opts))
         return GovernedClient(self._dimse(node), self.gate, effective_find_cap(opts))
 
     def _dimse(self, node):
@@ -240,12 +242,11 @@ class GovernedRunner(RetrievalRunner):
 class _Both:
     """protocol 'both': C-FIND for the listing, WADO-RS for the instances."""
 
-    def __init__(self, dimse, dw, gate: Governor):
-        self.inner, self.dw, self.gate = dimse, dw, gate
+    def __init__(self, dimse: GovernedClient, dw):
+        self.dimse, self.dw = dimse, dw
 
     def find(self, level, query=None, **kw):
-        with self.gate.association():
-            return self.inner.find(level, query, **kw)
+        return self.dimse.find(level, query, **kw)
 
 
 def run_governed(ctx, retrieval_id: int, **kw) -> Retrieval:
