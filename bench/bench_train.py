@@ -128,7 +128,7 @@ def full_run(args, rt) -> None:
     spec = {"job_id": 0, "run_dir": str(work / "run"), "cache_dir": str(work / "cache"), "classes": classes,
             "items": items, "params": {"model": args.model, "epochs": args.epochs, "image_size": size,
                                        "batch_size": args.batch, "device": args.device, "compile": args.compile,
-                                       "experiments": ["rotate90", "scale10"], "monitor_test": False}}
+                                       "experiments": ["rotate90", "scale10"]}}
     last: dict = {}
     t0 = time.perf_counter()
     m = run_spec(spec, progress=lambda e: last.update(e) if e["event"] == "epoch" else None)

@@ -159,6 +159,7 @@ def _run(spec: dict, cfg: TrainConfig, classes: list[str], items: list[dict], ru
     bs = cfg.resolved_batch_size(rt.cuda)
     model_name = resolve_name(cfg.model, cfg.depth)
     if rt.is_main:
+        (run_dir / "error.txt").unlink(missing_ok=True)  # a stale failure from an earlier attempt
         resolved = cfg.to_dict() | {"resolved": {"model": model_name, "batch_size": bs, "lr": cfg.resolved_lr(),
                                                  "world_size": rt.world_size, "device": str(rt.device),
                                                  "preprocess": preprocess_params(cfg.image_size)}}
