@@ -32,6 +32,26 @@ def patient_key(key: bytes, patient_id: str, issuer: str | None = "") -> str:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
+def _insert_members(session: Session, rows: list[dict]) -> None:
+    """Bulk insert in the session's transaction: COPY on PostgreSQL (an INSERT of 15,000 rows
+    took 0.6 s there), multi-row INSERTs elsewhere."""
+    if not rows:
+        return
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        cols = list(rows[0])
+        cur = conn.connection.dbapi_connection.cursor()
+        try:
+            with cur.copy(f"COPY cohort_members ({', '.join(cols)}) FROM STDIN") as copy:
+                for r in rows:
+                    copy.write_row([r[c] for c in cols])
+        finally:
+            cur.close()
+        return
+    for i in range(0, len(rows), _CHUNK):
+        session.execute(insert(CohortMember.__table__), rows[i:i + _CHUNK])
+
+
 def _rounded(timings: dict) -> dict:
     return {k: round(v, 4) for k, v in timings.items()}
 
@@ -76,8 +96,7 @@ def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: by
     rows = [{"cohort_id": cohort.id, "instance_pk": m["instance_pk"], "sop_instance_uid": m["sop_instance_uid"],
              "class_name": m["class_name"], "split": m["split"], "file_path": m["file_path"],
              "patient_key": patient_key(pseudonym_key, m["patient_id"], m["issuer"])} for m in result.members]
-    for i in range(0, len(rows), _CHUNK):
-        session.execute(insert(CohortMember.__table__), rows[i:i + _CHUNK])
+    _insert_members(session, rows)
     audit.record(session, actor, "cohort.create", target=f"cohort:{cohort.id}", taxonomy=taxonomy["name"],
                  size=cohort.size, seed=spec.seed, ruleset_version=ruleset_version)
     session.flush()
