@@ -36,7 +36,7 @@ CENTRE_MM = {"waters": (0.0, 22.0), "sinus_pa": (0.0, 0.0), "head_pa": (0.0, -22
              "knee": (0.0, 0.0), "chest": (0.0, 0.0)}
 
 # field of view width in mm per region (height follows the detector aspect)
-FOV_MM = {"waters": 215.0, "sinus_pa": 215.0, "head_pa": 270.0, "elbow": 210.0, "knee": 210.0,
+FOV_MM = {"waters": 215.0, "sinus_pa": 215.0, "head_pa": 270.0, "elbow": 220.0, "knee": 200.0,
           "chest": 365.0}
 
 

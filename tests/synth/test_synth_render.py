@@ -70,6 +70,16 @@ def test_classes_are_distinguishable_by_a_linear_classifier():
     assert 0.25 < chest_acc < site_acc
 
 
+def test_xr5_head_pa_waters_knee_elbow_chest_are_distinguishable():
+    classes = list(XR5)
+    Xtr, ytr, _ = _features("xr5", 100, seed=13)
+    Xte, yte, _ = _features("xr5", 20, seed=14)
+    W = _softmax_regression(Xtr, np.array([classes.index(c) for c in ytr]), len(classes))
+    acc = np.mean([classes[i] == t for i, t in zip(_predict(W, Xte), yte)])
+    print(f"xr5 {acc:.3f}")
+    assert acc >= 0.95
+
+
 def test_left_and_right_are_mirror_anatomy():
     """Without marker, noise or positioning, a left knee is the mirror image of a right knee."""
     acq = Acquisition(rows=200, cols=160, bits_stored=12, exposure=1e6)

@@ -128,3 +128,16 @@ def test_cli_seed_by_node_name(orthanc, ctx, collection, monkeypatch):
     r = runner.invoke(cli, ["seed", str(collection), "--host", "127.0.0.1", "--port", str(free_port()),
                             "--aet", "X", "--timeout", "2"])
     assert r.exit_code == 1 and "0/20 stored" in r.output
+
+
+def test_cli_seed_with_synth_generates_then_pushes(orthanc, tmp_path):
+    from app.cli import cli
+
+    out = tmp_path / "gen"
+    r = CliRunner().invoke(cli, ["seed", str(out), "--synth", "--per-class", "1", "--taxonomy", "xr5", "--size",
+                                 "64x80", "--seed", "3", "--syntaxes", "explicit,rle", "--host", "127.0.0.1",
+                                 "--port", str(orthanc.dicom_port), "--aet", orthanc.aet])
+    assert r.exit_code == 0, r.output
+    rows = read_truth(out)
+    assert len(rows) == 5 and {x["transfer_syntax"] for x in rows} <= {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"}
+    assert "5/5 stored" in r.output and orthanc.instance_count() == 5
