@@ -17,6 +17,7 @@ The two custom entries are registered in timm's registry, so they too are built 
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import timm
@@ -61,7 +62,9 @@ def _register() -> None:
 
         @register_model
         def radcohort_resnet64(pretrained: bool = False, **kwargs) -> nn.Module:  # noqa: ARG001
-            kwargs = {k: v for k, v in kwargs.items() if not k.startswith("pretrained_cfg")}
+            # timm passes loader options (cache_dir, pretrained_cfg, ...) the class does not take
+            known = set(inspect.signature(ResNet.__init__).parameters)
+            kwargs = {k: v for k, v in kwargs.items() if k in known}
             return ResNet(block=BasicBlock, layers=(5, 8, 12, 6), **kwargs)
 
 

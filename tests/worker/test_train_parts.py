@@ -1,0 +1,88 @@
+"""Registry depth presets, local weights, augmentation semantics and the experiment transforms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from models.augment import _angles, augment_batch, rotate90, scale_down_up  # noqa: E402
+from models.config import merge_params  # noqa: E402
+from models.experiments import depth_ladder  # noqa: E402
+from models.registry import DEPTH_PRESETS, build_model  # noqa: E402
+
+pytestmark = pytest.mark.worker
+
+
+def _main_path_layers(net: torch.nn.Module) -> int:
+    """Conv + Linear weight layers, not counting 1x1 shortcut projections (named 'downsample')."""
+    return sum(1 for name, m in net.named_modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and "downsample" not in name)
+
+
+@pytest.mark.parametrize("depth", sorted(DEPTH_PRESETS))
+def test_depth_presets_have_the_documented_layer_count_and_run(depth):
+    net = build_model("ignored", num_classes=3, depth=depth)
+    assert _main_path_layers(net) == depth
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 1, 64, 48 if depth != 19 else 64))
+    assert out.shape == (2, 3)
+
+
+def test_unknown_model_and_depth_are_rejected():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("no_such_net", 3)
+    with pytest.raises(ValueError, match="depth"):
+        merge_params({"depth": 18})
+
+
+def test_local_weights_load_the_backbone_and_skip_a_foreign_head(tmp_path):
+    a = build_model("resnet10t", 5)
+    torch.save({"model": a.state_dict(), "classes": list("abcde")}, tmp_path / "model.pt")
+    b = build_model("resnet10t", 3, weights=tmp_path / "model.pt")
+    assert torch.equal(a.conv1[0].weight, b.conv1[0].weight)
+    assert b.fc.weight.shape == (3, a.fc.weight.shape[1])
+    torch.save({"x.y": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        build_model("resnet10t", 3, weights=tmp_path / "other.pt")
+
+
+def test_rotation_spec_forms():
+    g = torch.Generator().manual_seed(0)
+    study = set(_angles([10, 20, 30], 4000, g, torch.device("cpu")).tolist())
+    assert study == {0.0, 10.0, -10.0, 20.0, -20.0, 30.0, -30.0}
+    rng = _angles([-5, 5], 4000, g, torch.device("cpu"))
+    assert rng.min() >= -5 and rng.max() <= 5 and len(set(rng.tolist())) > 100
+    assert _angles(0, 3, g, torch.device("cpu")).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_augment_batch_keeps_shape_and_range_and_changes_images():
+    x = torch.zeros(8, 1, 32, 32)
+    x[:, :, 8:24, 14:18] = 1.0  # a vertical bar
+    g = torch.Generator().manual_seed(1)
+    y = augment_batch(x, {"rotation": [30], "shift": 0.0, "scale": 0.0, "intensity": 0.0}, g)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    rotated = [not torch.allclose(y[i], x[i]) for i in range(8)]
+    assert any(rotated)  # +-30 degrees applied to some ...
+    assert all(torch.allclose(y[i], x[i], atol=1e-5) or rotated[i] for i in range(8))  # ... and 0 to the others
+    y2 = augment_batch(x, {"rotation": 0, "shift": 0, "scale": 0, "intensity": 0}, g)
+    assert torch.equal(y2, x)  # nothing requested: identity
+
+
+def test_experiment_transforms():
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(rotate90(x)[0, 0, 0, :], x[0, 0, :, -1])
+    # 10 % of an original 1600 rows is 160 >= 16: nothing lost; of 80 rows it is 8 rows: detail lost
+    y = scale_down_up(x, torch.tensor([1600, 80]))
+    assert torch.equal(y[0], x[0]) and not torch.allclose(y[1], x[1])
+    assert y.shape == x.shape
+
+
+def test_depth_ladder_one_job_per_preset():
+    ladder = depth_ladder({"epochs": 5, "model": "resnet18"})
+    assert [p["depth"] for p in ladder] == [4, 19, 34, 64] and all(p["epochs"] == 5 for p in ladder)
+    assert math.isclose(merge_params(ladder[1]).epochs, 5)
