@@ -9,6 +9,7 @@ grid_sample per batch) and intensity jitter. Only the training loop calls this; 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -22,8 +23,14 @@ def _angles(spec: Any, n: int, gen: torch.Generator, device: torch.device) -> to
     if len(vals) == 2 and vals[0] < 0 <= vals[1]:
         lo, hi = vals
         return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
-    choices = torch.tensor([0.0] + [s * abs(v) for v in vals for s in (1.0, -1.0)], device=device)
+    choices = _choices(tuple(vals), device)
     return choices[torch.randint(len(choices), (n,), generator=gen, device=device)]
+
+
+@lru_cache(maxsize=16)
+def _choices(vals: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # built once per device: a fresh host->device copy every batch would stall the loop
+    return torch.tensor([0.0] + [s * abs(v) for v in vals for s in (1.0, -1.0)], device=device)
 
 
 def augment_batch(x: torch.Tensor, params: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
