@@ -55,6 +55,16 @@ TEXTBOOK = textwrap.dedent("""
 """)
 
 
+NULL = textwrap.dedent("""
+    import sys
+    from pynetdicom import AE, evt, AllStoragePresentationContexts
+    ae = AE("NULLSCP")
+    ae.maximum_pdu_size = 0
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+""")
+
+
 def make_instances(outdir: Path, n: int, studies: int, rows: int = 1275, cols: int = 1020) -> list[str]:
     """n CR instances (16-bit, explicit VR LE) in `studies` studies; returns the study UIDs."""
     outdir.mkdir(parents=True, exist_ok=True)
@@ -169,13 +179,13 @@ def count_files(d: Path) -> int:
 
 
 def run_ours(work: Path, orthanc: OrthancServer, port: int, processes: int, db_url: str | None,
-             study_uids: list[str], moves: int, fsync: bool = True) -> tuple[float, int, int]:
+             study_uids: list[str], moves: int, fsync: bool = True, chunked: bool = False) -> tuple[float, int, int]:
     from sqlalchemy import create_engine, func, select, text
 
     from app.db.migrate import upgrade
     from app.db.models import Instance
 
-    data = work / f"ours-{processes}-{int(fsync)}"
+    data = work / f"ours-{processes}-{int(fsync)}-{int(chunked)}"
     url = db_url or f"sqlite:///{data}/radcohort.db"
     upgrade(url)
     eng = create_engine(url)
@@ -185,8 +195,8 @@ def run_ours(work: Path, orthanc: OrthancServer, port: int, processes: int, db_u
                   {"aet": orthanc.aet, "p": orthanc.dicom_port})
     env = dict(os.environ, RADCOHORT_DATABASE_URL=url, RADCOHORT_DATA_DIR=str(data), RADCOHORT_SCP_PORT=str(port),
                RADCOHORT_PSEUDONYM_KEY="bench", RADCOHORT_LOG_LEVEL="WARNING")
-    proc = subprocess.Popen([RADCOHORT, "scp", "--processes", str(processes), "--fsync" if fsync else "--no-fsync"],
-                            env=env, cwd=work)
+    proc = subprocess.Popen([RADCOHORT, "scp", "--processes", str(processes), "--fsync" if fsync else "--no-fsync",
+                             "--chunked" if chunked else "--no-chunked"], env=env, cwd=work)
     try:
         wait_port(port)
         time.sleep(0.5)
@@ -206,6 +216,8 @@ def run_baseline(kind: str, work: Path, orthanc: OrthancServer, port: int, aet: 
     out.mkdir()
     if kind == "textbook":
         cmd = [PY, "-c", TEXTBOOK, str(port), str(out)]
+    elif kind == "null":
+        cmd = [PY, "-c", NULL, str(port)]
     elif kind == "storescp":
         cmd = ["storescp", "-aet", aet, "+xa", "-od", str(out), "-uf", str(port)]
     else:  # storescp --fork: one process per association
@@ -239,11 +251,12 @@ def main() -> None:
         files = sorted((work / "src").glob("*.dcm"))
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"generated {args.n} instances, {mb:.0f} MB ({mb / args.n:.2f} MB each) in {time.perf_counter() - t:.1f} s")
-        ports = {k: free_port() for k in ("ours", "textbook", "storescp", "fork")}
+        ports = {k: free_port() for k in ("ours", "textbook", "storescp", "fork", "null")}
         mods = {"radcohort": ("RADCOHORT", "127.0.0.1", ports["ours"]),
                 "textbook": ("TEXTBOOK", "127.0.0.1", ports["textbook"]),
                 "storescp": ("STORESCP", "127.0.0.1", ports["storescp"]),
                 "fork": ("STORESCPF", "127.0.0.1", ports["fork"]),
+                "null": ("NULLSCP", "127.0.0.1", ports["null"]),
                 "bench": ("BENCHSCU", "127.0.0.1", 1)}
         with OrthancServer(work / "orthanc", modalities=mods) as orthanc:
             print(f"seeded Orthanc in {seed(orthanc, files):.1f} s; it holds {orthanc.instance_count()} instances")
@@ -255,21 +268,26 @@ def main() -> None:
             if args.fork:
                 dt, n = run_baseline("fork", work, orthanc, ports["fork"], "STORESCPF", study_uids, args.moves)
                 results.append(("dcmtk storescp --fork", dt, n))
-            for procs, fsync in sorted({(1, True), (args.processes, True), (args.processes, False)}):
+            variants = [(1, True, False), (args.processes, True, False), (args.processes, False, False),
+                        (args.processes, True, True)]
+            for procs, fsync, chunked in variants:
                 url = _fresh_db(args.db)
                 try:
-                    dt, n, rows = run_ours(work, orthanc, ports["ours"], procs, url, study_uids, args.moves, fsync)
+                    dt, n, rows = run_ours(work, orthanc, ports["ours"], procs, url, study_uids, args.moves, fsync,
+                                           chunked)
                 finally:
                     _drop_db(url)
-                results.append((f"radcohort scp -p {procs} ({'fsync' if fsync else 'no fsync'}, "
-                                f"{rows} rows indexed)", dt, n))
+                results.append((f"radcohort scp -p {procs} ({'fsync' if fsync else 'no fsync'}"
+                                f"{', chunked' if chunked else ''}, {rows} rows indexed)", dt, n))
+            dt, _ = run_baseline("null", work, orthanc, ports["null"], "NULLSCP", study_uids, args.moves)
+            results.append(("ceiling: pynetdicom SCP that discards (Orthanc+network)", dt, args.n))
         disk = disk_write_rate(work, int(mb * 1e6 / args.n), min(args.n, 100))
         base = {name: dt for name, dt, _ in results}
         tb, sc = base["textbook pynetdicom SCP (decode + save_as)"], base["dcmtk storescp"]
         print(f"\n{args.n} instances, {mb:.0f} MB, {args.moves} concurrent C-MOVE(s), {os.cpu_count()} CPUs")
-        print(f"{'receiver':58s} {'s':>7s} {'inst/s':>8s} {'MB/s':>7s} {'x textbook':>10s} {'x storescp':>10s} ok")
+        print(f"{'receiver':62s} {'s':>7s} {'inst/s':>8s} {'MB/s':>7s} {'x textbook':>10s} {'x storescp':>10s} ok")
         for name, dt, n in results:
-            print(f"{name:58s} {dt:7.2f} {args.n / dt:8.1f} {mb / dt:7.1f} {tb / dt:10.2f} {sc / dt:10.2f} "
+            print(f"{name:62s} {dt:7.2f} {args.n / dt:8.1f} {mb / dt:7.1f} {tb / dt:10.2f} {sc / dt:10.2f} "
                   f"{'yes' if n == args.n else f'NO ({n})'}")
         print(f"disk write rate (one writer, fsync per file): {disk:.0f} MB/s")
     finally:

@@ -9,6 +9,14 @@ It answers Success (0x0000) only when the file is on disk AND the sink (the inde
 - 0xC210 cannot understand: the dataset could not be parsed
 - 0xC212 cannot understand: a Study/Series/SOP Instance UID is not a valid UID (or is missing)
 - 0xC213 cannot understand: the dataset's SOP Instance UID differs from the request's
+
+Durability choice: Success means the file is fsynced in its final place AND its index row is
+committed. Commits are grouped (IndexBatcher): concurrent stores share one transaction, a lone
+sender commits per instance. A file without a row (index down) is completed by a resend or by
+`radcohort reindex`; a row never points at a missing or partial file.
+
+`make_store_handler` and the store know nothing of the DB; `StorageSCP` is the composition point
+that wires the PacsNode lookup and the index (imported lazily) around them.
 """
 
 from __future__ import annotations
