@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,19 @@ def test_chunked_receive_moves_the_streamed_file_into_place(ctx, monkeypatch):
     assert dataset_bytes(stored) == dataset_bytes(j2k)
     assert row.file_size == stored.stat().st_size
     assert len(store_files(ctx)) == 1
+
+
+def test_node_lookup_failure_rejects_the_association(ctx):
+    add_node(ctx, "sender", SENDER)
+    with StorageSCP(ctx) as server:
+        with ctx.engine.begin() as conn:  # the node table cannot be read: fail closed
+            conn.execute(text("ALTER TABLE pacs_nodes RENAME TO pacs_nodes_away"))
+        try:
+            ae = AE(SENDER)
+            ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+            assert ae.associate("127.0.0.1", server.port).is_rejected
+        finally:
+            with ctx.engine.begin() as conn:
+                conn.execute(text("ALTER TABLE pacs_nodes_away RENAME TO pacs_nodes"))
+        time.sleep(2.1)  # past the node cache
+        assert send(server.port, [make_cr()]) == [0]
