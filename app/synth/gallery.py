@@ -56,7 +56,17 @@ def make_gallery(docs_dir: str | Path, per_class: int = 4, seed: int = 0, header
     lines = ["# Synthetic radiograph gallery", "",
              "Phantoms from `radcohort synth` (seed %d, size `scale:0.25`, header error rate %.2f), shown with"
              " the header labels each file carries. The true class comes from `truth.csv`, never from the headers."
-             " Regenerate with `.venv/bin/python -m app.synth.gallery docs`." % (seed, header_error_rate), ""]
+             " Regenerate with `.venv/bin/python -m app.synth.gallery docs`." % (seed, header_error_rate), "",
+             "```", "radcohort synth --per-class 100 --out /tmp/xr10 --seed 0 --taxonomy xr10 --header-error-rate 0.1",
+             "radcohort synth --per-class 20 --out /tmp/small --size small      # 1/8 size, for tests and demos",
+             "radcohort seed /tmp/xr10 --node my-pacs --associations 4          # or --host/--port/--aet",
+             "radcohort seed /tmp/demo --synth --per-class 10 --size small --host 127.0.0.1 --port 4242 --aet ORTHANC",
+             "```", "",
+             "Each image is rendered from simple anatomy (ellipsoids, tubes and arcs with X-ray attenuation"
+             " coefficients, exponentiated, with scatter, quantum noise, collimation, an L/R lead marker in most"
+             " images and burned-in exposure text). Left and right limbs are mirror anatomy (fibula, radius and"
+             " muscle bulk on the lateral/medial side). Chest age and sex cues (breast shadows, heart size, aortic"
+             " knob calcification, bone density, spine curvature) are subtle on purpose.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for tax in ("xr10", "xr5"):
             out = Path(tmp) / tax
