@@ -13,11 +13,12 @@ def register(cli: typer.Typer) -> None:
         per_class: int = typer.Option(60, "--per-class", min=2, help="synthetic images per class"),
         synth_size: str = typer.Option("small", "--synth-size",
                                        help="synthetic image size: small (1/8 detector), full, scale:F or WxH"),
-        epochs: int = typer.Option(None, "--epochs", min=1, help="training epochs (default: 6 on CPU, 30 on CUDA)"),
+        epochs: int = typer.Option(None, "--epochs", min=1, help="training epochs (default: 12 on CPU, 30 on CUDA)"),
         image_size: int = typer.Option(None, "--image-size", min=16,
                                        help="input height in px (default: 64 on CPU, 256 on CUDA)"),
         model: str = typer.Option(None, "--model", help="timm model (default: resnet10t on CPU, resnet18 on CUDA)"),
         batch_size: int = typer.Option(None, "--batch-size", min=1),
+        lr: float = typer.Option(None, "--lr", min=0.0, help="learning rate (default: 0.003 on CPU, the worker's on CUDA)"),
         experiments: str = typer.Option(None, "--experiments",
                                         help="comma-separated: rotate90,scale10 (default: none on CPU, both on CUDA)"),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -35,7 +36,7 @@ def register(cli: typer.Typer) -> None:
 
         opts = DemoOptions(
             demo_dir=demo_dir, per_class=per_class, epochs=epochs, image_size=image_size, model=model,
-            batch_size=batch_size, device=device, retrieve_method=retrieve_method,
+            batch_size=batch_size, lr=lr, device=device, retrieve_method=retrieve_method,
             header_error_rate=header_error_rate, synth_size=synth_size, seed=seed, fresh=fresh, keep_running=keep_running,
             experiments=None if experiments is None else [e.strip() for e in experiments.split(",") if e.strip()],
             say=lambda msg: typer.echo(msg),

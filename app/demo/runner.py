@@ -44,6 +44,7 @@ class DemoOptions:
     image_size: int | None = None
     model: str | None = None
     batch_size: int | None = None
+    lr: float | None = None
     experiments: list[str] | None = None
     device: str = "auto"
     retrieve_method: str = "move"
@@ -79,8 +80,10 @@ def training_params(opts: DemoOptions, cuda: bool) -> dict:
     if cuda:
         base = {"model": "resnet18", "epochs": 30, "image_size": 256, "experiments": ["rotate90", "scale10"]}
     else:
-        base = {"model": "resnet10t", "epochs": 6, "image_size": 64, "batch_size": 32, "experiments": []}
-    for key in ("model", "epochs", "image_size", "batch_size", "experiments"):
+        # few images and few epochs: a higher learning rate converges within the CPU time budget
+        base = {"model": "resnet10t", "epochs": 12, "image_size": 64, "batch_size": 32, "lr": 0.003,
+                "experiments": []}
+    for key in ("model", "epochs", "image_size", "batch_size", "lr", "experiments"):
         value = getattr(opts, key)
         if value is not None:
             base[key] = value
