@@ -197,7 +197,9 @@ class CohortMember(Base):
     __table_args__ = (UniqueConstraint("cohort_id", "sop_instance_uid", name="uq_cohort_members_uid"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"), index=True)
-    instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instances.id", ondelete="SET NULL"))
+    # a hint for joins, not a foreign key: the snapshot is its UIDs and outlives index rows, and on
+    # PostgreSQL the FK check locked every member's instance row (half the cost of saving a cohort)
+    instance_pk: Mapped[int | None] = mapped_column(Integer)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     class_name: Mapped[str] = mapped_column(String(64))
     split: Mapped[str] = mapped_column(String(16))
