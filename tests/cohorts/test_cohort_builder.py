@@ -88,10 +88,19 @@ def test_patient_level_split_and_seeds(any_ctx, index):
 
 
 def test_balanced_quota(any_ctx, index):
-    out = _create(any_ctx, balanced=True, per_class=100, preview=True, check_files=False)
-    sizes = {c["name"]: c["selected"] for c in out["classes"]}
-    # W/Ps/... are empty here, so balancing over all classes gives 0: balance is over the taxonomy
-    assert set(sizes.values()) == {0}
+    with any_ctx.sessions() as s:
+        create_taxonomy(s, {"name": "three", "classes": [
+            {"name": "L", "where": {"body_part": "KNEE", "laterality": "L"}},
+            {"name": "R", "where": {"body_part": "KNEE", "laterality": "R"}},
+            {"name": "F", "where": {"body_part": "CHEST", "sex": "F", "age_years": {"min": 20, "max": 29}}}]},
+            load_rules())
+        s.commit()
+    out = _create(any_ctx, taxonomy="three", preview=True, check_files=False)
+    assert [c["available"] for c in out["classes"]] == [13, 14, 12]  # R: 12 + alias + MISS (CONF conflicts)
+    out = _create(any_ctx, taxonomy="three", balanced=True, preview=True, check_files=False)
+    assert [c["selected"] for c in out["classes"]] == [12, 12, 12]  # the smallest class sets the size
+    out = _create(any_ctx, taxonomy="three", balanced=True, per_class=5, preview=True, check_files=False)
+    assert [c["selected"] for c in out["classes"]] == [5, 5, 5]
     with any_ctx.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Cohort)) == 0
 
