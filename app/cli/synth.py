@@ -19,8 +19,9 @@ def _syntaxes(value: str | None) -> list[str] | None:
 
 def _run_synth(out: Path, per_class: int, seed: int, taxonomy: str, header_error_rate: float, size: str,
                workers: int | None, syntaxes: str | None = None):
-    from app.synth.generate import generate
+    from app.synth.generate import check_options, generate
 
+    check_options(taxonomy, size, _syntaxes(syntaxes), header_error_rate)
     with _progress() as bar:
         task = bar.add_task(f"rendering {taxonomy}", total=None)
         summary = generate(out, per_class, seed=seed, taxonomy=taxonomy, header_error_rate=header_error_rate,

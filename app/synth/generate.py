@@ -56,6 +56,19 @@ def parse_size(size: str | tuple[int, int] | None) -> tuple[str, object]:
     raise ValueError(f"size must be full, small, scale:F or WxH, not {size!r}")
 
 
+def check_options(taxonomy: str, size, syntaxes: list[str] | None, header_error_rate: float) -> None:
+    """Raise ValueError for bad options before any work starts."""
+    from app.synth.headers import TAXONOMIES
+
+    if taxonomy not in TAXONOMIES:
+        raise ValueError(f"unknown taxonomy {taxonomy!r}; choose from {sorted(TAXONOMIES)}")
+    parse_size(size)
+    if syntaxes is not None and (not syntaxes or set(syntaxes) - set(TRANSFER_SYNTAXES)):
+        raise ValueError(f"unknown transfer syntax in {syntaxes}; choose from {sorted(TRANSFER_SYNTAXES)}")
+    if not 0.0 <= header_error_rate <= 1.0:
+        raise ValueError("header_error_rate must be within 0..1")
+
+
 def _dims(p: PlannedInstance, size_spec: tuple[str, object]) -> tuple[int, int]:
     kind, val = size_spec
     if kind == "fixed":

@@ -118,3 +118,19 @@ def test_same_seed_same_files_whatever_the_worker_count(tmp_path):
 def test_bad_size_is_refused(bad):
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+def test_cli_synth_writes_files_and_refuses_bad_options_before_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["synth", "--per-class", "1", "--out", str(tmp_path / "ok"), "--taxonomy", "xr5",
+                            "--size", "64x80", "--workers", "1", "--header-error-rate", "0.5"])
+    assert r.exit_code == 0, r.output
+    assert len(read_truth(tmp_path / "ok")) == 5 and "5 images" in r.output
+    for bad in (["--taxonomy", "xr7"], ["--size", "10x10"], ["--syntaxes", "jpeg2000"], ["--header-error-rate", "2"]):
+        r = runner.invoke(cli, ["synth", "--per-class", "1", "--out", str(tmp_path / "bad"), *bad])
+        assert r.exit_code == 2, (bad, r.output)
+        assert not (tmp_path / "bad").exists()
