@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -108,4 +109,33 @@ def protocol_of(options: dict | None) -> str:
     return (options or {}).get("protocol") or "dimse"
 
 
-__all__ = ["DAYS", "NodePolicy", "NodePatch", "WindowIn", "policy_of", "protocol_of"]
+class WindowState(BaseModel):
+    open: bool
+    changes_at: datetime | None = Field(None, description="when it closes (if open) or opens (if closed); null = never")
+
+
+class PlannerOut(BaseModel):
+    method: str = Field(description="how retrievals will run: move, get or dicomweb")
+    method_reason: str | None = Field(None, description="why it differs from the node's retrieve_method")
+    find_cap: int | None = Field(None, description="C-FIND answers this long are treated as capped")
+
+
+class NodeSettingsOut(BaseModel):
+    """A node with its etiquette (GET /pacs-nodes/{name}/policy, PATCH /pacs-nodes/{name})."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    retrieve_method: str
+    protocol: str
+    dicomweb_url: str | None
+    policy: NodePolicy
+    window: WindowState
+    planner: PlannerOut
+    capabilities: dict | None = Field(None, description="the last probe's findings")
+
+
+class ProbeOut(BaseModel):
+    capabilities: dict
+    planner: PlannerOut

@@ -445,4 +445,7 @@ class RetrievalRunner:
 
 
 def run_retrieval(ctx: AppContext, retrieval_id: int, **kw) -> Retrieval:
-    return RetrievalRunner(ctx, retrieval_id, **kw).run()
+    """Run under the node's policy (windows, limits, backoff, pause/cancel: app.policy.runner)."""
+    from app.policy.runner import GovernedRunner  # subclasses RetrievalRunner: imported late
+
+    return GovernedRunner(ctx, retrieval_id, **kw).run()

@@ -82,6 +82,7 @@ class RetrievalIn(BaseModel):
     node: str = Field(..., min_length=1, max_length=64)
     query: dict[str, str | int | None] = Field(
         ..., description="DICOM keyword -> value, e.g. {'StudyDate': '20110101-20161231', 'Modality': 'CR'}")
+    urgent: bool = Field(False, description="run outside the node's transfer windows (if its policy allows; audited)")
 
 
 class RetrievalCreated(BaseModel):
@@ -94,7 +95,7 @@ class RetrievalOut(BaseModel):
     node: str
     query: dict[str, Any]
     method: str | None
-    status: Literal["queued", "running", "completed", "partial", "failed"]
+    status: Literal["queued", "running", "paused", "completed", "partial", "failed", "cancelled"]
     expected: int = Field(description="instances the C-FIND listed")
     received: int = Field(description="fetched by this run and now in store and index")
     skipped: int = Field(description="already in store and index before this run")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from app.api.deps import ActorDep, CtxDep, SessionDep
+from app.policy import service as control
 from app.retrievals import service
+from app.retrievals.nodes import get_node
 from app.retrievals.schemas import RetrievalCreated, RetrievalIn, RetrievalList, RetrievalOut
 
 router = APIRouter(prefix="/retrievals", tags=["retrievals"])
@@ -19,6 +21,8 @@ def create_retrieval(body: RetrievalIn, session: SessionDep, ctx: CtxDep, actor:
     Poll `GET /api/v1/retrievals/{id}`; `completed` only when every expected instance is in the
     store and index. Instances already indexed count as `skipped` and are not fetched again."""
     r = service.create_retrieval(session, body.node, body.query, actor)
+    if body.urgent:
+        control.mark_urgent(session, r, get_node(session, body.node), actor)
     service.get_manager(ctx).submit_after_commit(session, r.id)
     return RetrievalCreated(id=r.id, status=r.status)
 
@@ -41,3 +45,23 @@ def retry_retrieval(retrieval_id: int, session: SessionDep, ctx: CtxDep, actor: 
     r = service.requeue_retrieval(session, retrieval_id, actor)
     service.get_manager(ctx).submit_after_commit(session, r.id)
     return RetrievalCreated(id=r.id, status=r.status)
+
+
+_CONTROL = {404: {"description": "unknown retrieval"}, 409: {"description": "not in a state that allows it"}}
+
+
+@router.post("/{retrieval_id}/pause", response_model=RetrievalOut, responses=_CONTROL)
+def pause_retrieval(retrieval_id: int, session: SessionDep, actor: ActorDep):
+    """Pause: a running retrieval stops at its next study/series boundary; a queued one waits."""
+    return service.to_out(control.pause(session, service.get_retrieval(session, retrieval_id), actor))
+
+
+@router.post("/{retrieval_id}/resume", response_model=RetrievalOut, responses=_CONTROL)
+def resume_retrieval(retrieval_id: int, session: SessionDep, actor: ActorDep):
+    return service.to_out(control.resume(session, service.get_retrieval(session, retrieval_id), actor))
+
+
+@router.post("/{retrieval_id}/cancel", response_model=RetrievalOut, responses=_CONTROL)
+def cancel_retrieval(retrieval_id: int, session: SessionDep, actor: ActorDep):
+    """Cancel: it stops at its next boundary and ends `cancelled` with what it got so far."""
+    return service.to_out(control.cancel(session, service.get_retrieval(session, retrieval_id), actor))
