@@ -5,15 +5,23 @@ Pure numpy/pydicom/PIL (no torch), so cache workers start fast.
 
 from __future__ import annotations
 
+import math
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 # Bump when the output of `preprocess_dataset` changes: it is part of the cache key.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
+
+# JPEG 2000 (and HTJ2K) transfer syntaxes: OpenJPEG can decode them at reduced resolution.
+J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
 
 
 class PreprocessError(Exception):
@@ -86,10 +94,48 @@ def fit_square(unit: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
-def preprocess_dataset(ds: pydicom.Dataset, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """A decoded dataset -> (uint8 image_size x image_size, original (rows, cols))."""
+def _j2k_reduced(ds: pydicom.Dataset, image_size: int) -> np.ndarray | None:
+    """Decode a single-frame grey JPEG 2000 image at the coarsest wavelet level that still has
+    >= image_size rows (12-40x faster than a full decode of a CR); None when not applicable
+    (other syntax, no glymur/libopenjp2, small image, any decoder trouble: then decode in full).
+    """
+    if (str(ds.file_meta.get("TransferSyntaxUID", "")) not in J2K_SYNTAXES or int(ds.get("NumberOfFrames", 1) or 1) != 1
+            or int(ds.get("SamplesPerPixel", 1)) != 1 or "PixelData" not in ds):
+        return None
+    rlevel = int(math.floor(math.log2(int(ds.Rows) / image_size))) if int(ds.Rows) >= 2 * image_size else 0
+    if rlevel < 1:
+        return None
+    try:
+        import glymur
+
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        with tempfile.NamedTemporaryFile(suffix=".j2k") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fh.write(frame)
+            fh.flush()
+            j = glymur.Jp2k(fh.name)
+            cod = next(seg for seg in j.codestream.segment if seg.marker_id == "COD")
+            rlevel = min(rlevel, int(cod.num_res))
+            arr = j[:: 2**rlevel, :: 2**rlevel]
+    except Exception:  # noqa: BLE001 - the full decode below is the fallback
+        return None
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if arr.ndim != 2 or (np.issubdtype(arr.dtype, np.signedinteger) != signed):
+        return None
+    return arr
+
+
+def preprocess_dataset(ds: pydicom.Dataset, image_size: int, reduced: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+    """A decoded dataset -> (uint8 image_size x image_size, original (rows, cols)).
+
+    reduced: allow reduced-resolution JPEG 2000 decoding (same image within rounding).
+    """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PreprocessError("no pixel data")
+    arr = _j2k_reduced(ds, image_size) if reduced else None
+    if arr is not None:
+        unit = _to_unit(ds, arr)
+        return fit_square(unit, image_size), (int(ds.Rows), int(ds.Columns))
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - any codec failure means "cannot decode"
@@ -114,7 +160,7 @@ def preprocess_dataset(ds: pydicom.Dataset, image_size: int) -> tuple[np.ndarray
     return fit_square(unit, image_size), (int(arr.shape[0]), int(arr.shape[1]))
 
 
-def preprocess_file(path: str | Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def preprocess_file(path: str | Path, image_size: int, reduced: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """Read and preprocess one DICOM file; PreprocessError when it cannot be used."""
     try:
         ds = pydicom.dcmread(str(path))
@@ -122,4 +168,4 @@ def preprocess_file(path: str | Path, image_size: int) -> tuple[np.ndarray, tupl
         raise PreprocessError(f"file not found: {path}") from exc
     except Exception as exc:  # noqa: BLE001
         raise PreprocessError(f"not a readable DICOM file: {exc}") from exc
-    return preprocess_dataset(ds, image_size)
+    return preprocess_dataset(ds, image_size, reduced)

@@ -13,7 +13,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from models.cache import build_cache, cache_root, entry_path, load_cached
-from models.preprocess import PreprocessError, preprocess_dataset, preprocess_file
+from models.preprocess import PreprocessError, _j2k_reduced, preprocess_dataset, preprocess_file
 from models.toydata import write_toy_dicom
 from tests.conftest import testdata as _testdata
 
@@ -76,10 +76,23 @@ def test_no_window_uses_the_full_range_and_aspect_ratio_is_kept():
 
 
 def test_jpeg2000_decodes_like_the_uncompressed_original():
-    j2k, unc = preprocess_file(_testdata("RG1_J2KR.dcm"), 64), preprocess_file(_testdata("RG1_UNCR.dcm"), 64)
-    assert j2k[1] == unc[1] == (1955, 1841)
-    assert np.array_equal(j2k[0], unc[0])  # reversible JPEG 2000: same pixels
-    assert 20 < j2k[0].mean() < 235 and j2k[0].std() > 20  # a real image, not a flat field
+    path = _testdata("RG1_J2KR.dcm")
+    full, unc = preprocess_file(path, 64, reduced=False), preprocess_file(_testdata("RG1_UNCR.dcm"), 64)
+    assert full[1] == unc[1] == (1955, 1841)
+    assert np.array_equal(full[0], unc[0])  # reversible JPEG 2000, decoded in full: same pixels
+    assert 20 < full[0].mean() < 235 and full[0].std() > 20  # a real image, not a flat field
+    fast = preprocess_file(path, 64)  # reduced-resolution decode where glymur/libopenjp2 exist
+    assert fast[1] == (1955, 1841)
+    diff = np.abs(fast[0].astype(int) - unc[0].astype(int))
+    assert diff.mean() < 3 and np.percentile(diff, 99) < 25  # the same picture, within resampling
+
+
+def test_jpeg2000_reduced_resolution_decode_is_used_when_available():
+    pytest.importorskip("glymur")
+    ds = pydicom.dcmread(_testdata("RG1_J2KR.dcm"))
+    arr = _j2k_reduced(ds, 64)
+    assert arr is not None and 64 <= arr.shape[0] < 1955 / 8  # 1955 rows at 1/16: 123 rows
+    assert _j2k_reduced(ds, 1500) is None  # no level >= 2x smaller than needed: full decode
 
 
 def test_undecodable_inputs_raise_preprocess_error(tmp_path):
