@@ -21,6 +21,7 @@ from sqlalchemy import func, select, update
 
 from app.db.models import Instance, PacsNode, Retrieval
 from app.dicom.scu import DicomClient, FindResult, RetrieveResult
+from app.errors import PermanentDicomError
 from app.policy.clock import Clock
 from app.policy.governor import Cancelled, Governor
 from app.probe.probe import effective_find_cap, preferred_method
@@ -62,6 +63,7 @@ class GovernedRunner(RetrievalRunner):
         self._dw_batcher = None
         self._dw_sink = None
         self._user_factory = kw.get("client_factory")
+        self._study_refused = False
         self.client_factory = self._make_client
 
     # --------------------------------------------------------------- set-up
@@ -96,6 +98,7 @@ class GovernedRunner(RetrievalRunner):
         if node is None:
             return super().run()  # the runner reports the missing node
         self.gate = Governor(self.ctx, node, self.id, clock=self.clock, poll_s=self.poll_s)
+        self._study_refused = bool(((node.options or {}).get("capabilities") or {}).get("study_retrieve_refused"))
         self.method, self.method_reason = preferred_method(node.options, node.retrieve_method or "move")
         try:
             self.gate.claim_start()
@@ -117,10 +120,42 @@ class GovernedRunner(RetrievalRunner):
             s.expunge(r)
         return r
 
+    def _update(self, **values) -> None:
+        """The runner's own `status=running` must not undo a pause or cancel that came meanwhile."""
+        if values.get("status") != "running":
+            return super()._update(**values)
+        with self.ctx.sessions() as s:
+            rest = {k: v for k, v in values.items() if k != "status"}
+            s.execute(update(Retrieval).where(Retrieval.id == self.id).values(**rest))
+            s.execute(update(Retrieval).where(Retrieval.id == self.id, Retrieval.status.in_(("queued", "running")))
+                      .values(status="running"))
+            s.commit()
+
+    def _remember_study_refusal(self, node) -> None:
+        """A PACS that refused a study-level retrieve: later jobs ask per series from the start."""
+        with self.ctx.sessions() as s:
+            n = s.get(PacsNode, node.id)
+            if n is None:
+                return
+            opts = dict(n.options or {})
+            caps = dict(opts.get("capabilities") or {})
+            if not caps.get("study_retrieve_refused"):
+                caps["study_retrieve_refused"] = True
+                opts["capabilities"] = caps
+                n.options = opts
+                s.commit()
+        self._study_refused = True
+
     # --------------------------------------------------------------- per unit
     def _pieces(self, unit: Unit) -> list[Unit]:
         """Cut a unit at study/series boundaries, and to the instance bucket's size."""
         size = self.gate.unit_max
+        if unit.level == "STUDY" and self._study_refused and not size:
+            groups: dict[tuple[str, str], list[str]] = {}
+            for sop in unit.sops:
+                e = self._expected[sop]
+                groups.setdefault((e.study_instance_uid, e.series_instance_uid), []).append(sop)
+            return [_unit("SERIES", st, se, sops) for (st, se), sops in groups.items()]
         if not unit.batched and not size and (self.method != "dicomweb" or unit.level == "IMAGE"):
             return [unit]
         groups: dict[tuple[str, str], list[str]] = {}
@@ -152,6 +187,11 @@ class GovernedRunner(RetrievalRunner):
                     else:
                         res = super()._fetch(client.inner if isinstance(client, GovernedClient) else client,
                                              node, self.method or method, piece)
+            except PermanentDicomError as exc:
+                self.gate.after_unit(ok=False)
+                if piece.level == "STUDY" and getattr(exc, "status", None) != 0xA801:
+                    self._remember_study_refusal(node)  # the runner now retries per series
+                raise
             except Exception:
                 self.gate.after_unit(ok=False)
                 raise

@@ -18,9 +18,15 @@ class FakePacs:
     """Serves `datasets` over C-FIND (any level, matching on UIDs) and C-GET; the first
     `refuse_gets` C-GET requests are answered 0xA700 (out of resources) with nothing sent."""
 
-    def __init__(self, datasets: list[Dataset], refuse_gets: int = 0, ae_title: str = "FAKEPACS"):
+    def __init__(self, datasets: list[Dataset], refuse_gets: int = 0, ae_title: str = "FAKEPACS",
+                 refuse_levels: frozenset[str] = frozenset(), get_delay: float = 0.0):
         self.datasets = datasets
         self.refuse_gets = refuse_gets
+        self.refuse_levels = refuse_levels  # answered 0xC000 (unable to process): a permanent refusal
+        self.get_delay = get_delay
+        self.levels: list[str] = []
+        self.active = 0
+        self.max_active = 0
         self.ae_title = ae_title
         self.port = free_port()
         self.gets = 0
@@ -57,6 +63,27 @@ class FakePacs:
             yield 0xFF00, rsp
 
     def _get(self, event):
+        level = str(event.identifier.QueryRetrieveLevel)
+        with self._lock:
+            self.levels.append(level)
+        if level in self.refuse_levels:
+            yield 1
+            yield 0xC000, None
+            return
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            yield from self._serve(event)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _serve(self, event):
+        import time
+
+        if self.get_delay:
+            time.sleep(self.get_delay)
         with self._lock:
             self.gets += 1
             refuse = self.refused < self.refuse_gets

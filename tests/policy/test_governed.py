@@ -179,3 +179,56 @@ def test_out_of_resources_slows_the_job_down_and_it_recovers(quick):
     clean, fast, _ = run(0, "idle")
     assert (clean.status, clean.received, clean.report["backoffs"]) == ("completed", 6, 0)
     assert slow - fast >= 4.0, (slow, fast)
+
+
+def _three_studies(prefix: str) -> list:
+    out = []
+    for st in range(3):
+        study = f"1.2.826.0.1.3680043.8.498.{prefix}{st}"
+        for se in range(2):
+            out.append(make_cr(study_uid=study, series_uid=f"{study}.{se + 1}", study_date="20120101",
+                               seed=st * 2 + se))
+    return out
+
+
+def test_study_level_refusal_is_remembered_and_later_jobs_ask_per_series(quick):
+    ctx = quick
+    fake = FakePacs(_three_studies("8"), refuse_levels=frozenset({"STUDY"})).start()
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="strict")
+        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="strict")).run()
+        assert (r.status, r.received) == ("completed", 6)
+        assert "STUDY" in fake.levels and fake.levels.count("SERIES") >= 6
+        with ctx.sessions() as s:
+            caps = s.scalar(select(PacsNode.options).where(PacsNode.name == "strict"))["capabilities"]
+            assert caps["study_retrieve_refused"] is True
+            s.query(Instance).delete()
+            s.commit()
+        fake.levels.clear()
+        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="strict")).run()
+        assert (r.status, r.received) == ("completed", 6)
+        assert "STUDY" not in fake.levels  # asked per series from the start
+    finally:
+        fake.stop()
+
+
+def test_max_associations_holds_across_concurrent_retrievals(quick):
+    import threading
+
+    ctx = quick
+    fake = FakePacs(_three_studies("9"), get_delay=0.3).start()
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="one", policy={"max_associations": 1})
+        ids = [new_retrieval(ctx, {"StudyInstanceUID": f"1.2.826.0.1.3680043.8.498.9{k}"}, node="one")
+               for k in range(3)]
+        results = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, GovernedRunner(ctx, i).run()))
+                   for i in ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [results[i].status for i in ids] == ["completed"] * 3
+        assert fake.max_active == 1 and fake.gets >= 3
+    finally:
+        fake.stop()
