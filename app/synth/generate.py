@@ -96,7 +96,7 @@ def _acquisition(p: PlannedInstance, rows: int, cols: int, photometric: str, bit
         shift_mm=(float(rng.normal(0, 0.025 * fov)), float(rng.normal(0, 0.025 * fov))),
         zoom=float(rng.uniform(0.92, 1.08)), exposure=float(np.exp(rng.normal(0, 0.4))),
         contrast=(float(rng.uniform(0.04, 0.2)), float(rng.uniform(0.7, 0.93))),
-        collimation=coll, marker=letter if marker else "", marker_corner=corner, text=text)
+        collimation=coll, edge_enhance=float(rng.uniform(0.2, 1.2)), marker=letter if marker else "", marker_corner=corner, text=text)
 
 
 def make_instance(p: PlannedInstance, seed: int, size_spec: tuple[str, object], encode: bool = True):

@@ -65,6 +65,7 @@ class Acquisition:
     exposure: float = 1.0  # relative dose: sets quantum noise
     contrast: tuple[float, float] = (0.12, 0.85)  # display fraction of the in-field 1st/99.5th pct
     collimation: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # fraction cut l, t, r, b
+    edge_enhance: float = 0.0  # unsharp-mask strength of the vendor's image processing
     marker: str = ""  # "L", "R" or "" (no lead marker)
     marker_corner: str = "tl"
     text: list[str] = field(default_factory=list)  # burned-in lines (never patient identity)
@@ -383,6 +384,16 @@ def render_anatomy(subject: Subject, width_mm: float, height_mm: float, px_per_m
 
 
 # ------------------------------------------------------------------------------------- detector
+def _box_blur(a: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window, edges replicated (separable running sums)."""
+    p = np.pad(a, r, mode="edge").astype(np.float32)
+    c = np.cumsum(p, axis=0)
+    c = np.vstack([c[2 * r:2 * r + 1], c[2 * r + 1:] - c[:-2 * r - 1]])
+    c = np.cumsum(c, axis=1)
+    c = np.hstack([c[:, 2 * r:2 * r + 1], c[:, 2 * r + 1:] - c[:, :-2 * r - 1]])
+    return c / np.float32((2 * r + 1) ** 2)
+
+
 @lru_cache(maxsize=64)
 def _glyph(text: str, px: int) -> np.ndarray:
     """A boolean mask of `text` at roughly `px` pixels tall (cached per process)."""
@@ -461,8 +472,13 @@ def render(subject: Subject, acq: Acquisition, rng: np.random.Generator) -> np.n
     gain = (hi - lo) * maxval / max(float(p_hi - p_lo), 1e-3)
     off = lo * maxval - gain * float(p_lo)
 
-    # scaling is linear, so it is done at low resolution before the one full-size resample
-    low = Image.fromarray(np.asarray(low) * np.float32(gain) + np.float32(off))
+    # CR/DX frequency processing (unsharp mask) sharpens bone edges; scaling is linear, so both are
+    # done at low resolution before the one full-size resample
+    la = np.asarray(low)
+    k = np.float32(acq.edge_enhance)
+    if k > 0:
+        la = la + k * (la - _box_blur(_box_blur(la, max(1, lr_rows // 60)), max(1, lr_rows // 60)))
+    low = Image.fromarray(la * np.float32(gain) + np.float32(off))
     full = low if (lr_rows, lr_cols) == (rows, cols) else low.resize((cols, rows), Image.BICUBIC)
     base = np.asarray(full)
     # quantum noise: larger where fewer photons arrive (higher attenuation -> higher D)
