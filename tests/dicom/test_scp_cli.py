@@ -90,14 +90,19 @@ def test_serve_runs_api_and_scp_in_one_process(node_ctx, tmp_path):
     api = int(env["RADCOHORT_API_PORT"])
     proc = subprocess.Popen([RADCOHORT, "serve"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    failure = None
     try:
         _wait_port(api, proc)
         _wait_port(settings.scp_port, proc)
         ds = make_cr(patient_name="Never^Shown")
         assert send(settings.scp_port, [ds]) == [0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{api}/api/v1/instances", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api}/api/v1/instances", timeout=30) as r:
             body = json.loads(r.read())
+    except (AssertionError, OSError) as exc:
+        failure = exc
     finally:
         out = _stop(proc)
+    if failure is not None:
+        pytest.fail(f"{failure!r}\n--- radcohort serve output ---\n{out}")
     assert [i["sop_instance_uid"] for i in body["items"]] == [ds.SOPInstanceUID]
     assert "Never" not in json.dumps(body) and "Never" not in out
