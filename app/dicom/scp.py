@@ -441,7 +441,9 @@ class StorageSCP:
         ae = self.make_ae()
         address = (self.settings.scp_host, self._port)
         if channel is None:
-            self._server = ae.start_server(address, block=False, evt_handlers=self._handlers())
+            self._server = ae.make_server(address, evt_handlers=self._handlers(), server_class=_TimedServer)
+            ae._servers.append(self._server)  # as start_server does: shutdown() removes it
+            threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True).start()
         else:
             self._server = ae.make_server(("127.0.0.1", 0), evt_handlers=self._handlers(),
                                           server_class=_HandoffServer)
@@ -473,7 +475,16 @@ def _same_host(configured: str, peer: str) -> bool:
         return False
 
 
-class _HandoffServer(ThreadedAssociationServer):
+class _TimedServer(ThreadedAssociationServer):
+    """Accepted sockets time out after the network timeout: pynetdicom leaves them blocking, so a peer
+    that stops in the middle of a PDU would hold its association thread (and a slot) forever."""
+
+    def process_request(self, request, client_address):
+        request.settimeout(self.ae.network_timeout)
+        super().process_request(request, client_address)
+
+
+class _HandoffServer(_TimedServer):
     """An association server that never listens: connections arrive through a dispatcher."""
 
     def server_activate(self) -> None:

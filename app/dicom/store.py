@@ -145,12 +145,45 @@ def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset
             length, value = getattr(raw, "length", None), getattr(raw, "value", None)
             if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) != length:
                 raise ValueError(f"element {raw.tag} is truncated")
+        _check_pixel_data_complete(fp, ts.is_implicit_VR, ts.is_little_endian)
         # values are converted lazily: a junk value (IS "x1") must not refuse the instance,
         # the index extractor treats it as absent
         return ds
     finally:
         if close:
             fp.close()
+
+
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"}
+
+
+def _check_pixel_data_complete(fp: BinaryIO, implicit: bool, little: bool) -> None:
+    """Raise ValueError when the pixel data (where read_dataset stopped) runs past the end of the data.
+
+    A sender that declares 8 KB of pixel data and sends 4 KB must not get Success for a half image.
+    """
+    start = fp.tell()
+    head = fp.read(12)
+    if not head:
+        return  # no pixel data
+    if len(head) < 8:
+        raise ValueError("pixel data element header is truncated")
+    e = "<" if little else ">"
+    if implicit or head[4:6] in _LONG_VRS:
+        length = struct.unpack(e + "I", head[4:8] if implicit else head[8:12])[0]
+        hdr = 8 if implicit else 12
+    else:
+        length, hdr = struct.unpack(e + "H", head[6:8])[0], 8
+    end = fp.seek(0, io.SEEK_END)
+    if length == 0xFFFFFFFF:  # encapsulated: must end with the sequence delimiter (then optional padding)
+        delim = struct.pack(e + "HHI", 0xFFFE, 0xE0DD, 0)
+        fp.seek(max(start, end - 65536))
+        tail = fp.read()
+        i = tail.rfind(delim)
+        if i < 0 or not (i + 8 == len(tail) or tail[i + 8:i + 12] == struct.pack(e + "HH", 0xFFFC, 0xFFFC)):
+            raise ValueError("encapsulated pixel data is truncated (no sequence delimiter)")
+    elif end - start - hdr < length:
+        raise ValueError(f"pixel data is truncated ({end - start - hdr} of {length} bytes)")
 
 
 class DicomStore:

@@ -1,0 +1,274 @@
+"""DICOM fuzzing of our Storage SCP over real sockets.
+
+Corrupted, truncated and random datasets, wrong and unknown VRs, huge declared lengths, UIDs with
+path characters, unknown SOP classes, unknown calling AE titles and associations that never
+release. Properties: every C-STORE gets a status (Success only when the file and its index row
+exist), the association survives a bad dataset, nothing is written outside the store, and the SCP
+still serves afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config
+from sqlalchemy import select
+
+from app.db.models import Instance, PacsNode
+from app.dicom.scp import (STATUS_INVALID_UID, STATUS_MALFORMED, STATUS_SINK_FAILED, STATUS_SUCCESS,
+                           STATUS_UID_MISMATCH, STATUS_WRITE_FAILED, StorageSCP)
+from tests.dicom.helpers import CR_STORAGE, make_cr
+
+SENDER = "FUZZER"
+KNOWN = {STATUS_SUCCESS, STATUS_MALFORMED, STATUS_INVALID_UID, STATUS_UID_MISMATCH, STATUS_WRITE_FAILED,
+         STATUS_SINK_FAILED}
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture
+def scp(ctx):
+    with ctx.sessions() as s:
+        s.add(PacsNode(name="fuzzer", ae_title=SENDER, host="127.0.0.1", port=104))
+        s.commit()
+    server = StorageSCP(ctx).start()
+    yield server
+    server.stop()
+
+
+def part10(ds) -> tuple[bytes, bytes]:
+    """(preamble + file meta, encoded dataset) of a generated instance."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    raw = buf.getvalue()
+    head = io.BytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, ds.file_meta)
+    h = head.getvalue()
+    assert raw.startswith(h)
+    return h, raw[len(h):]
+
+
+def find_elem(body: bytes, group: int, elem: int) -> int:
+    i = body.find(struct.pack("<HH", group, elem))
+    assert i >= 0
+    return i
+
+
+def mutations(seed: int = 7) -> list[tuple[str, str, bytes]]:
+    """(name, sop uid, Part 10 bytes) of hostile variants of small valid CR instances."""
+    rng = random.Random(seed)
+    out = []
+
+    def fresh():
+        ds = make_cr(seed=rng.randrange(1000))
+        head, body = part10(ds)
+        return ds.SOPInstanceUID, head, bytearray(body)
+
+    for cut in (3, 9, 40, 200, -4000, -1):  # inside a tag, a header value, the pixel data
+        uid, head, body = fresh()
+        out.append((f"truncated@{cut}", uid, head + bytes(body[:cut])))
+    uid, head, body = fresh()
+    out.append(("empty dataset", uid, head))
+    # huge declared lengths: a short-form VR at 0xFFFF, the pixel data at ~4 GiB
+    uid, head, body = fresh()
+    i = find_elem(body, 0x0010, 0x0010)
+    body[i + 6:i + 8] = b"\xff\xff"
+    out.append(("PatientName length 0xFFFF", uid, head + bytes(body)))
+    uid, head, body = fresh()
+    i = find_elem(body, 0x7FE0, 0x0010)
+    body[i + 8:i + 12] = struct.pack("<I", 0xFFFFFFF0)
+    out.append(("PixelData length 4 GiB", uid, head + bytes(body)))
+    # wrong and unknown VRs
+    for tag, vr in (((0x0008, 0x0020), b"US"), ((0x0028, 0x0010), b"DA"), ((0x0010, 0x0010), b"ZZ"),
+                    ((0x0010, 0x0010), b"SQ"), ((0x0008, 0x0060), b"OB"), ((0x0020, 0x000D), b"FD")):
+        uid, head, body = fresh()
+        i = find_elem(body, *tag)
+        body[i + 4:i + 6] = vr
+        out.append((f"({tag[0]:04X},{tag[1]:04X}) as {vr.decode()}", uid, head + bytes(body)))
+    # random bytes for the whole dataset, then random flips in the header region
+    uid, head, body = fresh()
+    out.append(("random dataset", uid, head + rng.randbytes(3000)))
+    for k in range(30):
+        uid, head, body = fresh()
+        end = find_elem(body, 0x7FE0, 0x0010)
+        for _ in range(rng.randint(1, 8)):
+            body[rng.randrange(end)] = rng.randrange(256)
+        out.append((f"flips#{k}", uid, head + bytes(body)))
+    return out
+
+
+def _files_outside_store(root: Path, store: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() and store not in p.parents and not p.name.startswith("rc.db")
+            and p.name != "pseudonym.key"}
+
+
+def _send_files(port: int, paths: list[Path], aet: str = SENDER) -> list[int]:
+    ae = AE(aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(CR_STORAGE, EXPLICIT_LE)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADCOHORT")
+    assert assoc.is_established
+    try:
+        statuses = []
+        for p in paths:
+            rsp = assoc.send_c_store(p)
+            assert "Status" in rsp, f"no status for {p.name} (association {assoc.is_aborted and 'aborted'})"
+            statuses.append(int(rsp.Status))
+        assert assoc.send_c_echo().Status == 0  # the association survived every bad dataset
+        return statuses
+    finally:
+        assoc.release()
+
+
+def test_hostile_datasets_get_statuses_and_nothing_escapes(tmp_path, ctx, scp, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the bytes exactly as crafted
+    cases = mutations()
+    files = []
+    for n, (name, _uid, blob) in enumerate(cases):
+        p = tmp_path / "fuzz" / f"{n:03d}.dcm"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(blob)
+        files.append(p)
+    before = _files_outside_store(tmp_path, ctx.settings.store_dir)
+    statuses = _send_files(scp.port, files)
+    with ctx.sessions() as s:
+        indexed = set(s.scalars(select(Instance.sop_instance_uid)))
+    stored = {p.stem: p for p in ctx.settings.store_dir.rglob("*.dcm")}
+    results = {}
+    for (name, uid, blob), st in zip(cases, statuses):
+        results[name] = hex(st)
+        assert st in KNOWN, (name, hex(st))
+        if st == STATUS_SUCCESS:
+            assert uid in indexed and uid in stored, name
+            assert stored[uid].read_bytes().endswith(blob[blob.find(b"DICM") + 4:][-64:]), name
+        else:
+            assert uid not in indexed and uid not in stored, (name, hex(st))
+    # what must be refused is refused
+    for name in ("truncated@3", "truncated@9", "truncated@-4000", "truncated@-1", "PixelData length 4 GiB",
+                 "PatientName length 0xFFFF", "random dataset", "empty dataset", "(0010,0010) as SQ"):
+        assert results[name] != hex(STATUS_SUCCESS), (name, results)
+    assert sum(s != STATUS_SUCCESS for s in statuses) >= 15, results
+    assert len(stored) == len(indexed) == statuses.count(STATUS_SUCCESS)
+    # nothing outside the store, no temp files left in it
+    assert _files_outside_store(tmp_path, ctx.settings.store_dir) - before == set()
+    assert not [p for p in ctx.settings.store_dir.rglob("*") if p.is_file() and p.suffix != ".dcm"]
+    # and it still serves
+    good = make_cr()
+    assert _send_files(scp.port, [_write(tmp_path / "good.dcm", good)]) == [0]
+
+
+def _write(path: Path, ds) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("uid", ["1.2/../../../../etc/evil", "..", "1.2.3\\..\\..\\evil", "1.2.3/evil",
+                                 "/tmp/evil", "1.2." + "9" * 80, "1.2.3\x00/../evil", "1.2.840.10008.~evil"])
+def test_uids_with_path_characters_write_nothing(tmp_path, ctx, scp, monkeypatch, uid):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ds = make_cr()
+    ds.StudyInstanceUID = uid
+    before = {p for p in Path("/tmp").glob("*evil*")}
+    st = _send_files(scp.port, [_write(tmp_path / "u.dcm", ds)])
+    assert st == [STATUS_INVALID_UID]
+    assert not list(ctx.settings.store_dir.rglob("*.dcm"))
+    assert {p for p in Path("/tmp").glob("*evil*")} == before
+    assert not [p for p in tmp_path.rglob("*evil*")]
+
+
+def test_unknown_sop_class_is_not_accepted_and_nothing_stored(ctx, scp):
+    ae = AE(SENDER)
+    ae.add_requested_context("1.2.3.4.5.6.7.8.9", EXPLICIT_LE)  # no such storage class
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.88.11", EXPLICIT_LE)  # a real class we do not keep
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADCOHORT")
+    if assoc.is_established:
+        assert assoc.accepted_contexts == []
+        ds = make_cr()
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.3.4.5.6.7.8.9"
+        with pytest.raises(ValueError):  # no accepted context: the sender cannot even send it
+            assoc.send_c_store(ds)
+        assoc.release()
+    assert not list(ctx.settings.store_dir.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("aet", ["NOBODY", "fuzzer", " ", "A" * 16, "FUZZER\\X"])
+def test_unknown_calling_ae_titles_are_rejected(ctx, scp, aet):
+    ae = AE(aet if aet.strip() and "\\" not in aet else "NOBODY2")
+    if not aet.strip() or "\\" in aet:
+        ae.require_calling_aet = []
+    ae.add_requested_context(CR_STORAGE, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADCOHORT")
+    assert assoc.is_rejected, aet
+    assert not list(ctx.settings.store_dir.rglob("*.dcm"))
+
+
+def _assoc_rq_prefix() -> bytes:
+    """The first bytes of an A-ASSOCIATE-RQ PDU declaring far more data than ever comes."""
+    return b"\x01\x00" + struct.pack(">I", 100000) + b"\x00\x01\x00\x00" + b"RADCOHORT".ljust(16)
+
+
+def test_idle_and_half_open_connections_are_dropped_and_scp_keeps_serving(tmp_path, ctx, monkeypatch):
+    """Peers that connect and say nothing, stop mid-PDU, or associate and go silent.
+
+    The SCP's ACSE timeout (dicom_timeout) drops the first two; an established association that goes
+    silent is aborted after the network timeout (60 s in production; shortened here).
+    """
+    ctx.settings.dicom_timeout = 2.0
+    with ctx.sessions() as s:
+        s.add(PacsNode(name="fuzzer", ae_title=SENDER, host="127.0.0.1", port=104))
+        s.commit()
+    server = StorageSCP(ctx)
+    make_ae = server.make_ae
+
+    def short_network_timeout():
+        ae = make_ae()
+        ae.network_timeout = 3.0
+        return ae
+
+    monkeypatch.setattr(server, "make_ae", short_network_timeout)
+    server.start()
+    try:
+        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+        half = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(10)]
+        for h in half:
+            h.sendall(_assoc_rq_prefix())
+        ae = AE(SENDER)
+        ae.add_requested_context(CR_STORAGE, EXPLICIT_LE)
+        ae.network_timeout = 60
+        idle = ae.associate("127.0.0.1", server.port, ae_title="RADCOHORT")
+        assert idle.is_established
+        # while they hang, a real sender is still served
+        p = _write(tmp_path / "ok.dcm", make_cr())
+        assert _send_files(server.port, [p]) == [0]
+        # and all of them are cut within the timeouts
+        deadline = time.monotonic() + 15
+        for sk in silent + half:
+            sk.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                assert sk.recv(65536) in (b"",) or True  # an A-ABORT/A-ASSOCIATE-RJ, then EOF
+                while sk.recv(65536):
+                    pass
+            except (TimeoutError, socket.timeout):
+                pytest.fail("an idle connection was never dropped")
+            except ConnectionResetError:
+                pass
+            sk.close()
+        while idle.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not idle.is_established, "a silent association was never aborted"
+        while server._server.active_associations and time.monotonic() < deadline + 5:
+            time.sleep(0.2)
+        assert server._server.active_associations == []
+        p2 = _write(tmp_path / "ok2.dcm", make_cr())
+        assert _send_files(server.port, [p2]) == [0]
+    finally:
+        server.stop()
