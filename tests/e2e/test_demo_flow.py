@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.worker]
 
 XR10 = ["W", "Ps", "LtE", "RtE", "LtK", "RtK", "C20F", "C20M", "C60F", "C60M"]
 # tiny and fast: a few patients per class, small images, one epoch
-SYNTH_ARGS: list[str] = []
-PER_CLASS = 4
+SYNTH_ARGS: list[str] = []  # --size small is the demo default
+PER_CLASS = 10
 
 
 def _port_closed(url: str) -> bool:
@@ -98,7 +98,8 @@ def test_demo_flow_end_to_end_and_rerun(tmp_path):
     assert sum(r["n"] for r in per_class) == seen["n_test"]
     for r in per_class:
         assert r["accuracy"] == pytest.approx(100.0 * r["correct"] / r["n"])
-        assert 0.0 <= r["confidence_mean"] <= 1.0 and r["confidence_sd"] >= 0.0
+        assert 0.0 <= r["confidence_mean"] <= 1.0
+        assert (r["confidence_sd"] is None) if r["n"] < 2 else r["confidence_sd"] >= 0.0  # SD needs two
     total_correct = sum(r["correct"] for r in per_class)
     assert m["overall_accuracy"] == pytest.approx(100.0 * total_correct / seen["n_test"])
     cm = m["confusion_matrix"]
@@ -111,7 +112,7 @@ def test_demo_flow_end_to_end_and_rerun(tmp_path):
     # what the user sees: Table 2, overall accuracy, suspects, the report path
     assert "confidence mean ± SD" in out and "overall accuracy:" in out and "header suspects" in out
     for cls in XR10:
-        assert any(line.startswith(cls + " ") for line in lines)
+        assert any(line.startswith(cls + " ") for line in out.splitlines())
     assert first.report_path is not None and first.report_path.exists()
     assert f"report: {first.report_path}" in out
     assert list(first.report_path.parent.glob("*.png")), "report without its figures"
