@@ -69,13 +69,17 @@ stamp=.venv/.radcohort-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
+  piplog=.venv/pip-install.log
+  pip_q() {  # quiet unless it fails: then show the end of pip's output
+    .venv/bin/python -m pip install -q "$@" >>"$piplog" 2>&1 || { tail -40 "$piplog" >&2; log "pip install $* failed (full log: $piplog)"; return 1; }
+  }
   if ! .venv/bin/python -c 'import torch, torchvision' >/dev/null 2>&1; then
     # first, so that the project's torch range is already met (pip takes this pair from the local disk)
-    log "installing torch and torchvision"
-    .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+    log "installing torch and torchvision (a few minutes the first time)"
+    pip_q torch==2.14.1 torchvision==0.29.1
   fi
   log "installing radcohort[worker,dev]"
-  .venv/bin/python -m pip install -q -e '.[worker,dev]'
+  pip_q -e '.[worker,dev]'
   echo "$want" > "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
