@@ -97,7 +97,8 @@ def register(cli: typer.Typer) -> None:
         host: str = typer.Option(None, help="override RADCOHORT_SCP_HOST"),
         port: int = typer.Option(None, help="override RADCOHORT_SCP_PORT"),
         fsync: bool = typer.Option(True, help="fsync each file before answering Success (durable)"),
-        chunked: bool = typer.Option(False, help="stream each dataset to disk while it arrives (huge instances)"),
+        chunked: bool = typer.Option(True, help="stream each dataset into the store while it arrives (needed for "
+                                                "huge instances; measured faster with fsync) instead of memory"),
     ) -> None:
         """Run the DICOM Storage SCP only (after `db upgrade`)."""
         from app.context import AppContext
@@ -130,6 +131,7 @@ def register(cli: typer.Typer) -> None:
         scp_processes: int = typer.Option(None, min=1, max=64, help="SCP processes (default RADCOHORT_SCP_PROCESSES)"),
         host: str = typer.Option(None, help="override RADCOHORT_API_HOST"),
         port: int = typer.Option(None, help="override RADCOHORT_API_PORT"),
+        chunked: bool = typer.Option(True, help="SCP: stream each dataset into the store while it arrives"),
     ) -> None:
         """Run the HTTP API and, unless --no-scp, the Storage SCP (after `db upgrade`)."""
         import uvicorn
@@ -146,9 +148,9 @@ def register(cli: typer.Typer) -> None:
         if not no_scp:
             n = scp_processes or settings.scp_processes
             if n > 1:
-                procs = ScpProcesses(settings, n).start()
+                procs = ScpProcesses(settings, n, chunked=chunked).start()
             else:
-                server = StorageSCP(ctx).start()
+                server = StorageSCP(ctx, chunked=chunked).start()
             typer.echo(f"Storage SCP {settings.ae_title} on {settings.scp_host}:{settings.scp_port}")
         try:
             uvicorn.run(create_app(settings, ctx), host=settings.api_host, port=settings.api_port,
