@@ -1,0 +1,336 @@
+"""Faults: the SCP process SIGKILLed mid-transfer, a full disk (tmpfs), the database cut (TCP proxy).
+
+Each runs the real component: `radcohort scp` as a process, a real tmpfs, real PostgreSQL behind a
+proxy this test cuts and restores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from app.context import AppContext
+from app.db.migrate import upgrade
+from app.db.models import Instance, PacsNode
+from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED, StorageSCP
+from app.dicom.store import parse_header
+from tests.conftest import make_settings
+from tests.dicom.helpers import CR_STORAGE, make_cr
+
+RADCOHORT = str(Path(sys.executable).with_name("radcohort"))
+SENDER = "SENDER"
+
+
+def _count(ctx) -> int:
+    with ctx.sessions() as s:
+        return s.scalar(select(func.count()).select_from(Instance))
+
+
+def _node(ctx) -> None:
+    with ctx.sessions() as s:
+        s.add(PacsNode(name="sender", ae_title=SENDER, host="127.0.0.1", port=104))
+        s.commit()
+
+
+def big_cr(mb: int, seed: int = 1):
+    ds = make_cr(seed=seed)
+    side = int((mb * 2**20 / 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = os.urandom(side * side * 2)
+    return ds
+
+
+def send(port: int, datasets, timeout: float = 30) -> list[int | None]:
+    """C-STORE each dataset; None where no response came (association aborted or connection lost)."""
+    ae = AE(SENDER)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(CR_STORAGE, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADCOHORT")
+    if not assoc.is_established:
+        return [None] * len(datasets)
+    out: list[int | None] = []
+    try:
+        for d in datasets:
+            if not assoc.is_established:
+                out.append(None)
+                continue
+            rsp = assoc.send_c_store(d)
+            out.append(int(rsp.Status) if "Status" in rsp else None)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
+
+
+def _start_scp(settings, chunked: bool) -> subprocess.Popen:
+    env = {**os.environ, "RADCOHORT_DATABASE_URL": settings.database_url,
+           "RADCOHORT_DATA_DIR": str(settings.data_dir), "RADCOHORT_SCP_PORT": str(settings.scp_port),
+           "RADCOHORT_PSEUDONYM_KEY": "k"}
+    proc = subprocess.Popen([RADCOHORT, "scp", "--chunked" if chunked else "--no-chunked"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with socket.create_connection(("127.0.0.1", settings.scp_port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the SCP never listened")
+
+
+def _complete(path: Path) -> bool:
+    """A Part 10 file whose dataset (incl. pixel data length) is whole."""
+    from app.dicom.store import file_meta_end
+    from pydicom import dcmread
+
+    with open(path, "rb") as f:
+        off = file_meta_end(f)
+    ts = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    try:
+        parse_header(path, ts, off)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _finals(store: Path) -> list[Path]:
+    """Files under their final names (study/series/sop.dcm), not the .incoming or temp files."""
+    return [p for p in store.rglob("*.dcm") if not any(part.startswith(".") for part in p.relative_to(store).parts)]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["memory", "chunked"])
+def test_scp_sigkilled_mid_transfer_leaves_no_partial_file_and_reindexes_nothing_twice(tmp_path, chunked):
+    s = make_settings(tmp_path)
+    upgrade(s.database_url)
+    ctx = AppContext.build(s)
+    _node(ctx)
+    small = [make_cr(seed=i) for i in range(20)]
+    big = big_cr(96)
+    proc = _start_scp(s, chunked)
+    try:
+        assert send(s.scp_port, small) == [0] * 20
+        interrupted = 0
+        for delay in (0.1, 0.3, 0.6, 1.0):  # kill at several points of the receive/write
+            result: list = []
+            t = threading.Thread(target=lambda: result.append(send(s.scp_port, [big], timeout=20)))
+            t.start()
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            t.join(30)
+            finals = _finals(s.store_dir)
+            assert all(_complete(p) for p in finals), "a partial file is visible under its final name"
+            if result and result[0] != [0]:  # killed before Success: the instance must not be there
+                interrupted += 1
+                assert not [p for p in finals if p.stem == big.SOPInstanceUID]
+            else:  # it made it before the kill: whole and indexed
+                assert _count(ctx) == 21
+            proc = _start_scp(s, chunked)
+        assert interrupted >= 2, "the kills never hit a transfer in flight"
+        # the restart removed leftovers; resending everything stores the big one and duplicates nothing
+        leftovers = [p for p in s.store_dir.rglob("*") if p.is_file() and p not in _finals(s.store_dir)]
+        assert leftovers == []
+        assert send(s.scp_port, small + [big], timeout=60) == [0] * 21
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert _count(ctx) == 21 and len(_finals(s.store_dir)) == 21
+    stored_big = next(p for p in _finals(s.store_dir) if p.stem == big.SOPInstanceUID)
+    assert _complete(stored_big) and stored_big.stat().st_size > 95 * 2**20
+    env = {**os.environ, "RADCOHORT_DATABASE_URL": s.database_url, "RADCOHORT_DATA_DIR": str(s.data_dir),
+           "RADCOHORT_PSEUDONYM_KEY": "k"}
+    out = subprocess.run([RADCOHORT, "reindex"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "indexed 0," in out.stdout, out.stdout + out.stderr
+    assert _count(ctx) == 21
+    ctx.close()
+
+
+# ----------------------------------------------------------------------------- disk full
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mnt = tmp_path / "data" / "store"
+    mnt.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): needs root/CAP_SYS_ADMIN")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_answers_out_of_resources_never_success_and_recovers(tmp_path, tiny_tmpfs):
+    s = make_settings(tmp_path)
+    assert s.store_dir == tiny_tmpfs
+    upgrade(s.database_url)
+    ctx = AppContext.build(s)
+    _node(ctx)
+    scp = StorageSCP(ctx).start()
+    try:
+        batch = [big_cr(1, seed=i) for i in range(6)]  # ~1 MB each into 2 MB
+        statuses = send(scp.port, batch)
+        assert STATUS_WRITE_FAILED in statuses and 0 in statuses, [hex(x) for x in statuses]
+        with ctx.sessions() as sess:
+            indexed = set(sess.scalars(select(Instance.sop_instance_uid)))
+        on_disk = {p.stem for p in tiny_tmpfs.rglob("*.dcm")}
+        for ds, st in zip(batch, statuses):
+            assert st in (0, STATUS_WRITE_FAILED)
+            if st == 0:
+                assert ds.SOPInstanceUID in indexed and ds.SOPInstanceUID in on_disk
+            else:
+                assert ds.SOPInstanceUID not in indexed and ds.SOPInstanceUID not in on_disk
+        assert all(_complete(p) for p in tiny_tmpfs.rglob("*.dcm"))
+        assert not [p for p in tiny_tmpfs.rglob("*") if p.is_file() and p.suffix != ".dcm"], "temp files left"
+        # space returns: the same SCP (never restarted) takes the resend
+        subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_tmpfs)], check=True)
+        assert send(scp.port, batch) == [0] * 6
+        assert _count(ctx) == 6
+    finally:
+        scp.stop()
+        ctx.close()
+
+
+# ----------------------------------------------------------------------------- database outage
+class CuttableProxy:
+    """A TCP proxy to PostgreSQL that can drop every connection and refuse new ones, then restore."""
+
+    def __init__(self, target=("127.0.0.1", 5432)):
+        self.target = target
+        self.port = _free_port()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+
+    def start(self) -> "CuttableProxy":
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                self._conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        if self._listener:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close alone does not
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def restore(self) -> None:
+        self.start()
+
+
+def _free_port() -> int:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+@pytest.mark.postgres
+def test_database_cut_gives_503_then_works_and_loses_no_job(tmp_path, pg_database):
+    from fastapi.testclient import TestClient
+
+    from app.api import create_app
+    from app.db.models import Cohort, TrainingJob
+
+    upgrade(pg_database)
+    proxy = CuttableProxy().start()
+    url = pg_database.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    assert url != pg_database
+    s = make_settings(tmp_path, url, dicom_timeout=5.0)
+    ctx = AppContext.build(s)
+    _node(ctx)
+    with ctx.sessions() as sess:
+        c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": "A"}, {"name": "B"}]})
+        sess.add(c)
+        sess.commit()
+        cid = c.id
+    job = {"cohort_id": cid, "model": "resnet10t", "epochs": 1, "image_size": 32}
+    scp = StorageSCP(ctx).start()
+    try:
+        with TestClient(create_app(s, ctx)) as client:
+            r = client.post("/api/v1/training-jobs", json=job)
+            assert r.status_code == 202, r.text
+            first = r.json()["id"]
+            assert client.get("/api/v1/instances").status_code == 200
+            queued = make_cr(seed=5)
+            assert send(scp.port, [queued]) == [0]
+
+            proxy.cut()
+            for method, path, body in (("GET", "/api/v1/instances", None), ("GET", "/api/v1/training-jobs", None),
+                                       ("POST", "/api/v1/training-jobs", job), ("GET", "/api/v1/stats", None)):
+                r = client.request(method, path, json=body)
+                assert r.status_code == 503, (path, r.status_code, r.text)
+                assert "database" in r.json()["detail"]
+            h = client.get("/health")
+            assert h.status_code == 200 and h.json()["database"] is False
+            # a C-STORE while the DB is gone: out of resources, never Success; the file waits for a resend
+            lost = make_cr(seed=6)
+            assert send(scp.port, [lost]) == [STATUS_SINK_FAILED]
+
+            proxy.restore()
+            deadline = time.monotonic() + 10
+            while client.get("/health").json()["database"] is not True and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.get("/api/v1/instances").status_code == 200
+            r = client.post("/api/v1/training-jobs", json=job)
+            assert r.status_code == 202, r.text
+            jobs = {j["id"]: j["status"] for j in client.get("/api/v1/training-jobs").json()["items"]}
+            # the job queued before the outage is still queued, the one refused with 503 was never half-made
+            assert jobs == {first: "queued", r.json()["id"]: "queued"}
+            assert send(scp.port, [lost]) == [0]
+            uids = {i["sop_instance_uid"] for i in client.get("/api/v1/instances").json()["items"]}
+            assert uids == {queued.SOPInstanceUID, lost.SOPInstanceUID}
+    finally:
+        scp.stop()
+        ctx.close()
+        proxy.cut()
