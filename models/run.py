@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,52 @@ class Progress:
     def close(self) -> None:
         if self.fh:
             self.fh.close()
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Deep copy with every tensor cloned to the CPU (training goes on mutating the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes the epoch checkpoint on a background thread while the next epoch trains, then emits
+    that epoch's event: an "epoch k" event still means epoch k is on disk and resumable.
+
+    At most one write is in flight (the next submit waits for it): two copies in memory at most.
+    """
+
+    def __init__(self, path: Path, prog: Progress) -> None:
+        self.path, self.prog = path, prog
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending: Future | None = None
+
+    def _write(self, state: dict, event: dict) -> None:
+        _atomic_torch(self.path, state)
+        self.prog.emit(event)
+
+    def submit(self, state: dict, event: dict) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._write, _to_cpu(state), event)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # a failed write raises here, in the training thread
+
+    def close(self, raise_errors: bool = True) -> None:
+        try:
+            self.wait()
+        except Exception:
+            if raise_errors:
+                raise
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -142,15 +189,17 @@ def run_spec(spec: dict, progress: Callable[[dict], None] | None = None) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     rt = setup_runtime(cfg.device)
     prog = Progress(run_dir / "progress.jsonl", progress, rt.is_main)
+    saver = CheckpointWriter(run_dir / "checkpoint.pt", prog)
     try:
-        return _run(spec, cfg, classes, items, run_dir, rt, prog)
+        return _run(spec, cfg, classes, items, run_dir, rt, prog, saver)
     finally:
+        saver.close(raise_errors=False)  # no-op after a clean run; never masks the real error
         prog.close()
         teardown(rt)
 
 
 def _run(spec: dict, cfg: TrainConfig, classes: list[str], items: list[dict], run_dir: Path, rt: Runtime,
-         prog: Progress) -> dict:
+         prog: Progress, saver: CheckpointWriter) -> dict:
     t_start = time.monotonic()
     stop = _stop_check(run_dir, rt)
     check_every = 10 if rt.distributed else 1
@@ -234,12 +283,13 @@ def _run(spec: dict, cfg: TrainConfig, classes: list[str], items: list[dict], ru
                "val_accuracy": val_acc, "images_per_second": stats["images"] / max(train_s, 1e-9),
                "eta_seconds": epoch_s * (cfg.epochs - epoch - 1), "device": device_desc}
         history.append(rec)
-        if rt.is_main:  # checkpoint first, then the event: an "epoch k" event means k is resumable
-            _atomic_torch(ckpt_path, {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                      "scheduler": sched.state_dict(), "history": history, "fingerprint": job_fp})
-        prog.emit({"event": "epoch", **rec})
+        if rt.is_main:
+            saver.submit({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "history": list(history), "fingerprint": job_fp},
+                         {"event": "epoch", **rec})
         if stop():
             raise Cancelled()
+    saver.wait()
     train_seconds = time.monotonic() - t_start
 
     # 4. evaluation, experiments and artifacts (rank 0)

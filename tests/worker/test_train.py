@@ -150,7 +150,8 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(cohort, tmp_path):
     proc.stdout.close()
     first = [e["epoch"] for e in _events(run_dir) if e["event"] == "epoch"]
     k = torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"]
-    assert k == first[-1] and 2 <= k < 8 and not (run_dir / "metrics.json").exists()
+    # the event follows the checkpoint write, so the checkpoint is at least as far as the events say
+    assert first[-1] <= k < 8 and k >= 2 and not (run_dir / "metrics.json").exists()
 
     proc = _launch(spec)
     out, _ = proc.communicate(timeout=300)
