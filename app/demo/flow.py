@@ -35,6 +35,7 @@ class FlowOptions:
     retrieval_timeout: float = 300.0
     training_timeout: float = 900.0
     poll_seconds: float = 1.0
+    cancel_leftover_jobs: bool = False  # the demo's own DB: jobs an interrupted run left queued
 
 
 @dataclass
@@ -102,6 +103,13 @@ def run_flow(client: httpx.Client, opts: FlowOptions, say: Callable[[str], None]
     t0 = time.monotonic()
 
     res.health = _check(client.get("/health"), 200, what="GET /health")
+    if opts.cancel_leftover_jobs:
+        for status in ("queued", "running"):
+            left = _check(client.get("/api/v1/training-jobs", params={"status": status}), 200,
+                          what="GET /api/v1/training-jobs")
+            for job in left.get("items") or []:
+                _check(client.post(f"/api/v1/training-jobs/{job['id']}/cancel"), 200, what="cancel a left-over job")
+                say(f"cancelled training job {job['id']}, left {status} by an interrupted earlier run")
 
     # 1. the PACS node (re-created: the demo's Orthanc gets new ports on every run)
     name = opts.node_name

@@ -221,7 +221,8 @@ def run_demo(opts: DemoOptions, after: Callable[[httpx.Client, FlowResult], None
             headers["Authorization"] = f"Bearer {tokens[0]}"
         flow_opts = FlowOptions(pacs_aet=orthanc.aet, pacs_host="127.0.0.1", pacs_port=orthanc.dicom_port,
                                 retrieve_method=opts.retrieve_method, training=params, seed=opts.seed,
-                                retrieval_timeout=opts.retrieval_timeout, training_timeout=opts.training_timeout)
+                                retrieval_timeout=opts.retrieval_timeout, training_timeout=opts.training_timeout,
+                                cancel_leftover_jobs=True)
         with httpx.Client(base_url=base_url, headers=headers, timeout=120) as client:
             def say_checked(msg: str) -> None:
                 say(msg)
