@@ -88,9 +88,10 @@ def relabel_all(session: Session, rules_file: str | Path | None = None, rules: R
                 batch_size: int = 10_000, progress: Callable[[int], Any] | None = None) -> dict:
     """Recompute the labels of every indexed instance with the current rule set.
 
-    Reads the index in id-keyed batches, UPDATEs only rows whose labels changed (one executemany
-    per batch on the DBAPI cursor), then stamps the new version on all rows in one statement.
-    Flushes only: the caller commits. Returns {"version", "scanned", "changed", "seconds"}.
+    Reads the index in id-keyed batches and writes only rows whose labels changed: one executemany
+    per batch (SQLite) or COPY into a temporary table and one UPDATE ... FROM (PostgreSQL, where
+    row-by-row UPDATEs ran at a quarter of the speed); then stamps the new version on all rows in
+    one statement. Flushes only: the caller commits. Returns {"version", "scanned", "changed", "seconds"}.
     """
     t0 = time.perf_counter()
     labeler = make_labeler(session, rules_file=rules_file, rules=rules)
@@ -106,8 +107,15 @@ def relabel_all(session: Session, rules_file: str | Path | None = None, rules: R
     names = [c.name for c in q.selected_columns]
     last_id, scanned, changed = 0, 0, 0
     dumped: dict = {}  # JSON text per distinct sources/conflicts value: they repeat across rows
+    pg = dialect.name == "postgresql"
     cur = conn.connection.dbapi_connection.cursor()
     try:
+        if pg:
+            cur.execute("DROP TABLE IF EXISTS relabel_tmp")
+            cur.execute("CREATE TEMP TABLE relabel_tmp (label_body_part varchar, label_view varchar, "
+                        "label_laterality varchar, label_sex varchar, label_age_years double precision, "
+                        "label_age_band varchar, label_sources json, label_conflicts json, has_conflict boolean, "
+                        "id integer PRIMARY KEY) ON COMMIT DROP")
         while True:
             stmt = q.where(table.c.id > last_id).order_by(table.c.id).limit(batch_size)
             rows = [dict(zip(names, r)) for r in _raw(conn, stmt, cur)]
@@ -123,13 +131,22 @@ def relabel_all(session: Session, rules_file: str | Path | None = None, rules: R
                         new["label_sources"] != old_sources or new["label_conflicts"] != old_conflicts:
                     params.append(tuple(_dump(new[c], dumped) if c in json_cols else new[c]
                                         for c in LABEL_COLUMNS) + (row["id"],))
-            if params:
+            if params and pg:
+                with cur.copy(f"COPY relabel_tmp ({', '.join(LABEL_COLUMNS)}, id) FROM STDIN") as copy:
+                    for p in params:
+                        copy.write_row(p)
+            elif params:
                 cur.executemany(update_sql, params)
             scanned += len(rows)
             changed += len(params)
             last_id = rows[-1]["id"]
             if progress:
                 progress(scanned)
+        if pg:
+            if changed:
+                sets_from = ", ".join(f"{c} = t.{c}" for c in LABEL_COLUMNS)
+                cur.execute(f"UPDATE instances AS i SET {sets_from} FROM relabel_tmp AS t WHERE i.id = t.id")
+            cur.execute("DROP TABLE relabel_tmp")
     finally:
         cur.close()
     conn.execute(update(table).where(or_(table.c.ruleset_version.is_(None), table.c.ruleset_version != version))
