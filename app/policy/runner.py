@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select, update
 
@@ -24,27 +24,88 @@ from app.dicom.scu import DicomClient, FindResult, RetrieveResult
 from app.errors import PermanentDicomError
 from app.policy.clock import Clock
 from app.policy.governor import Cancelled, Governor
-from app.probe.probe import effective_find_cap, preferred_method
+from app.probe.probe import find_caps_by_level, preferred_method
 from app.retrievals.runner import RetrievalRunner, Unit
 
 log = logging.getLogger("radcohort.policy")
 
 
 class GovernedClient:
-    """A DIMSE or DICOMweb client whose finds hold an association slot and honour a known cap."""
+    """A DIMSE or DICOMweb client whose finds hold an association slot and honour a known cap.
 
-    def __init__(self, inner, gate: Governor, cap: int | None):
-        self.inner, self.gate, self.cap = inner, gate, cap
+    With a known cap, an image-level listing over a StudyDate range is first sized: one
+    study-level C-FIND (StudyDate, NumberOfStudyRelatedInstances) tells how many instances fall
+    on each day, and the range is cut into consecutive sub-ranges of at most 80 % of the cap, so
+    the PACS is not asked capped queries that a bisection would only throw away. When the study
+    level is capped too, or counts are missing, the listing falls back to bisection.
+    """
 
-    def find(self, level, query=None, **kw) -> FindResult:
+    FILL = 0.8
+
+    def __init__(self, inner, gate: Governor, caps: dict[str, int | None]):
+        self.inner, self.gate = inner, gate
+        self.caps = caps
+        self.cap = caps.get("IMAGE")  # sizes image-level listings
+        self.capped_answers = 0
+        self.sized_ranges = 0
+
+    def _find(self, level, query, **kw) -> FindResult:
         with self.gate.association():
             res = self.inner.find(level, query, **kw)
-        if self.cap and not res.capped and len(res.results) >= self.cap:
+        cap = self.caps.get("IMAGE" if str(level).upper() == "IMAGE" else "OTHER")
+        if cap and not res.capped and len(res.results) >= cap:
             res.capped = True  # a PACS that truncates at its cap and still says Success
+        self.capped_answers += bool(res.capped)
         return res
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def find(self, level, query=None, **kw) -> FindResult:
+        q = dict(query or {})
+        ranges = self._size_ranges(q) if level == "IMAGE" and self.cap else None
+        if not ranges or len(ranges) < 2:
+            return self._find(level, q, **kw)
+        self.sized_ranges += len(ranges)
+        out: list = []
+        capped = False
+        for lo, hi in ranges:
+            res = self._find(level, {**q, "StudyDate": f"{lo}-{hi}"}, **kw)
+            out.extend(res.results)
+            capped = capped or res.capped
+        return FindResult(out, 0xFE00 if capped else 0x0000, capped=capped)
+
+    def _size_ranges(self, q: dict) -> list[tuple[str, str]] | None:
+        from app.dicom.queries import PATIENT_KEYS, STUDY_KEYS
+        from app.retrievals.expected import _s, date_bounds
+
+        value = q.get("StudyDate") or ""
+        if "-" not in value or q.get("StudyInstanceUID") or q.get("SeriesInstanceUID"):
+            return None
+        lo, hi = date_bounds(value)
+        if lo >= hi:
+            return None
+        sq = {k: v for k, v in q.items() if (k in PATIENT_KEYS or k in STUDY_KEYS) and v}
+        try:
+            res = self._find("STUDY", sq, return_keys=("StudyDate", "NumberOfStudyRelatedInstances"))
+        except Exception:  # noqa: BLE001 - sizing is an optimisation: fall back to bisection
+            log.info("study-level sizing query failed; bisecting instead", exc_info=True)
+            return None
+        per_day: dict[str, int] = {}
+        for ds in res.results:
+            day, n = str(ds.get("StudyDate", "") or ""), ds.get("NumberOfStudyRelatedInstances", None)
+            if res.capped or len(day) != 8 or n in (None, ""):
+                return None
+            per_day[day] = per_day.get(day, 0) + int(n)
+        budget = max(1, int(self.cap * self.FILL))
+        ranges: list[tuple[str, str]] = []
+        start, total = _s(lo), 0
+        days = sorted(per_day)
+        for i, day in enumerate(days):
+            if total and total + per_day[day] > budget:
+                prev = _s(date_bounds(day)[0] - timedelta(days=1))
+                ranges.append((start, prev))
+                start, total = day, 0
+            total += per_day[day]
+        ranges.append((start, _s(hi)))
+        return ranges
 
 
 def _unit(level: str, study: str, series: str | None, sops: list[str]) -> Unit:
@@ -76,11 +137,14 @@ class GovernedRunner(RetrievalRunner):
                                  retries=self.ctx.settings.dicom_retries, sleep=self.gate.retry_sleep)
             if (opts.get("protocol") == "both"):
                 # listing over C-FIND, retrieval over WADO-RS
-                return _Both(GovernedClient(self._dimse(node), self.gate, effective_find_cap(opts)), inner)
+                self._client = GovernedClient(self._dimse(node), self.gate, find_caps_by_level(opts))
+                return _Both(self._client, inner)
             # Orthanc's QIDO truncates at its limit silently, offset or not: only a known cap
             # (policy, or the probe of the same server over DIMSE) reveals it
-            return GovernedClient(inner, self.gate, effective_find_cap(opts))
-        return GovernedClient(self._dimse(node), self.gate, effective_find_cap(opts))
+            self._client = GovernedClient(inner, self.gate, find_caps_by_level(opts))
+            return self._client
+        self._client = GovernedClient(self._dimse(node), self.gate, find_caps_by_level(opts))
+        return self._client
 
     def _dimse(self, node):
         if self._user_factory is not None:
@@ -256,6 +320,10 @@ class GovernedRunner(RetrievalRunner):
         if self.gate is not None:
             rep.update(self.gate.report())
             rep["method"] = self.method
+            client = getattr(self, "_client", None)
+            if isinstance(client, GovernedClient):
+                rep["capped_finds"] = client.capped_answers
+                rep["cap_sized_ranges"] = client.sized_ranges
             if self.method_reason:
                 rep["method_reason"] = self.method_reason
         return rep

@@ -260,3 +260,13 @@ def effective_find_cap(options: dict | None) -> int | None:
     pol = (options.get("policy") or {}).get("max_find_results")
     caps = options.get("capabilities") or {}
     return pol or options.get("find_limit") or caps.get("instance_cap") or caps.get("find_cap")
+
+
+def find_caps_by_level(options: dict | None) -> dict[str, int | None]:
+    """The cap to assume per C-FIND level: IMAGE answers may be capped differently (Orthanc:
+    LimitFindInstances vs LimitFindResults); a configured limit applies to every level."""
+    options = options or {}
+    configured = (options.get("policy") or {}).get("max_find_results") or options.get("find_limit")
+    caps = options.get("capabilities") or {}
+    return {"IMAGE": configured or caps.get("instance_cap") or caps.get("find_cap"),
+            "OTHER": configured or caps.get("find_cap")}
