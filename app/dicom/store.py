@@ -154,9 +154,6 @@ def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset
             fp.close()
 
 
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"}
-
-
 def _check_pixel_data_complete(fp: BinaryIO, implicit: bool, little: bool) -> None:
     """Raise ValueError when the pixel data (where read_dataset stopped) runs past the end of the data.
 
