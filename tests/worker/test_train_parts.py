@@ -86,3 +86,24 @@ def test_depth_ladder_one_job_per_preset():
     ladder = depth_ladder({"epochs": 5, "model": "resnet18"})
     assert [p["depth"] for p in ladder] == [4, 19, 34, 64] and all(p["epochs"] == 5 for p in ladder)
     assert math.isclose(merge_params(ladder[1]).epochs, 5)
+
+
+def test_evaluation_is_deterministic_and_unaugmented_while_training_augments():
+    import numpy as np
+
+    from models.engine import DeviceData, evaluate, make_optimizer, make_scheduler, setup_runtime, train_one_epoch
+
+    rt = setup_runtime("cpu")
+    rng = np.random.default_rng(0)
+    data = DeviceData(rng.integers(0, 256, (12, 32, 32), dtype=np.uint8), rng.integers(0, 3, 12),
+                      np.full(12, 320), rt, max_batch=6)
+    net = build_model("ignored", 3, depth=4)
+    p1, p2 = evaluate(net, data, 6, rt), evaluate(net, data, 6, rt)
+    assert p1.shape == (12, 3) and np.array_equal(p1, p2)  # no random transform at evaluation
+    assert np.allclose(p1.sum(axis=1), 1.0)
+    opt = make_optimizer(net, 1e-2, 0.0, rt)
+    sched = make_scheduler(opt, 2, 0)
+    stats = train_one_epoch(net, opt, sched, data, torch.randperm(12), 6, rt, {"rotation": [-30, 30]},
+                            torch.Generator().manual_seed(0))
+    assert stats["images"] == 12 and np.isfinite(stats["loss"])
+    assert not np.array_equal(evaluate(net, data, 6, rt), p1)  # the weights did change
