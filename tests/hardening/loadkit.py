@@ -269,7 +269,7 @@ def seed_orthanc(orthanc, outdir: Path, dates: list[str], series: int, per_serie
 
 
 def api_under_jobs(base: str, node: str, dates: list[str], cohort_bodies: list[dict], readers: int = 4,
-                   timeout: float = 600) -> dict:
+                   timeout: float = 600, min_seconds: float = 0.0) -> dict:
     """Start one retrieval per date and the cohort builds at once while `readers` threads read the API.
 
     Returns request counts, failures (any non-2xx or transport error), the retrievals' final
@@ -342,6 +342,8 @@ def api_under_jobs(base: str, node: str, dates: list[str], cohort_bodies: list[d
             time.sleep(0.3)
         for b in builders:
             b.join(timeout)
+        while time.perf_counter() - t0 < min_seconds:  # reads alone for a baseline
+            time.sleep(0.1)
     seconds = time.perf_counter() - t0
     done.set()
     for t in threads:

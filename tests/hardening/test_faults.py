@@ -313,9 +313,10 @@ def test_database_cut_gives_503_then_works_and_loses_no_job(tmp_path, pg_databas
                 assert "database" in r.json()["detail"]
             h = client.get("/health")
             assert h.status_code == 200 and h.json()["database"] is False
-            # a C-STORE while the DB is gone: out of resources, never Success; the file waits for a resend
+            # a C-STORE while the DB is gone: out of resources (or, once the 2 s node cache expires, the
+            # association is refused: the node lookup fails closed), never Success
             lost = make_cr(seed=6)
-            assert send(scp.port, [lost]) == [STATUS_SINK_FAILED]
+            assert send(scp.port, [lost]) in ([STATUS_SINK_FAILED], [None])
 
             proxy.restore()
             deadline = time.monotonic() + 10
