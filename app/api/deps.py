@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.context import AppContext
+from app.db.base import session_scope
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -27,15 +28,8 @@ def get_settings_dep(request: Request) -> Settings:
 
 def get_session(request: Request) -> Iterator[Session]:
     """One session per request, committed at the boundary; repositories only flush."""
-    session = request.app.state.ctx.sessions()
-    try:
+    with session_scope(request.app.state.ctx.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def require_token(
