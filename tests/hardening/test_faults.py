@@ -335,3 +335,62 @@ def test_database_cut_gives_503_then_works_and_loses_no_job(tmp_path, pg_databas
         scp.stop()
         ctx.close()
         proxy.cut()
+
+
+# ----------------------------------------------------------------------------- PACS killed mid-retrieval
+@pytest.mark.orthanc
+def test_pacs_killed_mid_retrieval_reports_exact_missing_then_retry_completes(tmp_path, ctx, orthanc):
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from app.api import create_app
+
+    ctx.settings.arrival_timeout = 3.0
+    ctx.settings.dicom_timeout = 5.0
+    ctx.settings.dicom_retries = 0
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    uids = set()
+    for st in range(2):
+        study = f"1.2.826.0.1.3680043.10.777.{st}"
+        for k in range(60):
+            ds = make_cr(patient_id=f"K{st}", study_uid=study, series_uid=f"{study}.{k % 2}", seed=k)
+            ds.Rows = ds.Columns = 512  # 512 KB each: long enough to be killed in the middle
+            ds.PixelData = np.random.default_rng(k).integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
+            ds.save_as(gen / f"{st}-{k}.dcm", enforce_file_format=True)
+            uids.add(ds.SOPInstanceUID)
+    r = subprocess.run(["storescu", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
+                        *map(str, sorted(gen.iterdir()))], capture_output=True, text=True)
+    assert r.returncode == 0 and orthanc.instance_count() == 120, r.stderr[-1000:]
+    with TestClient(create_app(ctx.settings, ctx)) as client, StorageSCP(ctx):
+        assert client.post("/api/v1/pacs-nodes", json={"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                                                        "port": orthanc.dicom_port}).status_code == 201
+        rid = client.post("/api/v1/retrievals", json={"node": "pacs", "query": {"StudyDate": "20120315"}}).json()["id"]
+        deadline = time.monotonic() + 60
+        while _count(ctx) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        orthanc.stop(kill=True)  # the PACS dies with the C-MOVE association open
+        rep = _wait_retrieval(client, rid)
+        with ctx.sessions() as s:
+            indexed = set(s.scalars(select(Instance.sop_instance_uid)))
+        assert 10 <= len(indexed) < 120, len(indexed)
+        assert rep["status"] in ("partial", "failed") and rep["expected"] == 120, rep
+        assert set(rep["missing"]) == uids - indexed, (len(rep["missing"]), len(uids - indexed))
+        orthanc.start()
+        assert client.post(f"/api/v1/retrievals/{rid}/retry").status_code in (200, 202)
+        rep = _wait_retrieval(client, rid)
+        assert rep["status"] == "completed" and rep["missing"] == [], rep
+    with ctx.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 120
+        assert set(s.scalars(select(Instance.sop_instance_uid))) == uids
+    assert len(_finals(ctx.settings.store_dir)) == 120
+
+
+def _wait_retrieval(client, rid: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/api/v1/retrievals/{rid}").json()
+        if body["status"] not in ("queued", "running"):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"retrieval {rid} never finished: {body}")
