@@ -118,7 +118,8 @@ class GovernedRunner(RetrievalRunner):
         self.clock = clock
         self.poll_s = poll_s
         self.gate: Governor | None = None
-        self.method: str | None = None
+        # RetrievalRunner.method: a caller's override (CLI --method); else chosen in run()
+        self._forced_method = getattr(self, "method", None)
         self.method_reason: str | None = None
         self.cancelled: str | None = None
         self._dw_batcher = None
@@ -163,7 +164,10 @@ class GovernedRunner(RetrievalRunner):
             return super().run()  # the runner reports the missing node
         self.gate = Governor(self.ctx, node, self.id, clock=self.clock, poll_s=self.poll_s)
         self._study_refused = bool(((node.options or {}).get("capabilities") or {}).get("study_retrieve_refused"))
-        self.method, self.method_reason = preferred_method(node.options, node.retrieve_method or "move")
+        if self._forced_method:
+            self.method, self.method_reason = self._forced_method, "requested for this run"
+        else:
+            self.method, self.method_reason = preferred_method(node.options, node.retrieve_method or "move")
         try:
             self.gate.claim_start()
         except Cancelled as exc:
@@ -212,7 +216,8 @@ class GovernedRunner(RetrievalRunner):
 
     # --------------------------------------------------------------- per unit
     def _pieces(self, unit: Unit) -> list[Unit]:
-        """Cut a unit at study/series boundaries, and to the instance bucket's size."""
+        """Cut a unit at study/series boundaries (when windows need them, and for WADO-RS), and to
+        the instance bucket's size."""
         size = self.gate.unit_max
         if unit.level == "STUDY" and self._study_refused and not size:
             groups: dict[tuple[str, str], list[str]] = {}
@@ -220,7 +225,10 @@ class GovernedRunner(RetrievalRunner):
                 e = self._expected[sop]
                 groups.setdefault((e.study_instance_uid, e.series_instance_uid), []).append(sop)
             return [_unit("SERIES", st, se, sops) for (st, se), sops in groups.items()]
-        if not unit.batched and not size and (self.method != "dicomweb" or unit.level == "IMAGE"):
+        # a batch (several studies/series as one UID-list retrieve, much faster on small studies)
+        # is kept whole unless transfer windows need study/series boundaries to stop at
+        split_batches = unit.batched and bool(self.gate.schedule.windows)
+        if not split_batches and not size and (self.method != "dicomweb" or unit.level == "IMAGE"):
             return [unit]
         groups: dict[tuple[str, str], list[str]] = {}
         for sop in unit.sops:
