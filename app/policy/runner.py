@@ -226,8 +226,9 @@ class GovernedRunner(RetrievalRunner):
                 groups.setdefault((e.study_instance_uid, e.series_instance_uid), []).append(sop)
             return [_unit("SERIES", st, se, sops) for (st, se), sops in groups.items()]
         # a batch (several studies/series as one UID-list retrieve, much faster on small studies)
-        # is kept whole unless transfer windows need study/series boundaries to stop at
-        split_batches = unit.batched and bool(self.gate.schedule.windows)
+        # is kept whole unless transfer windows need study/series boundaries to stop at, or the
+        # byte bucket needs pieces to pace (it is charged after each piece with what arrived)
+        split_batches = unit.batched and (bool(self.gate.schedule.windows) or self.gate.limits_bytes is not None)
         if not split_batches and not size and (self.method != "dicomweb" or unit.level == "IMAGE"):
             return [unit]
         groups: dict[tuple[str, str], list[str]] = {}

@@ -40,7 +40,7 @@ def create_retrieval(session: Session, node_name: str, query: dict, actor: str) 
 def requeue_retrieval(session: Session, retrieval_id: int, actor: str) -> Retrieval:
     """Queue a finished retrieval again: it lists anew and fetches only what is not indexed."""
     r = get_retrieval(session, retrieval_id)
-    if r.status in ("queued", "running"):
+    if r.status in ("queued", "running", "paused"):  # paused: its runner is still waiting
         raise Conflict(f"retrieval {retrieval_id} is {r.status}")
     r.status = "queued"
     r.error = None

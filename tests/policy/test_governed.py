@@ -232,3 +232,23 @@ def test_max_associations_holds_across_concurrent_retrievals(quick):
         assert fake.max_active == 1 and fake.gets >= 3
     finally:
         fake.stop()
+
+
+def test_megabytes_per_second_paces_between_pieces(quick):
+    ctx = quick
+    fake = FakePacs(_three_studies("6")).start()  # 3 studies x 2 instances of ~8.5 kB
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="thin", policy={"mb_per_second": 0.01})  # 10 kB/s
+        t0 = time.monotonic()
+        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="thin")).run()
+        wall = time.monotonic() - t0
+        assert (r.status, r.received) == ("completed", 6)
+        with ctx.sessions() as s:
+            sizes = list(s.scalars(select(Instance.file_size)))
+        per_study = sum(sizes) / 3
+        # a piece starts only when what arrived before it fits the rate: the third study cannot
+        # start before 2 studies' bytes / 10 kB/s (time spent fetching counts towards it)
+        assert r.report["fetch_s"] >= 2 * per_study / 10_000 * 0.95, (r.report, per_study)
+        assert r.report["rate_wait_s"] > 1 and wall >= r.report["fetch_s"]
+    finally:
+        fake.stop()
