@@ -92,18 +92,20 @@ class Governor:
             raise Cancelled()
 
     def claim_start(self) -> bool:
-        """queued -> running, unless the user paused or cancelled it meanwhile (checked first)."""
-        self.check_control()
-        self.wait_for_window()
-        with self.ctx.sessions() as s:
-            n = s.execute(update(Retrieval).where(Retrieval.id == self.id,
-                                                  Retrieval.status.in_(("queued", "running")))
-                          .values(status="running")).rowcount
-            s.commit()
-        if not n:
+        """queued -> running once the user and the window allow; False if it is no longer ours to
+        run (another state came meanwhile); Cancelled if the user cancelled it."""
+        while True:
             self.check_control()
-            return self.claim_start()
-        return True
+            self.wait_for_window()
+            with self.ctx.sessions() as s:
+                n = s.execute(update(Retrieval).where(Retrieval.id == self.id,
+                                                      Retrieval.status.in_(("queued", "running")))
+                              .values(status="running")).rowcount
+                s.commit()
+            if n:
+                return True
+            if self._status() not in (PAUSED, CANCELLED):
+                return False  # finished or re-queued elsewhere: leave it alone
 
     # ------------------------------------------------------------------ windows
     def wait_for_window(self) -> None:

@@ -169,9 +169,14 @@ class GovernedRunner(RetrievalRunner):
         else:
             self.method, self.method_reason = preferred_method(node.options, node.retrieve_method or "move")
         try:
-            self.gate.claim_start()
+            claimed = self.gate.claim_start()
         except Cancelled as exc:
             return self._cancel_unstarted(str(exc) or "cancelled by the user before it started")
+        if not claimed:
+            with self.ctx.sessions() as s:
+                r = s.get(Retrieval, self.id)
+                s.expunge(r)
+            return r
         try:
             return super().run()
         finally:
@@ -190,6 +195,8 @@ class GovernedRunner(RetrievalRunner):
 
     def _update(self, **values) -> None:
         """The runner's own `status=running` must not undo a pause or cancel that came meanwhile."""
+        if "report" in values and self.gate is not None:
+            values["report"] = {**(values["report"] or {}), **self.gate.report()}
         if values.get("status") != "running":
             return super()._update(**values)
         with self.ctx.sessions() as s:
