@@ -81,7 +81,7 @@ def training_params(opts: DemoOptions, cuda: bool) -> dict:
         base = {"model": "resnet18", "epochs": 30, "image_size": 256, "experiments": ["rotate90", "scale10"]}
     else:
         # few images and few epochs: a higher learning rate converges within the CPU time budget
-        base = {"model": "resnet10t", "epochs": 12, "image_size": 64, "batch_size": 32, "lr": 0.003,
+        base = {"model": "resnet10t", "epochs": 16, "image_size": 96, "batch_size": 32, "lr": 0.003,
                 "experiments": []}
     for key in ("model", "epochs", "image_size", "batch_size", "lr", "experiments"):
         value = getattr(opts, key)
