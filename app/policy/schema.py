@@ -59,13 +59,14 @@ class NodePolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    timezone: str = Field("UTC", description="IANA zone of the windows, e.g. 'Asia/Tokyo'")
-    windows: list[WindowIn] = Field(default_factory=list, description="transfer windows; empty = always open")
+    timezone: str = Field("UTC", max_length=64, description="IANA zone of the windows, e.g. 'Asia/Tokyo'")
+    windows: list[WindowIn] = Field(default_factory=list, max_length=64,
+                                    description="transfer windows; empty = always open")
     max_associations: int = Field(2, ge=1, le=64, description="concurrent associations to this node")
-    instances_per_minute: float | None = Field(None, gt=0, description="token bucket; null = unlimited")
-    mb_per_second: float | None = Field(None, gt=0, description="token bucket on received bytes; null = unlimited")
+    instances_per_minute: float | None = Field(None, gt=0, le=1e7, description="token bucket; null = unlimited")
+    mb_per_second: float | None = Field(None, gt=0, le=1e5, description="token bucket on received bytes; null = unlimited")
     max_find_results: int | None = Field(
-        None, ge=1, description="treat a C-FIND answer with this many results as capped (a PACS that truncates "
+        None, ge=1, le=10_000_000, description="treat a C-FIND answer with this many results as capped (a PACS that truncates "
                                 "silently); the probe fills it in when it detects a cap")
     backoff: BackoffIn = Field(default_factory=BackoffIn)
     urgent: UrgentRules = Field(default_factory=UrgentRules)
@@ -75,7 +76,7 @@ class NodePolicy(BaseModel):
     def _tz(cls, v: str) -> str:
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a path
             raise ValueError(f"unknown time zone {v!r} (use an IANA name such as 'Europe/Berlin')") from None
         return v
 
