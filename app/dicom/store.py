@@ -174,6 +174,9 @@ def _check_pixel_data_complete(fp: BinaryIO, implicit: bool, little: bool) -> No
     end = fp.seek(0, io.SEEK_END)
     if length == 0xFFFFFFFF:  # encapsulated: must end with the sequence delimiter (then optional padding)
         delim = struct.pack(e + "HHI", 0xFFFE, 0xE0DD, 0)
+        fp.seek(max(start, end - 8))
+        if fp.read(8) == delim:  # the common case: one small read (reindex reads many files)
+            return
         fp.seek(max(start, end - 65536))
         tail = fp.read()
         i = tail.rfind(delim)

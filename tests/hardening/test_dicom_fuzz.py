@@ -272,3 +272,27 @@ def test_idle_and_half_open_connections_are_dropped_and_scp_keeps_serving(tmp_pa
         assert _send_files(server.port, [p2]) == [0]
     finally:
         server.stop()
+
+
+def test_encapsulated_pixel_data_cut_short_is_refused_and_the_whole_file_accepted(tmp_path, ctx, scp, monkeypatch):
+    from pydicom import dcmread
+
+    from tests.conftest import testdata
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    src = testdata("RG1_J2KR.dcm")
+    ds = dcmread(src, stop_before_pixels=True)
+    raw = src.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(raw[:-5000])  # ends inside the last JPEG 2000 fragment
+    ae = AE(SENDER)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADCOHORT")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(cut).Status) == STATUS_MALFORMED
+        assert not list(ctx.settings.store_dir.rglob("*.dcm"))
+        assert int(assoc.send_c_store(src).Status) == STATUS_SUCCESS
+    finally:
+        assoc.release()
+    assert [p.stem for p in ctx.settings.store_dir.rglob("*.dcm")] == [ds.SOPInstanceUID]
