@@ -21,13 +21,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from app.demo.flow import FlowOptions, FlowResult, run_flow
-from app.demo.processes import DemoError, Managed, log_tail, run_step
+from app.demo.processes import DemoError, Managed, run_step
 from app.demo.report import summary
 from app.devtools.orthanc import OrthancServer, free_port
 
@@ -280,12 +280,3 @@ def _find_report(data_dir: Path, job_id) -> Path | None:
             return direct
     found = sorted(runs.glob(f"*{job_id}*/report.*")) if runs.exists() else []
     return found[0] if found else None
-
-
-def options_dict(opts: DemoOptions) -> dict:
-    d = asdict(opts)
-    d.pop("say", None)
-    return d
-
-
-__all__ = ["DemoOptions", "DemoResult", "run_demo", "training_params", "log_tail"]
