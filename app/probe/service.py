@@ -18,11 +18,26 @@ log = logging.getLogger("radcohort.probe")
 def probe_and_store(session: Session, settings: Settings, node: PacsNode, actor: str) -> dict:
     """Probe `node` and store the capabilities on it (flushes; the caller commits)."""
     caps = probe_node(settings, node)
+    url = (node.options or {}).get("dicomweb_url")
+    if url:
+        caps["dicomweb"] = probe_dicomweb(settings, url)
     node.options = {**(node.options or {}), "capabilities": caps}  # a new dict: JSON columns track assignment
     session.flush()
     audit.record(session, actor, "pacs_node.probe", node.name, echo=caps["echo"].get("ok"),
                  find_cap=caps.get("find_cap"), get=caps["get"].get("works"))
     return summary(node)
+
+
+def probe_dicomweb(settings: Settings, url: str) -> dict:
+    """Does the DICOMweb service answer a one-result QIDO query?"""
+    from app.dicomweb.client import DicomwebNode
+    from app.errors import DicomError
+
+    try:
+        ms = DicomwebNode(url, timeout=settings.dicom_timeout, retries=0).echo()
+        return {"ok": True, "elapsed_ms": round(ms, 2)}
+    except DicomError as exc:
+        return {"ok": False, "error": exc.message}
 
 
 def summary(node: PacsNode) -> dict:

@@ -123,6 +123,7 @@ def test_capped_server_over_dicomweb_still_gets_everything(orthanc_factory, ctx,
         s.commit()
     assert summary["planner"] == {"method": "dicomweb", "method_reason": "node protocol is DICOMweb",
                                   "find_cap": 3}
+    assert summary["capabilities"]["dicomweb"]["ok"]
     ctx.settings.arrival_timeout = 3.0
     r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20120104"})).run()
     assert (r.status, r.expected, r.received) == ("completed", 8, 8)
