@@ -6,7 +6,7 @@ import importlib
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
@@ -22,6 +22,33 @@ log = logging.getLogger("radcohort.api")
 
 # one module per resource under app/api/routes, each exposing `router`
 ROUTE_MODULES = ["pacs", "retrievals", "instances", "taxonomies", "cohorts", "training", "trained_models", "audit"]
+
+
+class _BodyLimit:
+    """413 {"detail"} for a request body over `limit`: from Content-Length, or counted as it arrives."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        detail = f"request body larger than the limit of {self.limit} bytes"
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # raised inside the route's body read: the API answers it
+                    raise HTTPException(status_code=413, detail=detail)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
@@ -43,6 +70,9 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
         version=__version__,
         description="PACS query/retrieve, header labels, leakage-free cohorts and CNN training.",
     )
+    # refuse a body over the largest legitimate one (a /predict upload) before multipart parsing
+    # spools it to disk (FastAPI's own max_body_size answers in plain text, not {"detail"})
+    app.add_middleware(_BodyLimit, limit=settings.predict_max_upload_mb * 2**20 + 2**20)
     app.state.ctx = ctx
 
     @app.exception_handler(RadcohortError)
