@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     pseudonym_key: str | None = Field(None, description="HMAC key; generated once in DATA_DIR")
     dicom_timeout: float = Field(30.0, gt=0, description="ACSE/DIMSE timeout in seconds")
     dicom_retries: int = Field(3, ge=0, description="retries for retriable DICOM errors")
-    max_pdu: int = Field(0, ge=0, description="max receive PDU (0 = unlimited)")
+    # finite on purpose: pynetdicom holds a whole PDU in memory (about 4x its size at peak), so an
+    # unlimited PDU let one pynetdicom sender of a 200 MB instance grow the SCP by 800 MB
+    max_pdu: int = Field(1048576, ge=0, description="max receive PDU in bytes (0 = unlimited)")
     arrival_timeout: float = Field(30.0, gt=0, description="seconds to wait for stragglers after a C-MOVE")
     label_rules: Path | None = Field(None, description="labels rules file (YAML); built-in when unset")
     worker_poll_seconds: float = Field(2.0, gt=0)

@@ -7,6 +7,7 @@ B. One huge instance (default 500 MB) sent by storescu: peak SCP RSS growth with
    (the default) vs in-memory receive (--no-chunked).
 C. 4 retrievals (C-MOVE from a real Orthanc) and 2 cohort builds started at once while 4 threads
    read the API of `radcohort serve` (SQLite WAL, or --pg): failed requests, read latency vs an idle API.
+D. One huge P-DATA PDU from a peer: peak SCP RSS (a known limit, see docs/hardening.md).
 
     .venv/bin/python bench/bench_load.py                  # the issue's sizes
     .venv/bin/python bench/bench_load.py --n 400 --big-mb 100 --skip-c
@@ -101,6 +102,42 @@ def phase_b(work: Path, mb: int) -> None:
     big.unlink()
 
 
+def phase_d(work: Path, mb: int) -> None:
+    """A peer that sends one huge P-DATA PDU: pynetdicom reads a whole PDU into memory before any
+    chunked receive can help, and we advertise no maximum PDU (RADCOHORT_MAX_PDU=0)."""
+    import struct
+
+    from pynetdicom import AE
+
+    print(f"\n== D. one {mb} MB P-DATA-TF PDU (a peer ignoring or not needing a PDU limit)")
+    s = make_settings(work / "pdu")
+    upgrade(s.database_url)
+    ctx = AppContext.build(s)
+    with ctx.sessions() as x:
+        x.add(PacsNode(name="loader", ae_title="LOADER", host="127.0.0.1", port=104))
+        x.commit()
+    ctx.close()
+    with ScpProcess(scp_env(s), s.scp_port) as scp:
+        ae = AE("LOADER")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", s.scp_port, ae_title="RADCOHORT")
+        sock = assoc.dul.socket.socket
+        n = mb * 2**20
+        sock.sendall(struct.pack(">BBI", 4, 0, n) + struct.pack(">IBB", n - 4, 1, 0))
+        chunk, sent = b"\0" * 2**20, 6
+        try:
+            while sent < n:
+                sock.sendall(chunk[:min(len(chunk), n - sent)])
+                sent += len(chunk)
+        except OSError:
+            pass
+        time.sleep(2)
+        assoc.abort()
+        time.sleep(1)
+    print(f"SCP RSS idle {scp.baseline_rss_mb:.0f} MB, peak {scp.peak_rss_mb:.0f} MB "
+          f"({(scp.peak_rss_mb - scp.baseline_rss_mb) / mb:.1f}x the PDU)")
+
+
 def phase_c(work: Path, n: int, pg: str | None) -> None:
     backend = "PostgreSQL" if pg else "SQLite (WAL)"
     print(f"\n== C. 4 retrievals + 2 cohort builds at once while 4 threads read the API ({backend})")
@@ -151,6 +188,7 @@ def main() -> None:
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
     ap.add_argument("--skip-c", action="store_true")
+    ap.add_argument("--pdu-mb", type=int, default=400, help="phase D: one PDU this large (0 = skip)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     try:
@@ -160,6 +198,8 @@ def main() -> None:
             phase_b(work, a.big_mb)
         if not a.skip_c:
             phase_c(work, a.n, a.pg)
+        if a.pdu_mb:
+            phase_d(work, a.pdu_mb)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -6,6 +6,7 @@ bench/bench_load.py runs the same with the issue's sizes and prints the figures.
 from __future__ import annotations
 
 import pytest
+from pynetdicom import AE, _config
 
 from app.context import AppContext
 from app.db.migrate import upgrade
@@ -46,7 +47,17 @@ def test_large_instance_is_received_with_bounded_memory(tmp_path, load_ctx):
     uid = write_big(big, 160)
     with ScpProcess(scp_env(s), s.scp_port) as scp:
         ok, _ = storescu(s.scp_port, [big])
-    assert ok == 1, scp.output[-2000:]
+        # pynetdicom sends PDUs as large as the receiver allows: the default finite max PDU keeps them small
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            ae = AE("LOADER")
+            ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+            assoc = ae.associate("127.0.0.1", s.scp_port, ae_title="RADCOHORT")
+            status = assoc.send_c_store(big).Status
+            assoc.release()
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+    assert ok == 1 and status == 0, scp.output[-2000:]
     growth = scp.peak_rss_mb - scp.baseline_rss_mb
     assert growth < 64, f"SCP memory grew {growth:.0f} MB for a 160 MB instance"
     stored = next(s.store_dir.rglob(f"{uid}.dcm"))
