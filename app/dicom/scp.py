@@ -480,8 +480,52 @@ class _TimedServer(ThreadedAssociationServer):
     that stops in the middle of a PDU would hold its association thread (and a slot) forever."""
 
     def process_request(self, request, client_address):
+        limit = self.ae.maximum_pdu_size
+        if limit:  # we advertise a maximum PDU: refuse a peer that sends far more in one PDU
+            request = _PduGuardSocket(request.family, request.type, request.proto, fileno=request.detach())
+            request.pdu_limit = 2 * max(limit, 65536)
         request.settimeout(self.ae.network_timeout)
         super().process_request(request, client_address)
+
+
+class _PduGuardSocket(socket.socket):
+    """A socket that follows the PDU framing of what it receives and fails the read of a PDU header
+    declaring more than `pdu_limit` bytes: pynetdicom holds a whole PDU in memory (about 4x at
+    peak), so one 4 GB PDU from a peer that ignores our maximum would exhaust it. The OSError
+    makes pynetdicom close the connection."""
+
+    pdu_limit = 0
+    _left = 0
+    _head = b""
+
+    def recv(self, bufsize, flags=0):
+        data = super().recv(bufsize, flags)
+        i = 0
+        while i < len(data):
+            if self._left:
+                k = min(self._left, len(data) - i)
+                self._left -= k
+                i += k
+                continue
+            need = 6 - len(self._head)
+            self._head += data[i:i + need]
+            i += need
+            if len(self._head) == 6:
+                length = int.from_bytes(self._head[2:6], "big")
+                self._head = b""
+                if length > self.pdu_limit:
+                    log.warning("PDU of %d bytes from %s over the limit of %d: connection closed",
+                                length, _peer(self), self.pdu_limit)
+                    raise ConnectionAbortedError("PDU over the limit")
+                self._left = length
+        return data
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 class _HandoffServer(_TimedServer):

@@ -296,3 +296,31 @@ def test_encapsulated_pixel_data_cut_short_is_refused_and_the_whole_file_accepte
     finally:
         assoc.release()
     assert [p.stem for p in ctx.settings.store_dir.rglob("*.dcm")] == [ds.SOPInstanceUID]
+
+
+def test_a_pdu_far_over_our_maximum_closes_the_connection_without_buffering_it(ctx, scp):
+    """pynetdicom would read a whole PDU into memory: a peer ignoring our maximum PDU is cut off."""
+    import resource
+
+    ae = AE(SENDER)
+    ae.add_requested_context(CR_STORAGE, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADCOHORT")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket
+    n = 64 * 2**20
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sock.sendall(struct.pack(">BBI", 4, 0, n) + struct.pack(">IBB", n - 4, 1, 0))
+    sent, closed = 6, False
+    try:
+        while sent < n:
+            sock.sendall(b"\0" * 2**20)
+            sent += 2**20
+    except OSError:
+        closed = True  # the SCP closed the connection while we were still sending
+    deadline = time.monotonic() + 10
+    while assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert closed or not assoc.is_established
+    # the SCP (this process) never held the PDU: its peak RSS grew far less than 64 MB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 32 * 1024
+    assert _send_files(scp.port, [_write(Path(ctx.settings.data_dir) / "ok.dcm", make_cr())]) == [0]
