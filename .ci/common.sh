@@ -84,4 +84,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip_q -e '.[worker,dev]'
   echo "$want" > "$stamp"
 fi
-export PATH="$ROOT/.venv/bin:$PATH"
+# appended, not prepended: pynetdicom installs its own storescu/findscu/... into .venv/bin, and the
+# tests and users mean dcmtk's
+export PATH="$PATH:$ROOT/.venv/bin"
