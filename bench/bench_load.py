@@ -32,13 +32,13 @@ from app.db.migrate import upgrade  # noqa: E402
 from app.db.models import PacsNode  # noqa: E402
 from app.devtools.orthanc import OrthancServer, free_port  # noqa: E402
 from tests.conftest import make_settings  # noqa: E402
-from tests.hardening.loadkit import (ScpProcess, ServeProcess, api_under_jobs, check_store, scp_env,  # noqa: E402
-                                     seed_orthanc, send_concurrently, storescu, write_big, write_instances)
+from tests.hardening.loadkit import (ScpProcess, ServeProcess, api_under_jobs, check_store, dcmtk,  # noqa: E402
+                                     scp_env, seed_orthanc, send_concurrently, storescu, write_big, write_instances)
 
 
 def _storescp(port: int, outdir: Path) -> subprocess.Popen:
     outdir.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen(["storescp", "--fork", "-od", str(outdir), "-aet", "RADCOHORT", str(port)],
+    p = subprocess.Popen([dcmtk("storescp"), "--fork", "-od", str(outdir), "-aet", "RADCOHORT", str(port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     return p

@@ -25,6 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 RADCOHORT = str(Path(sys.executable).with_name("radcohort"))
 
 
+def dcmtk(tool: str) -> str:
+    """A dcmtk tool by absolute path: pynetdicom installs its own `storescu` into the venv."""
+    for d in ("/usr/bin", "/usr/local/bin", "/bin"):
+        if Path(d, tool).is_file():
+            return str(Path(d, tool))
+    return tool
+
+
 def write_instances(outdir: Path, n: int, *, size: int = 64, prefix: str = "LD") -> list[tuple[Path, str]]:
     """n small CR chest PA files, one patient each, 20s and 60s, F and M (xr10's C20F..C60M)."""
     from tests.dicom.helpers import make_cr
@@ -67,7 +75,7 @@ def _pynetdicom_sender(port: int, aet: str, paths: list[str], q) -> None:
 
 def _storescu_sender(port: int, aet: str, paths: list[str], q) -> None:
     # -v prints one "Received Store Response (Success)" per accepted instance
-    r = subprocess.run(["storescu", "-v", "-aet", aet, "-aec", "RADCOHORT", "-to", "120", "-ta", "120",
+    r = subprocess.run([dcmtk("storescu"), "-v", "-aet", aet, "-aec", "RADCOHORT", "-to", "120", "-ta", "120",
                         "-td", "120", "127.0.0.1", str(port), *paths], capture_output=True, text=True)
     ok = (r.stdout + r.stderr).count("Received Store Response (Success)")
     q.put(("storescu", [0] * ok + [None] * (len(paths) - ok)))
@@ -262,7 +270,7 @@ def seed_orthanc(orthanc, outdir: Path, dates: list[str], series: int, per_serie
     studies = make_studies(outdir, dates, series_per_study=series, instances_per_series=per_series,
                            patient_prefix="RT")
     files = sorted(str(p) for p in outdir.iterdir())
-    r = subprocess.run(["storescu", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *files],
+    r = subprocess.run([dcmtk("storescu"), "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), *files],
                        capture_output=True, text=True)
     assert r.returncode == 0 and orthanc.instance_count() == len(files), r.stderr[-2000:]
     return {st.study_date: set(st.sop_uids) for st in studies}
@@ -384,6 +392,6 @@ def write_big(path: Path, mb: int) -> str:
 def storescu(port: int, paths: list[Path], aet: str = "LOADER") -> tuple[int, float]:
     """Send files with dcmtk storescu (streams from disk); returns (successes, seconds)."""
     t0 = time.perf_counter()
-    r = subprocess.run(["storescu", "-v", "-aet", aet, "-aec", "RADCOHORT", "-to", "300", "-ta", "300", "-td", "300",
+    r = subprocess.run([dcmtk("storescu"), "-v", "-aet", aet, "-aec", "RADCOHORT", "-to", "300", "-ta", "300", "-td", "300",
                         "127.0.0.1", str(port), *map(str, paths)], capture_output=True, text=True)
     return (r.stdout + r.stderr).count("Received Store Response (Success)"), time.perf_counter() - t0

@@ -26,6 +26,7 @@ from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED, StorageSCP
 from app.dicom.store import parse_header
 from tests.conftest import make_settings
 from tests.dicom.helpers import CR_STORAGE, make_cr
+from tests.hardening.loadkit import dcmtk
 
 RADCOHORT = str(Path(sys.executable).with_name("radcohort"))
 SENDER = "SENDER"
@@ -359,7 +360,7 @@ def test_pacs_killed_mid_retrieval_reports_exact_missing_then_retry_completes(tm
             ds.PixelData = np.random.default_rng(k).integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
             ds.save_as(gen / f"{st}-{k}.dcm", enforce_file_format=True)
             uids.add(ds.SOPInstanceUID)
-    r = subprocess.run(["storescu", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
+    r = subprocess.run([dcmtk("storescu"), "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
                         *map(str, sorted(gen.iterdir()))], capture_output=True, text=True)
     assert r.returncode == 0 and orthanc.instance_count() == 120, r.stderr[-1000:]
     with TestClient(create_app(ctx.settings, ctx)) as client, StorageSCP(ctx):
