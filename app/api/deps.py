@@ -54,5 +54,6 @@ def get_actor(request: Request) -> str:
 
 CtxDep = Annotated[AppContext, Depends(get_ctx)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client never reads ahead of its own write
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ActorDep = Annotated[str, Depends(get_actor)]

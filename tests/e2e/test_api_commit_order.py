@@ -12,15 +12,12 @@ import threading
 import time
 
 import httpx
-import pytest
 from sqlalchemy import event
 
 from app.api import create_app
 from app.devtools.orthanc import free_port
 
 
-@pytest.mark.xfail(strict=True, reason="app/api/deps.py: SessionDep commits after the response; fix: "
-                   "Depends(get_session, scope='function') (then remove this marker)")
 def test_write_is_committed_before_the_response(ctx):
     import uvicorn
 
