@@ -64,12 +64,27 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
             if callable(stop):
                 stop(wait=False)
 
+    guarded = bool(settings.tokens)
     app = FastAPI(
         lifespan=lifespan,
         title="radcohort",
         version=__version__,
         description="PACS query/retrieve, header labels, leakage-free cohorts and CNN training.",
+        # with tokens configured /health is the only open route: the schema and docs need a token too
+        openapi_url=None if guarded else "/openapi.json",
+        docs_url=None if guarded else "/docs",
+        redoc_url=None if guarded else "/redoc",
     )
+    if guarded:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
+        def _openapi():
+            return app.openapi()
+
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_token)])
+        def _docs():
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="radcohort API")
     # refuse a body over the largest legitimate one (a /predict upload) before multipart parsing
     # spools it to disk (FastAPI's own max_body_size answers in plain text, not {"detail"})
     app.add_middleware(_BodyLimit, limit=settings.predict_max_upload_mb * 2**20 + 2**20)
