@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     scp_port: int = Field(11112, ge=1, le=65535)
     scp_processes: int = Field(1, ge=1, le=64, description="Storage SCP receiving processes")
     scp_check_host: bool = Field(False, description="also require the peer host to match the node")
+    scp_tls_cert: Path | None = Field(None, description="PEM certificate (chain): the SCP speaks TLS only")
+    scp_tls_key: Path | None = Field(None, description="PEM private key of scp_tls_cert")
+    scp_tls_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_tokens: str | None = Field(None, description="comma-separated bearer tokens")
@@ -45,6 +48,14 @@ class Settings(BaseSettings):
         if not v or not all(32 <= ord(c) < 127 and c != "\\" for c in v):
             raise ValueError("AE title must be 1-16 printable ASCII characters")
         return v
+
+    @model_validator(mode="after")
+    def _scp_tls(self) -> "Settings":
+        if (self.scp_tls_cert is None) != (self.scp_tls_key is None):
+            raise ValueError("scp_tls_cert and scp_tls_key must be set together")
+        if self.scp_tls_ca is not None and self.scp_tls_cert is None:
+            raise ValueError("scp_tls_ca needs scp_tls_cert and scp_tls_key (client certificates need TLS)")
+        return self
 
     @property
     def tokens(self) -> list[str]:

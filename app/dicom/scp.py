@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -419,6 +420,29 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         return ae
 
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context from settings.scp_tls_* (None: plain DICOM).
+
+        Not given to pynetdicom as its `ssl_context`: pynetdicom handshakes in the accept thread,
+        where one silent peer would stall every other connection; `_TimedServer` handshakes in
+        the association's own thread, under the network timeout.
+        """
+        s = self.settings
+        if s.scp_tls_cert is None or s.scp_tls_key is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(s.scp_tls_cert, s.scp_tls_key)
+            if s.scp_tls_ca is not None:
+                ctx.load_verify_locations(cafile=s.scp_tls_ca)
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidInput(f"Storage SCP TLS: cannot load the certificate, key or CA "
+                               f"(RADCOHORT_SCP_TLS_CERT/_KEY/_CA): {exc}") from exc
+        ctx.sslsocket_class = _PduGuardSSLSocket  # the PDU guard reads the decrypted stream
+        return ctx
+
     def _handlers(self):
         return [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -432,6 +456,7 @@ class StorageSCP:
         With `channel` (the child end from ConnectionDispatcher), serve the connections a
         dispatcher process accepted and handed over, instead of listening ourselves.
         """
+        tls = self.tls_context()  # first: a bad certificate or key fails start-up, not the first peer
         self.store.root.mkdir(parents=True, exist_ok=True)
         if channel is None:  # a dispatched child shares the store with its siblings: the parent cleans
             self.store.clean_temp()
@@ -442,15 +467,18 @@ class StorageSCP:
         address = (self.settings.scp_host, self._port)
         if channel is None:
             self._server = ae.make_server(address, evt_handlers=self._handlers(), server_class=_TimedServer)
+            self._server.tls_context = tls
             ae._servers.append(self._server)  # as start_server does: shutdown() removes it
             threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True).start()
         else:
             self._server = ae.make_server(("127.0.0.1", 0), evt_handlers=self._handlers(),
                                           server_class=_HandoffServer)
             self._server.server_address = address
+            self._server.tls_context = tls
             threading.Thread(target=_serve_handoffs, args=(self._server, channel), name="scp-handoff",
                              daemon=True).start()
-        log.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, self.settings.scp_host, self.port)
+        log.info("Storage SCP %s listening on %s:%d%s", self.settings.ae_title, self.settings.scp_host, self.port,
+                 " (TLS)" if tls else "")
         return self
 
     def stop(self) -> None:
@@ -479,17 +507,34 @@ class _TimedServer(ThreadedAssociationServer):
     """Accepted sockets time out after the network timeout: pynetdicom leaves them blocking, so a peer
     that stops in the middle of a PDU would hold its association thread (and a slot) forever."""
 
+    tls_context: ssl.SSLContext | None = None
+
     def process_request(self, request, client_address):
         limit = self.ae.maximum_pdu_size
-        if limit:  # we advertise a maximum PDU: refuse a peer that sends far more in one PDU
+        tls = self.tls_context
+        if limit and tls is None:  # we advertise a maximum PDU: refuse a peer that sends far more in one PDU
             request = _PduGuardSocket(request.family, request.type, request.proto, fileno=request.detach())
             request.pdu_limit = 2 * max(limit, 65536)
         request.settimeout(self.ae.network_timeout)
+        if tls is not None:  # the handshake itself runs in the association's thread
+            request = tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            request.pdu_limit = 2 * max(limit, 65536) if limit else 0
         super().process_request(request, client_address)
 
+    def process_request_thread(self, request, client_address):
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (OSError, ValueError) as exc:  # plain DICOM, no/untrusted client certificate, timeout
+                log.warning("TLS handshake with %s failed: connection closed (%s)", client_address[0],
+                            type(exc).__name__ if not isinstance(exc, ssl.SSLError) else exc.reason)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
-class _PduGuardSocket(socket.socket):
-    """A socket that follows the PDU framing of what it receives and fails the read of a PDU header
+
+class _PduGuard:
+    """Mixin for a socket that follows the PDU framing of what it receives and fails the read of a PDU header
     declaring more than `pdu_limit` bytes: pynetdicom holds a whole PDU in memory (about 4x at
     peak), so one 4 GB PDU from a peer that ignores our maximum would exhaust it. The OSError
     makes pynetdicom close the connection."""
@@ -519,6 +564,20 @@ class _PduGuardSocket(socket.socket):
                     raise ConnectionAbortedError("PDU over the limit")
                 self._left = length
         return data
+
+
+class _PduGuardSocket(_PduGuard, socket.socket):
+    """The PDU guard on a plain TCP socket."""
+
+
+class _PduGuardSSLSocket(_PduGuard, ssl.SSLSocket):
+    """The PDU guard on a TLS socket (the SSLContext's sslsocket_class): it sees decrypted bytes.
+    `pdu_limit` 0 (unlimited max_pdu) disables it."""
+
+    def recv(self, bufsize=1024, flags=0):
+        if not self.pdu_limit:
+            return ssl.SSLSocket.recv(self, bufsize, flags)
+        return super().recv(bufsize, flags)
 
 
 def _peer(sock: socket.socket) -> str:
