@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +63,22 @@ class Node:
     port: int
     name: str = ""
     find_limit: int | None = None  # a silent C-FIND result limit: an answer this long counts as capped
+    tls: tuple[str | None, str | None, str | None] | None = None  # (ca, cert, key) PEM paths: speak TLS
+
+    def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's tls_args for this node: verify it against `ca` (system CAs when None) and its
+        host name, presenting `cert`/`key` when given."""
+        if self.tls is None:
+            return None
+        ca, cert, key = self.tls
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+            if cert:
+                ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise PermanentDicomError(f"TLS settings of {self}: cannot load the CA, certificate or key: {exc}") \
+                from exc
+        return ctx, self.host
 
     @classmethod
     def of(cls, obj: Any) -> "Node":
@@ -70,8 +87,10 @@ class Node:
             return obj
         options = getattr(obj, "options", None) or {}
         limit = options.get("find_limit") if isinstance(options, dict) else None
+        tls = options.get("tls") if isinstance(options, dict) else None
         return cls(obj.ae_title, obj.host, int(obj.port), getattr(obj, "name", "") or "",
-                   int(limit) if limit else None)
+                   int(limit) if limit else None,
+                   (tls.get("ca"), tls.get("cert"), tls.get("key")) if isinstance(tls, dict) else None)
 
     def __str__(self) -> str:
         return f"{self.name or self.ae_title} ({self.ae_title}@{self.host}:{self.port})"
@@ -203,9 +222,10 @@ class DicomClient:
             else:
                 ae.add_requested_context(cx)
         n = self.node
+        tls_args = n.tls_args()
         try:
             assoc = ae.associate(n.host, n.port, ae_title=n.ae_title, max_pdu=self.settings.max_pdu,
-                                 ext_neg=roles or None, evt_handlers=handlers or None)
+                                 ext_neg=roles or None, evt_handlers=handlers or None, tls_args=tls_args)
         except OSError as exc:  # e.g. name resolution
             raise RetriableDicomError(f"cannot reach {n}: {exc}") from exc
         if not assoc.is_established:

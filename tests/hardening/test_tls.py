@@ -227,3 +227,29 @@ def test_dcmtk_storescu_with_a_client_certificate(tmp_path, pki):
         assert (c.settings.store_dir / row.file_path).stat().st_size == row.file_size
     finally:
         c.close()
+
+
+def test_scu_speaks_tls_to_a_node_with_tls_options(tmp_path, pki):
+    """PacsNode.options["tls"] = {"ca", "cert", "key"}: DicomClient (echo/find/move/get) uses TLS."""
+    from types import SimpleNamespace
+
+    from app.dicom.scu import DicomClient
+    from app.errors import PermanentDicomError, RetriableDicomError
+
+    c = _ctx(tmp_path, pki, client_ca=True)
+    add_node(c, "self", c.settings.ae_title)  # the SCP accepts only registered calling AE titles
+    try:
+        with StorageSCP(c) as scp:
+            def node(tls):
+                return SimpleNamespace(name="pacs", ae_title="RADCOHORT", host="localhost", port=scp.port,
+                                       options={"tls": tls} if tls else {})
+
+            full = {"ca": str(pki / "ca.pem"), "cert": str(pki / "client.pem"), "key": str(pki / "client.key")}
+            assert DicomClient(c.settings, node(full), retries=0).echo() >= 0
+            for bad in (None, {"ca": full["ca"]}):  # plain, and TLS without the client certificate
+                with pytest.raises(RetriableDicomError):
+                    DicomClient(c.settings, node(bad), retries=0).echo()
+            with pytest.raises(PermanentDicomError, match="TLS settings"):
+                DicomClient(c.settings, node({"ca": str(tmp_path / "missing.pem")}), retries=0).echo()
+    finally:
+        c.close()
