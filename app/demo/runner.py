@@ -103,8 +103,21 @@ def radcohort_argv(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from app.cli import main; sys.argv[0] = 'radcohort'; main()", *args]
 
 
-def _key(opts: DemoOptions) -> str:
-    raw = json.dumps([opts.per_class, opts.header_error_rate, opts.seed, opts.synth_size, opts.synth_args])
+def synth_code_fingerprint() -> str:
+    """Hash of the generator's source (app/synth/*.py): the pixels and headers it writes depend on it."""
+    import app.synth
+
+    h = hashlib.sha256()
+    for path in sorted(Path(app.synth.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _key(opts: DemoOptions, synth_code: str | None = None) -> str:
+    # The generator's code is part of the key: reusing content written by an older generator (weaker
+    # L/R cues, markers elsewhere) silently trained the demo on stale phantoms.
+    synth_code = synth_code_fingerprint() if synth_code is None else synth_code
+    raw = json.dumps([opts.per_class, opts.header_error_rate, opts.seed, opts.synth_size, opts.synth_args, synth_code])
     return f"n{opts.per_class}-" + hashlib.sha256(raw.encode()).hexdigest()[:8]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from app.demo.processes import DemoError, Managed, run_step
 from app.demo.report import summary, table2
-from app.demo.runner import DemoOptions, child_env, training_params
+from app.demo.runner import DemoOptions, _key, child_env, synth_code_fingerprint, training_params
 
 METRICS = {
     "overall_accuracy": 90.0,
@@ -50,6 +50,26 @@ def test_training_params_small_on_cpu_study_on_cuda_and_overrides_win():
                                        device="cpu"), cuda=True)
     assert (over["epochs"], over["image_size"], over["model"], over["experiments"], over["device"]) == \
         (2, 32, "resnet18", ["rotate90"], "cpu")
+
+
+def test_demo_content_key_changes_with_the_generator_code(tmp_path, monkeypatch):
+    """Content written by an older app/synth must not be reused (it once trained the demo on stale phantoms)."""
+    import shutil
+    from pathlib import Path
+
+    import app.synth
+
+    src = Path(app.synth.__file__).parent
+    fake = tmp_path / "synth"
+    shutil.copytree(src, fake, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(app.synth, "__file__", str(fake / "__init__.py"))
+    before = synth_code_fingerprint()
+    assert before == synth_code_fingerprint()  # stable while the code is unchanged
+    key_before = _key(DemoOptions())
+    (fake / "render.py").write_text((fake / "render.py").read_text() + "\n# changed\n")
+    assert synth_code_fingerprint() != before
+    assert _key(DemoOptions()) != key_before
+    assert _key(DemoOptions()).startswith("n60-")
 
 
 def test_child_env_isolates_radcohort_settings(tmp_path):
