@@ -1,4 +1,4 @@
-"""`radcohort labels relabel` and `radcohort cohort create|manifest|plan-pull`."""
+"""`radcohort labels relabel` and `radcohort cohort create|manifest|plan-pull|pull`."""
 
 from __future__ import annotations
 
@@ -108,6 +108,31 @@ def register(cli: typer.Typer) -> None:
             ctx.close()
         for q in plan_queries(tax, study_dates, get_rules(settings.label_rules)):
             typer.echo(json.dumps(q, ensure_ascii=False))
+
+    @cohort.command("pull")
+    def pull(node: str, taxonomy: str = typer.Option("xr10"), per_class: int = typer.Option(..., min=1),
+             study_dates: str = typer.Option("20110101-20161231", help="YYYYMMDD-YYYYMMDD"),
+             max_rounds: int = typer.Option(200, min=1, help="at most this many retrievals")) -> None:
+        """Retrieve from NODE until each class has PER_CLASS patients or the PACS has no more (prints the report)."""
+        from app.cohorts.pull_runner import pull_to_quota
+        from app.context import AppContext
+        from app.errors import RadcohortError
+
+        def show(cls, rid, status, received, _counts):
+            typer.echo(f"{cls}: retrieval {rid} {status}, {received} received", err=True)
+
+        ctx = AppContext.build(get_settings())
+        try:
+            out = pull_to_quota(ctx, node, taxonomy, per_class, study_dates, max_rounds=max_rounds, actor="cli",
+                                progress=show)
+        except RadcohortError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(2) from exc
+        finally:
+            ctx.close()
+        typer.echo(json.dumps(out, indent=1))
+        if out["stopped"] != "done":  # max_rounds or a DICOM failure: the report says which
+            raise typer.Exit(1)
 
     cli.add_typer(labels, name="labels")
     cli.add_typer(cohort, name="cohort")

@@ -91,3 +91,44 @@ class CohortOut(BaseModel):
 
 class CohortDetail(CohortOut):
     taxonomy_definition: dict[str, Any] | None = Field(None, description="the taxonomy as it was at creation")
+
+
+class PullIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"node": "pacs", "taxonomy": "xr10", "per_class": 1500, "study_date": "20110101-20161231"}]})
+    node: str = Field(..., min_length=1, max_length=64, description="a registered PACS node")
+    taxonomy: str = Field(..., description="a preset (xr10, xr5) or a user taxonomy name")
+    per_class: int = Field(..., ge=1, le=10_000_000, description="patients wanted per class in the index")
+    study_date: str = Field("20110101-20161231", pattern=r"^\d{8}-\d{8}$", description="YYYYMMDD-YYYYMMDD")
+    max_rounds: int = Field(200, ge=1, le=10_000, description="at most this many retrievals in all")
+
+
+class PullClass(BaseModel):
+    before: int = Field(..., description="patients the cohort builder selected before the pull")
+    after: int
+    quota: int
+    retrievals: list[int] = Field(..., description="ids of the retrievals started for this class")
+    exhausted: bool = Field(..., description="every query was retrieved and the class is still short")
+
+
+class PullReport(BaseModel):
+    node: str
+    taxonomy: str
+    per_class: int
+    retrievals: int
+    stopped: str = Field(..., description="done | max_rounds | find_failed | retrieval_failed")
+    error: str | None = None
+    classes: dict[str, PullClass]
+
+
+class PullOut(BaseModel):
+    id: int
+    status: str = Field(..., description="queued | running | completed | partial | failed")
+    node: str
+    taxonomy: str
+    per_class: int
+    study_date: str
+    created_at: datetime
+    finished_at: datetime | None = None
+    error: str | None = None
+    report: PullReport | None = None

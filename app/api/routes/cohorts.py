@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from app.api.deps import ActorDep, SessionDep, SettingsDep
-from app.cohorts import service
-from app.cohorts.schemas import CohortDetail, CohortIn, CohortOut
+from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep
+from app.cohorts import pull_runner, service
+from app.cohorts.schemas import CohortDetail, CohortIn, CohortOut, PullIn, PullOut
 from app.errors import NotFound
 from app.labels.service import get_rules
 
@@ -30,6 +30,23 @@ def create_cohort(body: CohortIn, response: Response, session: SessionDep, setti
     if out["preview"]:
         response.status_code = 200
     return out
+
+
+@router.post("/pull", status_code=202, response_model=PullOut,
+             responses={404: {"description": "unknown node or taxonomy"}, 422: {"description": "invalid request"}})
+def start_pull(body: PullIn, ctx: CtxDep, actor: ActorDep):
+    """Retrieve a taxonomy's candidates from a PACS until each class has `per_class` patients
+    (cohort-preview counts) or the PACS has no more; one study-date slice per retrieval.
+    Runs in the background, one pull at a time; poll `GET /api/v1/cohorts/pulls/{id}` (kept in
+    memory until the server restarts; its retrievals and audit events stay)."""
+    pull_runner.check_request(ctx, body.node, body.taxonomy, body.study_date)
+    return pull_runner.get_pulls(ctx).start(body.node, body.taxonomy, body.per_class, body.study_date, actor,
+                                            max_rounds=body.max_rounds)
+
+
+@router.get("/pulls/{pull_id}", response_model=PullOut, responses={404: {"description": "unknown pull"}})
+def get_pull(pull_id: int, ctx: CtxDep):
+    return pull_runner.get_pulls(ctx).get(pull_id)
 
 
 @router.get("", response_model=list[CohortOut])

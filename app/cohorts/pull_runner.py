@@ -1,0 +1,215 @@
+"""Pull to quota: retrieve a taxonomy's candidates from a PACS until each class has its quota.
+
+For every class whose count (a cohort preview over the current index: one image per patient,
+files present, patients in two classes excluded) is below `per_class`, its planned C-FIND
+queries (app.cohorts.pull.plan_queries) are retrieved one study-date slice at a time,
+sequentially, re-counting after each retrieval. A class stops when its quota is met or every
+query x slice has been retrieved (`exhausted`: the PACS has no more for it). One SERIES C-FIND
+per query first picks the slices that hold matches (no retrieval for an empty one). Slicing by study
+date bounds the overshoot: a retrieval brings everything its query matches, so a whole-range
+retrieval would bring the whole PACS's worth of a class at once.
+
+Retrievals are ordinary Retrieval rows run in this thread under the node's policy
+(app.retrievals.runner.run_retrieval), so they show in /api/v1/retrievals and are audited there.
+Pulls started through the API run in a background thread; their state lives in an in-process
+registry (ctx.extras["cohort_pulls"]): lost on restart, while the retrievals and the audit
+events it wrote remain.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from app import audit
+from app.cohorts.pull import parse_date_range, plan_queries
+from app.cohorts.service import create_cohort
+from app.cohorts.taxonomies import get_taxonomy
+from app.context import AppContext
+from app.dicom.scu import DicomClient
+from app.errors import DicomError, InvalidInput, NotFound
+from app.labels.service import get_rules
+from app.retrievals.nodes import get_node
+from app.retrievals.runner import run_retrieval
+from app.retrievals.service import create_retrieval
+
+log = logging.getLogger("radcohort.cohorts.pull")
+
+DEFAULT_RANGE = "20110101-20161231"
+DEFAULT_SLICES = 6
+DEFAULT_MAX_ROUNDS = 200
+
+
+def date_slices(study_date_range: str | tuple, n: int) -> list[str]:
+    """The range cut into at most n contiguous, non-overlapping 'YYYYMMDD-YYYYMMDD' slices."""
+    start, end = parse_date_range(study_date_range)
+    days = (end - start).days + 1
+    n = max(1, min(n, days))
+    out, lo = [], start
+    for i in range(n):
+        hi = start + timedelta(days=(days * (i + 1)) // n - 1)
+        out.append(f"{lo:%Y%m%d}-{hi:%Y%m%d}")
+        lo = hi + timedelta(days=1)
+    return out
+
+
+def _windows_with_matches(client: DicomClient, query: dict, windows: list[str]) -> list[str]:
+    """The slices holding a series the query matches: one C-FIND over the whole range, so a query
+    with no match on the PACS costs no retrieval. All slices when the answer was capped."""
+    res = client.find("SERIES", {**query, "StudyDate": f"{windows[0][:8]}-{windows[-1][9:]}"})
+    if res.capped:
+        return windows
+    dates = {str(ds.get("StudyDate", "")) for ds in res.results}
+    return [w for w in windows if any(w[:8] <= d <= w[9:] for d in dates if len(d) == 8)]
+
+
+def class_counts(ctx: AppContext, taxonomy_name: str) -> dict[str, int]:
+    """Per class, the patients a cohort build would select now (preview, no quota, files checked)."""
+    with ctx.sessions() as s:
+        out = create_cohort(s, {"taxonomy": taxonomy_name, "preview": True}, pseudonym_key=b"",
+                            store_dir=ctx.settings.store_dir, rules=get_rules(ctx.settings.label_rules))
+    return {c["name"]: c["selected"] for c in out["classes"]}
+
+
+def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class: int,
+                  study_date_range: str | tuple = DEFAULT_RANGE, max_rounds: int = DEFAULT_MAX_ROUNDS,
+                  actor: str = "cli", slices: int = DEFAULT_SLICES, progress=None) -> dict[str, Any]:
+    """Retrieve until every class has `per_class` patients or its queries are exhausted.
+
+    Returns {"classes": {name: {before, after, quota, retrievals: [ids], exhausted}},
+    "retrievals": n, "stopped": "done" | "max_rounds" | "find_failed" | "retrieval_failed", "error"}.
+    At most `max_rounds` retrievals are started in all.
+    """
+    if per_class < 1:
+        raise InvalidInput("per_class: must be at least 1")
+    if max_rounds < 1:
+        raise InvalidInput("max_rounds: must be at least 1")
+    try:
+        windows = date_slices(study_date_range, slices)
+    except ValueError as exc:
+        raise InvalidInput(f"study_date: {exc}") from exc
+    with ctx.sessions() as s:
+        client = DicomClient(ctx.settings, get_node(s, node_name))  # NotFound before anything starts
+        taxonomy = get_taxonomy(s, taxonomy_name)
+        audit.record(s, actor, "cohort.pull.start", f"taxonomy:{taxonomy_name}", node=node_name,
+                     per_class=per_class, study_date=windows[0][:8] + "-" + windows[-1][9:])
+        s.commit()
+    plan = plan_queries(taxonomy, study_date_range, get_rules(ctx.settings.label_rules))
+    counts = class_counts(ctx, taxonomy_name)
+    report: dict[str, dict] = {c: {"before": n, "after": n, "quota": per_class, "retrievals": [], "exhausted": False}
+                               for c, n in counts.items()}
+    rounds, stopped, error = 0, "done", None
+
+    def short(name: str) -> bool:
+        return report[name]["after"] < per_class
+
+    for name in report:
+        for query in (q["query"] for q in plan if q["class"] == name):
+            if not short(name) or stopped != "done":
+                break
+            try:
+                windows_here = _windows_with_matches(client, query, windows)
+            except DicomError as exc:
+                stopped, error = "find_failed", f"C-FIND failed: {exc.message}"
+                break
+            for window in windows_here:
+                if not short(name):
+                    break
+                if rounds >= max_rounds:
+                    stopped = "max_rounds"
+                    break
+                with ctx.sessions() as s:
+                    rid = create_retrieval(s, node_name, {**query, "StudyDate": window}, actor).id
+                    s.commit()
+                rounds += 1
+                r = run_retrieval(ctx, rid)
+                report[name]["retrievals"].append(rid)
+                counts = class_counts(ctx, taxonomy_name)  # a knee query brings right knees too: recount all
+                for c, n in counts.items():
+                    report[c]["after"] = n
+                if progress:
+                    progress(name, rid, r.status, r.received, counts)
+                if r.status in ("failed", "cancelled"):
+                    stopped, error = "retrieval_failed", f"retrieval {rid} {r.status}: {r.error or ''}".strip()
+                    break
+        if stopped != "done":
+            break
+        report[name]["exhausted"] = short(name)  # every query's matching slices were retrieved
+    out = {"node": node_name, "taxonomy": taxonomy_name, "per_class": per_class, "retrievals": rounds,
+           "stopped": stopped, "error": error, "classes": report}
+    with ctx.sessions() as s:
+        audit.record(s, actor, "cohort.pull.finish", f"taxonomy:{taxonomy_name}", node=node_name,
+                     retrievals=rounds, stopped=stopped,
+                     short=sorted(c for c, v in report.items() if v["after"] < per_class))
+        s.commit()
+    return out
+
+
+class PullRegistry:
+    """Pulls started by the API: one at a time (they contend for the same PACS), state in memory."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-pull")
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.pulls: dict[int, dict] = {}
+
+    def start(self, node: str, taxonomy: str, per_class: int, study_date: str, actor: str,
+              max_rounds: int = DEFAULT_MAX_ROUNDS) -> dict:
+        with self._lock:
+            pid = next(self._ids)
+            state = {"id": pid, "status": "queued", "node": node, "taxonomy": taxonomy, "per_class": per_class,
+                     "study_date": study_date, "created_at": datetime.now(timezone.utc), "finished_at": None,
+                     "report": None, "error": None}
+            self.pulls[pid] = state
+        self._pool.submit(self._run, pid, actor, max_rounds)
+        return dict(state)
+
+    def _run(self, pid: int, actor: str, max_rounds: int) -> None:
+        st = self.pulls[pid]
+        st["status"] = "running"
+        try:
+            st["report"] = pull_to_quota(self.ctx, st["node"], st["taxonomy"], st["per_class"], st["study_date"],
+                                         max_rounds=max_rounds, actor=actor)
+            st["status"] = "completed" if st["report"]["stopped"] == "done" else "partial"
+            st["error"] = st["report"]["error"]
+        except Exception as exc:  # noqa: BLE001 - a pull never stays 'running'
+            log.exception("cohort pull %s failed", pid)
+            st["status"], st["error"] = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+        st["finished_at"] = datetime.now(timezone.utc)
+
+    def get(self, pid: int) -> dict:
+        st = self.pulls.get(pid)
+        if st is None:
+            raise NotFound(f"no cohort pull {pid} (pulls are kept in memory until the server restarts)")
+        return dict(st)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+
+_registry_lock = threading.Lock()
+
+
+def get_pulls(ctx: AppContext) -> PullRegistry:
+    with _registry_lock:
+        reg = ctx.extras.get("cohort_pulls")
+        if reg is None:
+            reg = ctx.extras["cohort_pulls"] = PullRegistry(ctx)
+        return reg
+
+
+def check_request(ctx: AppContext, node: str, taxonomy: str, study_date: str) -> None:
+    """Validate a pull request up front (so the API answers 4xx, not a failed background job)."""
+    try:
+        parse_date_range(study_date)
+    except ValueError as exc:
+        raise InvalidInput(f"study_date: {exc}") from exc
+    with ctx.sessions() as s:
+        get_node(s, node)
+        get_taxonomy(s, taxonomy)

@@ -1,0 +1,135 @@
+"""Pull to quota against a real Orthanc into our real Storage SCP (C-MOVE), through the labeler."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from sqlalchemy import select
+
+from app.cohorts.pull_runner import date_slices, pull_to_quota
+from app.cohorts.taxonomies import create_taxonomy
+from app.db.models import AuditEvent, Instance
+from app.dicom.scp import StorageSCP
+from app.labels.service import get_rules
+from app.retrievals.nodes import create_node
+from app.retrievals.schemas import NodeIn
+from app.synth.generate import generate, read_truth
+
+TAXONOMY = {"name": "pulltest", "classes": [
+    {"name": "LtK", "where": {"modality": ["CR", "DX"], "body_part": "KNEE", "view": "AP", "laterality": "L"}},
+    {"name": "C20F", "where": {"modality": ["CR", "DX"], "body_part": "CHEST", "view": "PA", "sex": "F",
+                               "age_years": {"min": 20, "max": 29}}}]}
+
+
+def test_date_slices_cover_the_range_without_overlap():
+    assert date_slices("20110101-20161231", 6)[0] == "20110101-20111231"
+    s = date_slices("20110101-20161231", 6)
+    assert len(s) == 6 and s[-1].endswith("-20161231")
+    assert date_slices("20200101-20200102", 5) == ["20200101-20200101", "20200102-20200102"]
+
+
+@pytest.fixture
+def rig(ctx, orthanc, tmp_path):
+    """Orthanc holding 6 left knees (distinct patients) and 1 chest of a woman in her 20s; our SCP."""
+    ctx.settings.arrival_timeout = 3.0
+    ctx.settings.dicom_retries = 1
+    gen = tmp_path / "gen"
+    generate(gen, per_class=6, seed=3, taxonomy="xr10", size="64x64", workers=1, syntaxes=["explicit"])
+    truth = read_truth(gen)
+    knees = [r for r in truth if r["true_class"] == "LtK"]
+    chests = [r for r in truth if r["true_class"] == "C20F"][:1]
+    for r in knees + chests:
+        orthanc.upload(gen / r["file"])
+    with ctx.sessions() as s:
+        create_node(s, NodeIn(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port), "test")
+        create_taxonomy(s, TAXONOMY, get_rules(ctx.settings.label_rules))
+        s.commit()
+    scp = StorageSCP(ctx).start()
+    yield ctx, knees, chests
+    scp.stop()
+
+
+def _indexed(ctx) -> set[str]:
+    with ctx.sessions() as s:
+        return set(s.scalars(select(Instance.sop_instance_uid)))
+
+
+def test_pull_stops_at_quota_and_reports_exhausted_classes(rig, client):
+    ctx, knees, chests = rig
+    knee_patients = {r["patient_id"] for r in knees}
+    assert len(knee_patients) >= 4  # the seed gives enough distinct patients for a quota below them
+
+    out = pull_to_quota(ctx, "pacs", "pulltest", per_class=2, study_date_range="20110101-20161231", actor="t")
+    ltk, c20f = out["classes"]["LtK"], out["classes"]["C20F"]
+    assert out["stopped"] == "done" and out["error"] is None
+    assert (ltk["before"], ltk["quota"], ltk["exhausted"]) == (0, 2, False)
+    assert 2 <= ltk["after"] < len(knee_patients)  # stopped at the quota: not the whole PACS
+    got = _indexed(ctx)
+    assert 2 <= len(got & {r["sop_instance_uid"] for r in knees}) < len(knees)
+    # the only chest is found (birth-date range for the age band) and the class is exhausted
+    assert (c20f["before"], c20f["after"], c20f["exhausted"]) == (0, 1, True)
+    assert chests[0]["sop_instance_uid"] in got
+    # one C-FIND per planned query picks the date slices holding matches: one retrieval, not one per slice
+    assert len(c20f["retrievals"]) == 1
+    assert 1 <= len(ltk["retrievals"]) < 6
+    assert out["retrievals"] == len(ltk["retrievals"]) + len(c20f["retrievals"])
+
+    # through the API: a larger quota fetches more knees, in the background
+    r = client.post("/api/v1/cohorts/pull", json={"node": "pacs", "taxonomy": "pulltest", "per_class": 50})
+    assert r.status_code == 202, r.text
+    pid = r.json()["id"]
+    deadline = time.monotonic() + 60
+    while (body := client.get(f"/api/v1/cohorts/pulls/{pid}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert body["status"] == "completed", body
+    rep = body["report"]["classes"]
+    assert rep["LtK"]["before"] == ltk["after"] and rep["LtK"]["after"] == len(knee_patients)
+    assert rep["LtK"]["exhausted"] and rep["C20F"]["exhausted"]
+    assert {r["sop_instance_uid"] for r in knees} <= _indexed(ctx)
+    with ctx.sessions() as s:
+        actions = list(s.scalars(select(AuditEvent.action).where(AuditEvent.action.like("cohort.pull%"))))
+    assert actions.count("cohort.pull.start") == 2 and actions.count("cohort.pull.finish") == 2
+
+
+def test_pull_request_errors(client, ctx):
+    r = client.post("/api/v1/cohorts/pull", json={"node": "nope", "taxonomy": "xr10", "per_class": 5})
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    r = client.post("/api/v1/cohorts/pull", json={"node": "nope", "taxonomy": "xr10", "per_class": 0,
+                                                  "study_date": "2011"})
+    assert r.status_code == 422
+    assert {tuple(e["loc"]) for e in r.json()["detail"]} == {("body", "per_class"), ("body", "study_date")}
+    with ctx.sessions() as s:
+        create_node(s, NodeIn(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=1), "test")
+        s.commit()
+    r = client.post("/api/v1/cohorts/pull", json={"node": "pacs", "taxonomy": "xr10", "per_class": 5,
+                                                  "study_date": "20160101-20110101"})
+    assert r.status_code == 422 and "study_date" in r.json()["detail"]
+    assert client.get("/api/v1/cohorts/pulls/99").status_code == 404
+
+
+def test_cli_pull_skips_full_classes_and_stops_on_an_unreachable_pacs(ctx, monkeypatch):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from cohort_index import build_index
+
+    with ctx.sessions() as s:
+        build_index(s, ctx.settings.store_dir)  # LtK, RtK, C20F, C60M: 12+ patients each, no W
+        create_node(s, NodeIn(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=1), "test")
+        s.commit()
+    for k, v in {"RADCOHORT_DATABASE_URL": ctx.settings.database_url,
+                 "RADCOHORT_DATA_DIR": str(ctx.settings.data_dir), "RADCOHORT_DICOM_RETRIES": "0"}.items():
+        monkeypatch.setenv(k, v)
+    run = CliRunner().invoke
+    r = run(cli, ["cohort", "pull", "nope", "--per-class", "5"])
+    assert r.exit_code == 2 and "nope" in r.output
+    r = run(cli, ["cohort", "pull", "pacs", "--taxonomy", "xr10", "--per-class", "5"])
+    assert r.exit_code == 1, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert out["stopped"] == "find_failed" and "C-FIND" in out["error"] and out["retrievals"] == 0
+    ltk = out["classes"]["LtK"]
+    assert ltk["before"] == ltk["after"] >= 12 and (ltk["retrievals"], ltk["exhausted"]) == ([], False)
+    assert out["classes"]["W"]["before"] == 0 and not out["classes"]["W"]["exhausted"]
