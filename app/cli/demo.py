@@ -13,7 +13,7 @@ def register(cli: typer.Typer) -> None:
         per_class: int = typer.Option(60, "--per-class", min=2, help="synthetic images per class"),
         synth_size: str = typer.Option("small", "--synth-size",
                                        help="synthetic image size: small (1/8 detector), full, scale:F or WxH"),
-        epochs: int = typer.Option(None, "--epochs", min=1, help="training epochs (default: 16 on CPU, 30 on CUDA)"),
+        epochs: int = typer.Option(None, "--epochs", min=1, help="training epochs (default: 40 on CPU, 30 on CUDA)"),
         image_size: int = typer.Option(None, "--image-size", min=16,
                                        help="input height in px (default: 96 on CPU, 256 on CUDA)"),
         model: str = typer.Option(None, "--model", help="timm model (default: resnet10t on CPU, resnet18 on CUDA)"),

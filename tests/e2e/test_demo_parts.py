@@ -45,7 +45,9 @@ def test_summary_reports_overall_misclassified_suspects_and_experiments():
 def test_training_params_small_on_cpu_study_on_cuda_and_overrides_win():
     cpu = training_params(DemoOptions(), cuda=False)
     gpu = training_params(DemoOptions(), cuda=True)
-    assert cpu["image_size"] < gpu["image_size"] == 256 and cpu["epochs"] < gpu["epochs"] == 30
+    assert cpu["image_size"] < gpu["image_size"] == 256 and gpu["epochs"] == 30 and cpu["model"] != gpu["model"]
+    # CPU: no rotation (few images, little time); GPU: the worker's (the study's) augmentation
+    assert not cpu["augment"]["rotation"] and "augment" not in gpu
     over = training_params(DemoOptions(epochs=2, image_size=32, model="resnet18", experiments=["rotate90"],
                                        device="cpu"), cuda=True)
     assert (over["epochs"], over["image_size"], over["model"], over["experiments"], over["device"]) == \
