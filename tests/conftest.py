@@ -68,8 +68,7 @@ def settings(tmp_path) -> Settings:
     return make_settings(tmp_path)
 
 
-@pytest.fixture
-def ctx(settings) -> Iterator[AppContext]:
+def _migrated_ctx(settings: Settings) -> Iterator[AppContext]:
     upgrade(settings.database_url)
     c = AppContext.build(settings)
     yield c
@@ -77,22 +76,19 @@ def ctx(settings) -> Iterator[AppContext]:
 
 
 @pytest.fixture
+def ctx(settings) -> Iterator[AppContext]:
+    yield from _migrated_ctx(settings)
+
+
+@pytest.fixture
 def pg_ctx(tmp_path, pg_database) -> Iterator[AppContext]:
-    s = make_settings(tmp_path, pg_database)
-    upgrade(s.database_url)
-    c = AppContext.build(s)
-    yield c
-    c.close()
+    yield from _migrated_ctx(make_settings(tmp_path, pg_database))
 
 
 @pytest.fixture
 def any_ctx(tmp_path, db_url) -> Iterator[AppContext]:
     """An AppContext on SQLite and on PostgreSQL (parametrized)."""
-    s = make_settings(tmp_path, db_url)
-    upgrade(s.database_url)
-    c = AppContext.build(s)
-    yield c
-    c.close()
+    yield from _migrated_ctx(make_settings(tmp_path, db_url))
 
 
 @pytest.fixture
