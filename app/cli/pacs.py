@@ -38,6 +38,21 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _write(change) -> None:
+    """Run `change(session)` in one committed unit of work; a domain error ends the command."""
+    from app.db.base import session_scope
+    from app.errors import RadcohortError
+
+    ctx = _ctx()
+    try:
+        with session_scope(ctx.sessions) as s:
+            change(s)
+    except RadcohortError as exc:
+        _fail(exc.message)
+    finally:
+        ctx.close()
+
+
 def _node(ctx, name: str):
     from app.errors import NotFound
     from app.retrievals.nodes import get_node
@@ -64,7 +79,6 @@ def register(cli: typer.Typer) -> None:
         """Register a PACS node."""
         from pydantic import ValidationError
 
-        from app.errors import RadcohortError
         from app.retrievals.nodes import create_node
         from app.retrievals.schemas import NodeIn
 
@@ -72,15 +86,7 @@ def register(cli: typer.Typer) -> None:
             data = NodeIn(name=name, ae_title=ae_title, host=host, port=port, retrieve_method=method)
         except ValidationError as exc:
             _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()), 2)
-        ctx = _ctx()
-        try:
-            with ctx.sessions() as s:
-                create_node(s, data, ACTOR)
-                s.commit()
-        except RadcohortError as exc:
-            _fail(exc.message)
-        finally:
-            ctx.close()
+        _write(lambda s: create_node(s, data, ACTOR))
         typer.echo(f"added {name}: {ae_title}@{host}:{port} ({method})")
 
     @nodes.command("list")
@@ -97,18 +103,9 @@ def register(cli: typer.Typer) -> None:
     @nodes.command("remove")
     def nodes_remove(name: str) -> None:
         """Remove a PACS node."""
-        from app.errors import RadcohortError
         from app.retrievals.nodes import delete_node
 
-        ctx = _ctx()
-        try:
-            with ctx.sessions() as s:
-                delete_node(s, name, ACTOR)
-                s.commit()
-        except RadcohortError as exc:
-            _fail(exc.message)
-        finally:
-            ctx.close()
+        _write(lambda s: delete_node(s, name, ACTOR))
         typer.echo(f"removed {name}")
 
     cli.add_typer(nodes, name="nodes")
