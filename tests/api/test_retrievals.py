@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from app.dicom.scp import StorageSCP
-from tests.dicom.helpers import make_studies, upload_all
+from tests.dicom.helpers import make_studies, upload_all, wait_retrieval
 
 
-def wait_done(client, rid: int, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/api/v1/retrievals/{rid}").json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        time.sleep(0.2)
-    pytest.fail(f"retrieval {rid} did not finish: {body}")
 
 
 @pytest.fixture
@@ -38,13 +28,13 @@ def test_retrieval_runs_in_background_and_reports_exactly(client, ctx, pacs_node
         r = client.post("/api/v1/retrievals", json={"node": "pacs", "query": {"StudyDate": "20110101-20161231"}})
         assert r.status_code == 202, r.text
         assert set(r.json()) == {"id", "status"} and r.json()["status"] == "queued"
-        body = wait_done(client, r.json()["id"])
+        body = wait_retrieval(client, r.json()["id"])
         assert (body["status"], body["expected"], body["received"], body["skipped"], body["failed"],
                 body["missing"], body["error"]) == ("completed", 8, 8, 0, 0, [], None)
         # two at once: the same range again (all skipped) and the 2019 study
         a = client.post("/api/v1/retrievals", json={"node": "pacs", "query": {"StudyDate": "20110101-20161231"}})
         b = client.post("/api/v1/retrievals", json={"node": "pacs", "query": {"StudyDate": "20190101"}})
-        ra, rb = wait_done(client, a.json()["id"]), wait_done(client, b.json()["id"])
+        ra, rb = wait_retrieval(client, a.json()["id"]), wait_retrieval(client, b.json()["id"])
     assert (ra["status"], ra["skipped"], ra["received"]) == ("completed", 8, 0)
     assert (rb["status"], rb["expected"], rb["received"]) == ("completed", 4, 4)
     items = client.get("/api/v1/retrievals").json()["items"]
@@ -60,13 +50,13 @@ def test_retrieval_without_our_scp_fails_then_retry_completes(client, ctx, pacs_
     ctx.settings.dicom_retries = 0
     r = client.post("/api/v1/retrievals", json={"node": "pacs", "query": {"StudyDate": "20190101"}})
     rid = r.json()["id"]
-    body = wait_done(client, rid)
+    body = wait_retrieval(client, rid)
     assert body["status"] == "failed" and body["received"] == 0 and len(body["missing"]) == 4
     assert body["error"]
     with StorageSCP(ctx):
         r = client.post(f"/api/v1/retrievals/{rid}/retry")
         assert r.status_code == 202 and r.json() == {"id": rid, "status": "queued"}
-        body = wait_done(client, rid)
+        body = wait_retrieval(client, rid)
     assert (body["status"], body["received"], body["missing"], body["error"]) == ("completed", 4, [], None)
     assert client.post("/api/v1/retrievals/999/retry").status_code == 404
 

@@ -109,3 +109,20 @@ def make_studies(
 def upload_all(orthanc, paths) -> None:
     for p in paths:
         orthanc.upload(p)
+
+
+FINISHED = frozenset({"completed", "partial", "failed", "cancelled"})
+
+
+def wait_retrieval(client, rid: int, want=FINISHED, timeout: float = 60) -> dict:
+    """Poll GET /api/v1/retrievals/{rid} until its status is one of `want`; fail the test otherwise."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/api/v1/retrievals/{rid}").json()
+        if body["status"] in want:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"retrieval {rid} stuck in {body['status']}: {body}")
+        time.sleep(0.1)

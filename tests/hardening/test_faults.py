@@ -25,7 +25,7 @@ from app.db.models import Instance, PacsNode
 from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED, StorageSCP
 from app.dicom.store import parse_header
 from tests.conftest import make_settings
-from tests.dicom.helpers import CR_STORAGE, make_cr
+from tests.dicom.helpers import CR_STORAGE, make_cr, wait_retrieval
 from tests.hardening.loadkit import dcmtk
 
 RADCOHORT = str(Path(sys.executable).with_name("radcohort"))
@@ -371,7 +371,7 @@ def test_pacs_killed_mid_retrieval_reports_exact_missing_then_retry_completes(tm
         while _count(ctx) < 10 and time.monotonic() < deadline:
             time.sleep(0.05)
         orthanc.stop(kill=True)  # the PACS dies with the C-MOVE association open
-        rep = _wait_retrieval(client, rid)
+        rep = wait_retrieval(client, rid, timeout=120)
         with ctx.sessions() as s:
             indexed = set(s.scalars(select(Instance.sop_instance_uid)))
         assert 10 <= len(indexed) < 120, len(indexed)
@@ -379,7 +379,7 @@ def test_pacs_killed_mid_retrieval_reports_exact_missing_then_retry_completes(tm
         assert set(rep["missing"]) == uids - indexed, (len(rep["missing"]), len(uids - indexed))
         orthanc.start()
         assert client.post(f"/api/v1/retrievals/{rid}/retry").status_code in (200, 202)
-        rep = _wait_retrieval(client, rid)
+        rep = wait_retrieval(client, rid, timeout=120)
         assert rep["status"] == "completed" and rep["missing"] == [], rep
     with ctx.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == 120
@@ -387,11 +387,3 @@ def test_pacs_killed_mid_retrieval_reports_exact_missing_then_retry_completes(tm
     assert len(_finals(ctx.settings.store_dir)) == 120
 
 
-def _wait_retrieval(client, rid: int, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/api/v1/retrievals/{rid}").json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        time.sleep(0.2)
-    raise AssertionError(f"retrieval {rid} never finished: {body}")

@@ -6,7 +6,7 @@ import time
 from datetime import datetime, timezone
 
 from app.policy.windows import DAYS
-from tests.dicom.helpers import make_studies, upload_all
+from tests.dicom.helpers import make_studies, upload_all, wait_retrieval
 
 
 def node(client, port: int = 4242, name: str = "pacs", method: str = "get"):
@@ -15,14 +15,6 @@ def node(client, port: int = 4242, name: str = "pacs", method: str = "get"):
     assert r.status_code == 201, r.text
 
 
-def wait_status(client, rid: int, want: set[str], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/api/v1/retrievals/{rid}").json()
-        if body["status"] in want:
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"retrieval {rid} stuck in {body['status']}: {body}")
 
 
 def test_patch_policy_validation_and_view(client):
@@ -100,7 +92,7 @@ def test_over_http_window_wait_then_cancel_and_pause_resume_mid_run(client, ctx,
     body = client.get(f"/api/v1/retrievals/{rid}").json()
     assert body["status"] == "queued" and body["received"] == 0
     assert client.post(f"/api/v1/retrievals/{rid}/cancel").status_code == 200
-    body = wait_status(client, rid, {"cancelled"})
+    body = wait_retrieval(client, rid, {"cancelled"})
     assert body["received"] == 0
 
     # slow it down (2 instances/s, pieces of 4), pause after the first piece, resume
@@ -118,7 +110,7 @@ def test_over_http_window_wait_then_cancel_and_pause_resume_mid_run(client, ctx,
     time.sleep(2)
     assert client.get("/api/v1/instances?limit=1").json()["total"] == held
     assert client.post(f"/api/v1/retrievals/{rid}/resume").json()["status"] == "running"
-    body = wait_status(client, rid, {"completed", "partial", "failed"})
+    body = wait_retrieval(client, rid, {"completed", "partial", "failed"})
     assert (body["status"], body["received"]) == ("completed", 12)
     assert body["report"]["paused_s"] >= 2 and body["report"]["rate_wait_s"] > 0
     assert {u for st in studies for u in st.sop_uids} == {
