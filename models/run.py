@@ -255,7 +255,8 @@ def _run(spec: dict, cfg: TrainConfig, classes: list[str], items: list[dict], ru
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             start_epoch, history = int(ck["epoch"]), list(ck["history"])
-            prog.emit({"event": "resume", "from_epoch": start_epoch + 1, "epochs": cfg.epochs})
+            # the checkpoint's history restores epochs whose progress line died with the previous run
+            prog.emit({"event": "resume", "from_epoch": start_epoch + 1, "epochs": cfg.epochs, "history": history})
         else:
             prog.emit({"event": "resume_ignored", "reason": "checkpoint belongs to different parameters or data"})
     net = model

@@ -163,10 +163,9 @@ def test_killed_worker_job_is_reclaimed_and_resumes_from_its_checkpoint(ctx):
         assert c.wait(300) == 0, c.stdout.read()
     job = _job(ctx, jid)
     assert job.status == "completed", job.error
-    hist = [h["epoch"] for h in job.history]
-    assert hist == sorted(set(hist)) and hist[-1] == epochs
-    # only an epoch checkpointed in the instant before the kill may lack its progress line
-    assert set(range(1, epochs + 1)) - set(hist) <= {resumed["from_epoch"] - 1}
+    # every epoch is reported once, including one checkpointed in the instant before a kill (the resume
+    # event carries the checkpoint's history)
+    assert [h["epoch"] for h in job.history] == list(range(1, epochs + 1))
     with session_scope(ctx.sessions) as s:
         assert s.scalar(select(func.count()).select_from(TrainedModel).where(TrainedModel.job_id == jid)) == 1
     assert sum(1 for e in _events(ctx, jid) if e.get("event") == "done") == 1
