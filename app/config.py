@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # unlimited PDU let one pynetdicom sender of a 200 MB instance grow the SCP by 800 MB
     max_pdu: int = Field(1048576, ge=0, description="max receive PDU in bytes (0 = unlimited)")
     arrival_timeout: float = Field(30.0, gt=0, description="seconds to wait for stragglers after a C-MOVE")
+    retrieval_heartbeat_s: float = Field(10.0, gt=0, description="how often a running retrieval renews its lease")
+    retrieval_stale_s: float = Field(60.0, gt=0, description="a retrieval whose lease is this old was left "
+                                     "by a stopped process: a running API takes it over")
     label_rules: Path | None = Field(None, description="labels rules file (YAML); built-in when unset")
     worker_poll_seconds: float = Field(2.0, gt=0)
     worker_gpus: int | None = Field(None, description="GPUs for one job (torchrun); all when unset")
@@ -48,6 +51,13 @@ class Settings(BaseSettings):
         if not v or not all(32 <= ord(c) < 127 and c != "\\" for c in v):
             raise ValueError("AE title must be 1-16 printable ASCII characters")
         return v
+
+    @model_validator(mode="after")
+    def _lease(self) -> "Settings":
+        if self.retrieval_stale_s < 2 * self.retrieval_heartbeat_s:
+            raise ValueError("retrieval_stale_s must be at least twice retrieval_heartbeat_s "
+                             "(a live retrieval would look stopped between two heartbeats)")
+        return self
 
     @model_validator(mode="after")
     def _scp_tls(self) -> "Settings":

@@ -57,6 +57,10 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        from app.retrievals.service import get_manager
+
+        # retrievals left unfinished by a stopped process resume here (leases: app.retrievals.lease)
+        get_manager(ctx).start_supervision()
         yield
         # background pools (retrievals ...) registered in ctx.extras stop with the app
         for extra in list(ctx.extras.values()):

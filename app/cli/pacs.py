@@ -178,7 +178,7 @@ def register(cli: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from app.errors import RadcohortError
-        from app.policy.runner import GovernedRunner  # the node's windows, limits and backoff apply
+        from app.retrievals.runner import run_retrieval  # the node's windows, limits and backoff apply
         from app.retrievals.service import create_retrieval, to_out
 
         q = _parse_query(query)
@@ -208,7 +208,7 @@ def register(cli: typer.Typer) -> None:
                     bar.update(task, description=p.phase, total=p.expected or None,
                                completed=p.received + p.skipped, skipped=p.skipped)
 
-                result = GovernedRunner(ctx, rid, on_progress=on_progress, method=method).run()
+                result = run_retrieval(ctx, rid, on_progress=on_progress, method=method)
             out = to_out(result)
         typer.echo(f"retrieval {out.id}: {out.status} — expected {out.expected}, received {out.received}, "
                    f"skipped {out.skipped}, failed {out.failed}, missing {len(out.missing)}")

@@ -141,6 +141,9 @@ class Retrieval(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the lease of the process running it (app.retrievals.lease): a stale one is taken over
+    runner_id: Mapped[str | None] = mapped_column(String(96))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class RetrievalItem(Base):

@@ -371,8 +371,3 @@ class _Both:
 
     def find(self, level, query=None, **kw):
         return self.dimse.find(level, query, **kw)
-
-
-def run_governed(ctx, retrieval_id: int, **kw) -> Retrieval:
-    return GovernedRunner(ctx, retrieval_id, **kw).run()
-

@@ -22,6 +22,7 @@ from app.dicom.queries import key_level, validate_query
 from app.dicom.scu import DicomClient, RetrieveResult
 from app.errors import DicomError, PermanentDicomError, RetriableDicomError
 from app.retrievals.expected import ExpectedInstance, list_expected
+from app.retrievals.lease import Lease
 
 log = logging.getLogger("radcohort.retrievals")
 
@@ -445,7 +446,18 @@ class RetrievalRunner:
 
 
 def run_retrieval(ctx: AppContext, retrieval_id: int, **kw) -> Retrieval:
-    """Run under the node's policy (windows, limits, backoff, pause/cancel: app.policy.runner)."""
+    """Run under the node's policy (windows, limits, backoff, pause/cancel: app.policy.runner),
+    holding the retrieval's lease (app.retrievals.lease); one held by a live process elsewhere is
+    left alone and returned as it stands."""
     from app.policy.runner import GovernedRunner  # subclasses RetrievalRunner: imported late
 
-    return GovernedRunner(ctx, retrieval_id, **kw).run()
+    with Lease(ctx, retrieval_id) as lease:
+        if lease.held:
+            return GovernedRunner(ctx, retrieval_id, **kw).run()
+    log.info("retrieval %s is held by another live process: not run here", retrieval_id)
+    with ctx.sessions() as s:
+        r = s.get(Retrieval, retrieval_id)
+        if r is None:
+            raise LookupError(f"retrieval {retrieval_id} does not exist")
+        s.expunge(r)
+        return r

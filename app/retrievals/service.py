@@ -78,12 +78,46 @@ class RetrievalManager:
         self.ctx = ctx
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="retrieval")
         self.futures: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     def submit(self, retrieval_id: int) -> Future:
-        fut = self._pool.submit(self._run, retrieval_id)
-        self.futures = {k: f for k, f in self.futures.items() if not f.done()}
-        self.futures[retrieval_id] = fut
-        return fut
+        with self._lock:
+            fut = self._pool.submit(self._run, retrieval_id)
+            self.futures = {k: f for k, f in self.futures.items() if not f.done()}
+            self.futures[retrieval_id] = fut
+            return fut
+
+    def adopt_orphans(self) -> list[int]:
+        """Submit the unfinished retrievals that no live process runs (app.retrievals.lease);
+        each one's run claims it first, so a race with another process runs it once."""
+        from app.retrievals.lease import orphans
+
+        with self._lock:
+            mine = {k for k, f in self.futures.items() if not f.done()}
+        adopted = [rid for rid in orphans(self.ctx) if rid not in mine]
+        for rid in adopted:
+            log.warning("retrieval %s was left unfinished by a stopped process: resuming it", rid)
+            self.submit(rid)
+        return adopted
+
+    def start_supervision(self) -> None:
+        """At start-up and then every heartbeat: take over retrievals left by stopped processes."""
+        if self._supervisor is not None:
+            return
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.adopt_orphans()
+                except Exception as exc:  # noqa: BLE001 - the database may be down for a moment
+                    log.warning("looking for orphaned retrievals failed: %s", type(exc).__name__)
+                if self._stop.wait(self.ctx.settings.retrieval_heartbeat_s):
+                    return
+
+        self._supervisor = threading.Thread(target=loop, name="retrieval-supervisor", daemon=True)
+        self._supervisor.start()
 
     def _run(self, retrieval_id: int) -> None:
         from app.retrievals.runner import run_retrieval
@@ -107,6 +141,7 @@ class RetrievalManager:
         event.listen(session, "after_commit", lambda _s: self.submit(retrieval_id), once=True)
 
     def shutdown(self, wait: bool = True) -> None:
+        self._stop.set()
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from app.context import AppContext
 from app.db.migrate import upgrade
-from app.db.models import Instance, PacsNode
+from app.db.models import Instance, PacsNode, Retrieval
 from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED, StorageSCP
 from app.dicom.store import parse_header
 from tests.conftest import make_settings
@@ -387,3 +387,70 @@ def test_pacs_killed_mid_retrieval_reports_exact_missing_then_retry_completes(tm
     assert len(_finals(ctx.settings.store_dir)) == 120
 
 
+
+
+def test_api_killed_mid_retrieval_its_successor_takes_over_and_completes(tmp_path, ctx, orthanc):
+    """`radcohort serve` SIGKILLed while a retrieval runs: the next start takes it over once its lease
+    is stale, fetches only what is missing, and nothing is stored or indexed twice."""
+    import httpx
+
+    from app.db.models import AuditEvent
+    from app.retrievals.nodes import create_node
+    from app.retrievals.schemas import NodeIn
+    from tests.hardening.loadkit import ServeProcess, scp_env
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    study = "1.2.826.0.1.3680043.10.778.1"
+    uids = set()
+    for k in range(80):
+        ds = make_cr(patient_id="TK1", study_uid=study, series_uid=f"{study}.1", study_date="20130101", seed=k)
+        ds.Rows = ds.Columns = 32
+        ds.PixelData = ds.PixelData[: 32 * 32 * 2]
+        ds.save_as(gen / f"{k:03d}.dcm", enforce_file_format=True)
+        uids.add(ds.SOPInstanceUID)
+    r = subprocess.run([dcmtk("storescu"), "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
+                        *map(str, sorted(gen.iterdir()))], capture_output=True, text=True)
+    assert r.returncode == 0 and orthanc.instance_count() == 80, r.stderr[-1000:]
+    with ctx.sessions() as s:  # 300 instances a minute: the retrieval runs for about 16 s
+        node = create_node(s, NodeIn(name="pacs", ae_title=orthanc.aet, host="127.0.0.1",
+                                     port=orthanc.dicom_port), "test")
+        node.options = {"policy": {"instances_per_minute": 300}}
+        s.commit()
+    env = {**scp_env(ctx.settings), "RADCOHORT_RETRIEVAL_HEARTBEAT_S": "0.5", "RADCOHORT_RETRIEVAL_STALE_S": "3"}
+    port = _free_port()
+
+    first = ServeProcess(env, port).__enter__()
+    try:
+        rid = httpx.post(first.base + "/api/v1/retrievals",
+                         json={"node": "pacs", "query": {"StudyDate": "20130101"}}).json()["id"]
+        deadline = time.monotonic() + 60
+        while _count(ctx) < 15:
+            assert time.monotonic() < deadline, first.log_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        first.proc.kill()
+        first.proc.wait()
+        first.log.close()
+    at_kill = _count(ctx)
+    assert at_kill < 80
+    with ctx.sessions() as s:
+        assert s.get(Retrieval, rid).status == "running"
+
+    with ServeProcess(env, port) as second:
+        deadline = time.monotonic() + 120
+        while True:
+            rep = httpx.get(f"{second.base}/api/v1/retrievals/{rid}").json()
+            if rep["status"] not in ("queued", "running", "paused"):
+                break
+            assert time.monotonic() < deadline, (rep, second.log_text()[-3000:])
+            time.sleep(0.2)
+    assert rep["status"] == "completed" and rep["missing"] == [], rep
+    assert rep["expected"] == 80 and rep["skipped"] >= at_kill and rep["received"] + rep["skipped"] == 80, rep
+    with ctx.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 80
+        assert set(s.scalars(select(Instance.sop_instance_uid))) == uids
+        assert s.get(Retrieval, rid).runner_id is None
+        assert s.scalar(select(func.count()).select_from(AuditEvent)
+                        .where(AuditEvent.action == "retrieval.takeover", AuditEvent.target == str(rid))) == 1
+    assert len(_finals(ctx.settings.store_dir)) == 80

@@ -1,0 +1,112 @@
+"""Who runs a retrieval: a lease in its row (runner_id + heartbeat_at).
+
+Retrievals run in the threads of whichever process started them (the API, a CLI, a cohort pull).
+A process that stops (crash, SIGKILL, host reboot) leaves its retrievals `queued`, `running` or
+`paused` with a lease that is no longer renewed; a running API takes those over once the lease is
+older than `retrieval_stale_s` and runs them again, which lists anew and fetches only what is not
+indexed yet. The claim is one compare-and-set UPDATE, so two processes never run one retrieval at
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+
+from app import audit
+from app.context import AppContext
+from app.db.models import Retrieval, utcnow
+
+log = logging.getLogger("radcohort.retrievals")
+
+UNFINISHED = ("queued", "running", "paused")
+
+
+def new_runner_id() -> str:
+    """host:pid:random, unique per run (so that a re-run in the same process is a new holder)."""
+    return f"{socket.gethostname()[:48]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _stale(ctx: AppContext):
+    cutoff = utcnow() - timedelta(seconds=ctx.settings.retrieval_stale_s)
+    return or_(Retrieval.heartbeat_at.is_(None), Retrieval.heartbeat_at < cutoff)
+
+
+def orphans(ctx: AppContext) -> list[int]:
+    """Unfinished retrievals that nobody is running: a stale lease, or none at all for longer than
+    the stale time (a fresh one without a lease is about to be claimed by the process that made it)."""
+    cutoff = utcnow() - timedelta(seconds=ctx.settings.retrieval_stale_s)
+    with ctx.sessions() as s:
+        return list(s.scalars(select(Retrieval.id).where(
+            Retrieval.status.in_(UNFINISHED),
+            or_(and_(Retrieval.runner_id.is_(None), Retrieval.created_at < cutoff),
+                and_(Retrieval.runner_id.is_not(None), _stale(ctx))))
+            .order_by(Retrieval.id)))
+
+
+class Lease:
+    """Hold a retrieval's lease while it runs: claim, renew every heartbeat, release at the end.
+
+    `held` is False when another live process holds it (then nothing must run)."""
+
+    def __init__(self, ctx: AppContext, retrieval_id: int):
+        self.ctx, self.id = ctx, retrieval_id
+        self.runner_id = new_runner_id()
+        self.held = False
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def claim(self) -> bool:
+        with self.ctx.sessions() as s:
+            previous = s.scalar(select(Retrieval.runner_id).where(Retrieval.id == self.id))
+            n = s.execute(update(Retrieval).where(Retrieval.id == self.id,
+                                                  or_(Retrieval.runner_id.is_(None), _stale(self.ctx)))
+                          .values(runner_id=self.runner_id, heartbeat_at=utcnow())).rowcount
+            if n and previous:
+                # the process that held it stopped without finishing it
+                log.warning("retrieval %s: taking over from a stopped runner", self.id)
+                audit.record(s, "system", "retrieval.takeover", str(self.id), previous_runner=previous,
+                             runner=self.runner_id)
+            s.commit()
+        self.held = bool(n)
+        return self.held
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ctx.settings.retrieval_heartbeat_s):
+            try:
+                with self.ctx.sessions() as s:
+                    n = s.execute(update(Retrieval).where(Retrieval.id == self.id,
+                                                          Retrieval.runner_id == self.runner_id)
+                                  .values(heartbeat_at=utcnow())).rowcount
+                    s.commit()
+            except Exception as exc:  # noqa: BLE001 - a database blip must not kill the heartbeat
+                log.warning("retrieval %s: heartbeat failed (%s); retrying", self.id, type(exc).__name__)
+                continue
+            if not n:
+                log.warning("retrieval %s: lease lost to another process", self.id)
+                self.lost.set()
+                return
+
+    def __enter__(self) -> "Lease":
+        if self.claim():
+            self._thread = threading.Thread(target=self._beat, name=f"lease-{self.id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self.ctx.sessions() as s:
+            s.execute(update(Retrieval).where(Retrieval.id == self.id, Retrieval.runner_id == self.runner_id)
+                      .values(runner_id=None, heartbeat_at=None))
+            s.commit()
