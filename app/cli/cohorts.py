@@ -68,16 +68,21 @@ def register(cli: typer.Typer) -> None:
         typer.echo(json.dumps(out, default=str, indent=1))
 
     @cohort.command("manifest")
-    def manifest(cohort_id: int, out: Path = typer.Option(None, help="file to write (default: stdout)")) -> None:
-        """The manifest CSV (sop_instance_uid, class, split, patient_key)."""
-        from app.cohorts.service import manifest_csv
+    def manifest(cohort_id: int, out: Path = typer.Option(None, help="file to write (default: stdout)"),
+                 fmt: str = typer.Option("csv", "--format", help="csv, or parquet (needs the parquet extra)")) -> None:
+        """The manifest (sop_instance_uid, class, split, patient_key) as CSV or Parquet."""
+        from app.cohorts.service import manifest_csv, manifest_parquet
         from app.context import AppContext
         from app.errors import RadcohortError
 
+        if fmt not in ("csv", "parquet"):
+            raise typer.BadParameter("csv or parquet", param_hint="--format")
+        if fmt == "parquet" and out is None:
+            raise typer.BadParameter("Parquet is binary: give --out FILE", param_hint="--out")
         ctx = AppContext.build(get_settings())
         try:
             with ctx.sessions() as s:
-                text = manifest_csv(s, cohort_id)
+                data = manifest_parquet(s, cohort_id) if fmt == "parquet" else manifest_csv(s, cohort_id).encode()
         except RadcohortError as exc:
             typer.echo(f"error: {exc.message}", err=True)
             raise typer.Exit(2) from exc
@@ -85,10 +90,10 @@ def register(cli: typer.Typer) -> None:
             ctx.close()
         if out:
             tmp = out.with_suffix(out.suffix + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_bytes(data)
             tmp.replace(out)  # never a half-written manifest
         else:
-            typer.echo(text, nl=False)
+            typer.echo(data.decode("utf-8"), nl=False)
 
     @cohort.command("plan-pull")
     def plan_pull(taxonomy: str = typer.Option("xr10"),

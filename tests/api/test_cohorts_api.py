@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 
 from app.labels.service import make_labeler
 from app.labels.testing import add_index_rows
@@ -30,10 +31,13 @@ def test_preview_create_list_get_manifest(client, ctx):
     r = client.post("/api/v1/cohorts", json={**body, "preview": True})
     assert r.status_code == 200, r.text
     assert r.json()["id"] is None and r.json()["size"] == 12
+    preview_version = r.json()["ruleset_version"]
+    assert preview_version and preview_version.startswith("builtin-")
     assert client.get("/api/v1/cohorts").json() == []
     r = client.post("/api/v1/cohorts", json=body)
     assert r.status_code == 201, r.text
     out = r.json()
+    assert out["ruleset_version"] == preview_version  # the index was labelled with the rule set in force
     classes = {c["name"]: c for c in out["classes"]}
     assert classes["LtK"] == {"name": "LtK", "available": 10, "selected": 6, "train": 3, "val": 0, "test": 3}
     assert set(out["excluded"]) >= {"no_label", "conflicting_labels", "duplicate_patient", "patient_in_two_classes",
@@ -49,6 +53,32 @@ def test_preview_create_list_get_manifest(client, ctx):
     assert all(len(x["patient_key"]) == 64 for x in rows)
     assert client.get("/api/v1/cohorts/999").status_code == 404
     assert client.get("/api/v1/cohorts/999/manifest").status_code == 404
+
+    # the same manifest as Parquet, with the snapshot's identity in the file's metadata
+    import pyarrow.parquet as pq
+
+    r = client.get(f"/api/v1/cohorts/{out['id']}/manifest", params={"format": "parquet"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.apache.parquet"
+    assert f'cohort-{out["id"]}.parquet' in r.headers["content-disposition"]
+    table = pq.read_table(io.BytesIO(r.content))
+    assert table.column_names == ["sop_instance_uid", "class", "split", "patient_key"]
+    assert table.to_pylist() == rows
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert meta["radcohort.cohort_id"] == str(out["id"]) and meta["radcohort.taxonomy"] == "xr10"
+    assert meta["radcohort.seed"] == "3" and meta["radcohort.ruleset_version"] == out["ruleset_version"]
+    assert b"SECRET" not in r.content
+    assert client.get("/api/v1/cohorts/999/manifest", params={"format": "parquet"}).status_code == 404
+    r = client.get(f"/api/v1/cohorts/{out['id']}/manifest", params={"format": "xlsx"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "format"]
+
+
+def test_parquet_without_pyarrow_is_a_clear_501(client, ctx, monkeypatch):
+    _index(ctx)
+    cid = client.post("/api/v1/cohorts", json={"taxonomy": "xr10", "seed": 1}).json()["id"]
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as on an install without the parquet extra
+    r = client.get(f"/api/v1/cohorts/{cid}/manifest", params={"format": "parquet"})
+    assert r.status_code == 501 and "radcohort[parquet]" in r.json()["detail"]
+    assert client.get(f"/api/v1/cohorts/{cid}/manifest").status_code == 200  # CSV needs nothing more
 
 
 def test_validation_errors(client, ctx):

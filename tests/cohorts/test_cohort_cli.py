@@ -34,6 +34,13 @@ def test_cli_cohort_flow(ctx, monkeypatch, tmp_path):
     assert len(rows) == 20 and "LK1" not in manifest.read_text()
     r = run(cli, ["cohort", "manifest", "999"])
     assert r.exit_code == 2 and "not found" in r.output
+    pq_file = tmp_path / "m.parquet"
+    r = run(cli, ["cohort", "manifest", str(out["id"]), "--format", "parquet", "--out", str(pq_file)])
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(pq_file).to_pylist() == rows
+    assert run(cli, ["cohort", "manifest", str(out["id"]), "--format", "parquet"]).exit_code == 2  # binary: --out
     r = run(cli, ["cohort", "create", "--train", "0.5", "--test", "0.2"])
     assert r.exit_code != 0
     r = run(cli, ["cohort", "plan-pull", "--taxonomy", "xr5", "--study-dates", "20150101-20151231"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep
@@ -11,6 +13,7 @@ from app.errors import NotFound
 from app.labels.service import get_rules
 
 router = APIRouter(prefix="/cohorts", tags=["cohorts"])
+PARQUET = "application/vnd.apache.parquet"
 
 
 @router.post("", status_code=201, response_model=CohortOut,
@@ -61,10 +64,18 @@ def get_cohort(cohort_id: int, session: SessionDep):
 
 
 @router.get("/{cohort_id}/manifest", response_class=Response,
-            responses={200: {"content": {"text/csv": {}}, "description": "sop_instance_uid,class,split,patient_key"},
-                       404: {"description": "unknown cohort"}})
-def manifest(cohort_id: int, session: SessionDep):
-    """CSV with sop_instance_uid, class, split, patient_key (HMAC pseudonym; never PatientID/Name)."""
-    body = service.manifest_csv(session, cohort_id)
-    return Response(content=body, media_type="text/csv",
-                    headers={"Content-Disposition": f'attachment; filename="cohort-{cohort_id}.csv"'})
+            responses={200: {"content": {"text/csv": {}, PARQUET: {}},
+                             "description": "sop_instance_uid, class, split, patient_key"},
+                       404: {"description": "unknown cohort"},
+                       501: {"description": "format=parquet without pyarrow installed"}})
+def manifest(cohort_id: int, session: SessionDep,
+             fmt: Literal["csv", "parquet"] = Query(
+                 "csv", alias="format",
+                 description="csv, or parquet (the `parquet` extra) with the snapshot's identity in its metadata")):
+    """sop_instance_uid, class, split, patient_key (HMAC pseudonym; never PatientID/Name)."""
+    if fmt == "parquet":
+        body, media = service.manifest_parquet(session, cohort_id), PARQUET
+    else:
+        body, media = service.manifest_csv(session, cohort_id), "text/csv"
+    return Response(content=body, media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="cohort-{cohort_id}.{fmt}"'})
