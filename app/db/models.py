@@ -101,6 +101,9 @@ class Instance(Base):
     view_position: Mapped[str | None] = mapped_column(String(16))
     image_laterality: Mapped[str | None] = mapped_column(String(16))
     photometric_interpretation: Mapped[str | None] = mapped_column(String(32))
+    # this instance's own PatientSex (PACS vary it between a patient's studies): relabel reads it,
+    # as labelling at indexing did, rather than the patient row's first-seen value
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
     rows: Mapped[int | None] = mapped_column(Integer)
     columns: Mapped[int | None] = mapped_column(Integer)
     bits_stored: Mapped[int | None] = mapped_column(Integer)

@@ -49,7 +49,7 @@ _COLUMNS = (
     Series.series_instance_uid, Series.body_part_examined, Series.laterality, Series.series_description,
     Series.protocol_name,
     Study.study_instance_uid, Study.study_date, Study.study_description, Study.patient_age,
-    Patient.patient_sex, Patient.patient_birth_date,
+    Instance.patient_sex, Patient.patient_birth_date,
 )
 
 
@@ -63,7 +63,7 @@ def _joined(stmt: Select) -> Select:
 def _where(stmt: Select, f: InstanceFilter) -> Select:
     eq = {
         "modality": Instance.modality, "body_part_examined": Series.body_part_examined,
-        "view_position": Instance.view_position, "patient_sex": Patient.patient_sex,
+        "view_position": Instance.view_position, "patient_sex": Instance.patient_sex,
         "sop_instance_uid": Instance.sop_instance_uid, "study_instance_uid": Study.study_instance_uid,
         "series_instance_uid": Series.series_instance_uid, "source_node": Instance.source_node,
         "label_body_part": Instance.label_body_part, "label_view": Instance.label_view,

@@ -76,7 +76,7 @@ def _fields_query():
         i.id, i.modality, i.view_position, i.image_laterality, i.photometric_interpretation, i.sop_class_uid,
         se.body_part_examined, se.laterality, se.series_description, se.protocol_name,
         st.study_date, st.study_description, st.requested_procedure_description, st.patient_age,
-        p.patient_sex, p.patient_birth_date,
+        i.patient_sex, p.patient_birth_date,
         *[i[c] for c in LABEL_COLUMNS],
     ]
     return (select(*cols).select_from(Instance.__table__.join(Series.__table__, i.series_pk == se.id)

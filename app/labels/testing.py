@@ -52,6 +52,7 @@ def add_index_rows(session: Session, records: Iterable[dict], labeler: Callable[
             session.add(series)
             session.flush()
         inst_fields = {k: rec.get(k) for k in INSTANCE_KEYS}
+        inst_fields["patient_sex"] = rec.get("patient_sex")
         inst_fields["photometric_interpretation"] = rec.get("photometric_interpretation", "MONOCHROME2")
         inst_fields["file_path"] = rec.get("file_path") or f"x/{n}.dcm"
         inst_fields["file_size"] = rec.get("file_size") or 0

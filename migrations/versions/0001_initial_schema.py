@@ -224,6 +224,7 @@ def upgrade() -> None:
     sa.Column('view_position', sa.String(length=16), nullable=True),
     sa.Column('image_laterality', sa.String(length=16), nullable=True),
     sa.Column('photometric_interpretation', sa.String(length=32), nullable=True),
+    sa.Column('patient_sex', sa.String(length=16), nullable=True),
     sa.Column('rows', sa.Integer(), nullable=True),
     sa.Column('columns', sa.Integer(), nullable=True),
     sa.Column('bits_stored', sa.Integer(), nullable=True),

@@ -38,16 +38,15 @@ def test_labels_at_ingest_and_relabel_with_a_changed_rules_file(any_ctx, tmp_pat
             assert inst.label_laterality == (p.side or "NONE")
             assert inst.label_sources["body_part"]
             assert inst.has_conflict is False and inst.label_conflicts == []
-        # the same rules again: same version, no new rule-set row. Only patient-level fields can
-        # differ: the index keeps one PatientSex per patient (first seen), while the labeler saw
-        # each instance's own header (the phantoms vary it like real PACS do)
-        first_sex: dict[str, str | None] = {}
+        # the same rules again: same version, no new rule-set row, and nothing changes, although the
+        # phantoms vary PatientSex between a patient's studies like real PACS do (relabel reads each
+        # instance's own value, as indexing did)
+        by_patient: dict[str, set] = {}
         for _, r in recs:
-            first_sex.setdefault(r["patient_id"], r["patient_sex"])
-        sex = lambda v: v if v in ("M", "F", "O") else "UNKNOWN"  # noqa: E731
-        expected = sum(sex(r["patient_sex"]) != sex(first_sex[r["patient_id"]]) for _, r in recs)
+            by_patient.setdefault(r["patient_id"], set()).add(r["patient_sex"])
+        assert any(len(v) > 1 for v in by_patient.values())
         stats = relabel_all(s, any_ctx.settings.label_rules)
-        assert stats["changed"] == expected and stats["version"] == labeler.version
+        assert stats["changed"] == 0 and stats["version"] == labeler.version
         assert relabel_all(s, any_ctx.settings.label_rules)["changed"] == 0
         assert s.scalar(select(func.count()).select_from(RuleSetRow)) == 1
 
