@@ -158,19 +158,44 @@ def _context(sop: str, syntaxes: list[str]) -> PresentationContext:
     return cx
 
 
+# When the 128-context budget cannot give every expected class one context per syntax, these get
+# their own contexts first: uncompressed, then what Orthanc cannot transcode (JPEG 2000, HTJ2K) and
+# the common lossless/lossy JPEG family; the class's last context lists every other syntax.
+_SOLO_FIRST = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.5",  # RLE
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+)
+
+
+def _syntax_groups(syntaxes: list[str], k: int) -> list[list[str]]:
+    """`syntaxes` in at most k contexts: one per syntax when k allows, else k-1 solo (by
+    _SOLO_FIRST) and one context with the rest, so that every syntax stays on offer."""
+    if k >= len(syntaxes):
+        return [[ts] for ts in syntaxes]
+    ranked = [ts for ts in _SOLO_FIRST if ts in syntaxes] + [ts for ts in syntaxes if ts not in _SOLO_FIRST]
+    return [[ts] for ts in ranked[:k - 1]] + [ranked[k - 1:]]
+
+
 def storage_contexts_for_get(limit: int, sop_classes: list[str] | None = None) -> list[PresentationContext]:
     """Storage contexts a C-GET requestor offers (at most `limit`).
 
     A PACS picks ONE accepted context per SOP class and transcodes to its syntax — Orthanc cannot
     transcode JPEG 2000 and fails the C-GET. So the classes we expect get one context per transfer
-    syntax (the PACS can then send as stored); the other classes of our Storage SCP get a single
-    context listing every syntax, as far as the 128-context limit allows.
+    syntax (the PACS can then send as stored) as far as the budget allows: with many classes each
+    gets an equal share (see _syntax_groups), never none. The other classes of our Storage SCP get a
+    single context listing every syntax with what is left.
     """
     from app.dicom.scp import STORAGE_CONTEXTS, TRANSFER_SYNTAXES  # what our Storage SCP accepts
 
-    wanted = list(dict.fromkeys(sop_classes or CORE_GET_CLASSES))
-    out = [_context(sop, [ts]) for sop in wanted for ts in TRANSFER_SYNTAXES]
-    out = out[:limit]
+    wanted = list(dict.fromkeys(sop_classes or CORE_GET_CLASSES))[:limit]
+    share = limit // len(wanted) if wanted else 0
+    out = [_context(sop, group) for sop in wanted for group in _syntax_groups(TRANSFER_SYNTAXES, share)]
     for sop, syntaxes in STORAGE_CONTEXTS:
         if len(out) >= limit:
             break

@@ -273,3 +273,41 @@ def test_retrieval_on_sqlite_and_postgresql(any_ctx, orthanc_factory, tmp_path):
     assert (r.status, r.expected, r.received) == ("completed", 4, 4)
     assert (again.status, again.skipped, again.received) == ("completed", 4, 0)
     assert indexed(ctx) == set(st.sop_uids)
+
+
+def test_get_of_a_study_with_many_sop_classes_brings_each_as_stored(rig, tmp_path):
+    """Nine SOP classes in one study, all JPEG 2000: one context per syntax for each would need 162
+    presentation contexts (PS3.8 allows 128), so each class gets a share that still holds JPEG 2000
+    (Orthanc cannot transcode it); every instance arrives bit-exact."""
+    import numpy as np
+
+    from app.dicom.scp import STORAGE_SOP_CLASSES
+    from app.synth.codecs import set_pixels
+    from tests.dicom.helpers import make_cr
+
+    ctx, orthanc, _scp = rig
+    study = "1.2.826.0.1.3680043.10.779.1"
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    sources = {}
+    for k, sop_class in enumerate(STORAGE_SOP_CLASSES[:9]):
+        ds = make_cr(patient_id="MC1", study_uid=study, series_uid=f"{study}.{k}", seed=k)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        set_pixels(ds, np.random.default_rng(k).integers(0, 4096, (64, 64), dtype=np.uint16), "j2k")
+        path = gen / f"{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        sources[ds.SOPInstanceUID] = path
+    upload_all(orthanc, sorted(gen.iterdir()))
+    add_node(ctx, orthanc, "get")
+    r = retrieve(ctx, {"StudyInstanceUID": study})
+    assert (r.status, r.expected, r.received, r.missing) == ("completed", 9, 9, []), r.error
+    # one C-GET, nothing refused or asked again (before, the class left without a context failed
+    # the first C-GET with 0xC000 and the runner fell back to one retrieve per series)
+    assert r.report["statuses"] == ["0x0000"] and r.report["suboperations"]["failed"] == 0, r.report
+    with ctx.sessions() as s:
+        rows = s.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
+                                Instance.file_path)).all()
+    assert {row[1] for row in rows} == set(STORAGE_SOP_CLASSES[:9])
+    assert {row[2] for row in rows} == {"1.2.840.10008.1.2.4.90"}  # as stored: nothing transcoded
+    for uid, _cls, _ts, rel in rows:
+        assert pixel_tail(ctx.settings.store_dir / rel) == pixel_tail(sources[uid])

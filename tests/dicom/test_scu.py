@@ -138,3 +138,25 @@ def test_calling_ae_unknown_to_the_pacs_fails_clearly(loaded, settings):
     c = DicomClient(settings, node(orthanc), retries=0)
     with pytest.raises(RetriableDicomError, match="allowed to query"):
         c.find("STUDY", {"StudyDate": "20120101"})
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 9, 20, 127, 200])
+def test_get_contexts_fit_the_limit_and_leave_no_expected_class_out(n):
+    from app.dicom.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+    from app.dicom.scu import storage_contexts_for_get
+
+    classes = [f"1.2.826.0.1.3680043.10.780.{i}" for i in range(n)]
+    cxs = storage_contexts_for_get(127, classes)
+    assert len(cxs) <= 127
+    by_class: dict[str, list[list[str]]] = {}
+    for cx in cxs:
+        by_class.setdefault(cx.abstract_syntax, []).append(list(cx.transfer_syntax))
+    for sop in classes[:127]:
+        groups = by_class[sop]
+        offered = [ts for g in groups for ts in g]
+        assert sorted(offered) == sorted(TRANSFER_SYNTAXES)  # every syntax, each once
+        if len(groups) > 1:  # then uncompressed and JPEG 2000 lossless have contexts of their own
+            assert ["1.2.840.10008.1.2.1"] in groups and ["1.2.840.10008.1.2.4.90"] in groups
+    if n <= 7:  # room for one context per syntax, and the rest of our SCP's classes after them
+        assert all(len(by_class[sop]) == len(TRANSFER_SYNTAXES) for sop in classes)
+        assert set(STORAGE_SOP_CLASSES) <= set(by_class) or len(cxs) == 127
