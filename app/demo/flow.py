@@ -77,6 +77,20 @@ def _await(client: httpx.Client, url: str, status: int, timeout: float = 10.0) -
         time.sleep(0.05)
 
 
+def _follow(client: httpx.Client, url: str, what: str, finished: tuple[str, ...], timeout: float, poll: float,
+            show: Callable[[dict], None]) -> dict:
+    """GET a job until its status is one of `finished`, passing every answer to `show`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = _check(client.get(url), 200, what=f"GET {what}")
+        show(job)
+        if job.get("status") in finished:
+            return job
+        if time.monotonic() > deadline:
+            raise FlowError(f"{what} still {job.get('status')} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
 def _fmt_pct(v: Any) -> str:
     if v is None:
         return "-"
@@ -136,19 +150,17 @@ def run_flow(client: httpx.Client, opts: FlowOptions, say: Callable[[str], None]
                  202, what="POST /api/v1/retrievals")
     rid = job["id"]
     last = None
-    deadline = time.monotonic() + opts.retrieval_timeout
-    while True:
-        job = _check(client.get(f"/api/v1/retrievals/{rid}"), 200, what=f"GET retrieval {rid}")
+
+    def show_retrieval(job: dict) -> None:
+        nonlocal last
         state = (job.get("status"), job.get("expected"), job.get("received"), job.get("skipped"))
         if state != last:
             say(f"retrieval {rid}: {job.get('status')}  expected {job.get('expected')}  "
                 f"received {job.get('received')}  skipped {job.get('skipped')}  failed {job.get('failed')}")
             last = state
-        if job.get("status") in ("completed", "partial", "failed"):
-            break
-        if time.monotonic() > deadline:
-            raise FlowError(f"retrieval {rid} still {job.get('status')} after {opts.retrieval_timeout:.0f} s")
-        time.sleep(opts.poll_seconds)
+
+    job = _follow(client, f"/api/v1/retrievals/{rid}", f"retrieval {rid}", ("completed", "partial", "failed"),
+                  opts.retrieval_timeout, opts.poll_seconds, show_retrieval)
     res.retrieval = job
     res.timings["retrieve"] = time.monotonic() - t
     if job["status"] != "completed":
@@ -183,9 +195,9 @@ def run_flow(client: httpx.Client, opts: FlowOptions, say: Callable[[str], None]
     say(f"training job {jid} queued: " + ", ".join(f"{k}={v}" for k, v in opts.training.items()))
     shown_epochs: set = set()
     last_status = last_pre = None
-    deadline = time.monotonic() + opts.training_timeout
-    while True:
-        job = _check(client.get(f"/api/v1/training-jobs/{jid}"), 200, what=f"GET training job {jid}")
+
+    def show_training(job: dict) -> None:
+        nonlocal last_status, last_pre
         if job.get("status") != last_status:
             say(f"training job {jid}: {job.get('status')}" + (f" on {job['device']}" if job.get("device") else ""))
             last_status = job.get("status")
@@ -197,11 +209,9 @@ def run_flow(client: httpx.Client, opts: FlowOptions, say: Callable[[str], None]
             if h.get("epoch") not in shown_epochs:
                 shown_epochs.add(h.get("epoch"))
                 say("  " + epoch_line(h, job.get("epochs")))
-        if job.get("status") in ("completed", "failed", "cancelled"):
-            break
-        if time.monotonic() > deadline:
-            raise FlowError(f"training job {jid} still {job.get('status')} after {opts.training_timeout:.0f} s")
-        time.sleep(opts.poll_seconds)
+
+    job = _follow(client, f"/api/v1/training-jobs/{jid}", f"training job {jid}", ("completed", "failed", "cancelled"),
+                  opts.training_timeout, opts.poll_seconds, show_training)
     res.job = job
     res.timings["train"] = time.monotonic() - t
     if job["status"] != "completed":
