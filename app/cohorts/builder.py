@@ -3,21 +3,26 @@ aggregated in SQL in a single pass (classes matched, usable images, a seeded pic
 counts), then quota sampling and a patient-level split in Python over patients, not instances.
 
 Exclusion reasons (counts of instances): no_label (index rows without a body-part label),
-not_an_image / unsupported_photometric, conflicting_labels, patient_in_two_classes,
-duplicate_patient (other images of a selected patient), file_missing (sampled but not on disk).
+incomplete_label (the known labels fit a class but a label it needs - view, laterality, sex or
+age - is unknown, and no class takes the instance), not_an_image / unsupported_photometric,
+conflicting_labels, patient_in_two_classes, duplicate_patient (other images of a selected
+patient), file_missing (sampled but not on disk).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import random
 import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import (BigInteger, Integer, and_, any_, bindparam, case, distinct, func, literal, select,
-                        union_all)
+from sqlalchemy import (BigInteger, Integer, and_, any_, bindparam, case, distinct, false, func, literal, not_,
+                        or_, select, union_all)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
@@ -28,7 +33,7 @@ LABEL_COLUMN = {"modality": "modality", "body_part": "label_body_part", "view": 
                 "laterality": "label_laterality", "sex": "label_sex", "age_years": "label_age_years",
                 "age_band": "label_age_band"}
 IMAGE_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
-REASONS = ("no_label", "not_an_image", "unsupported_photometric", "conflicting_labels",
+REASONS = ("no_label", "incomplete_label", "not_an_image", "unsupported_photometric", "conflicting_labels",
            "patient_in_two_classes", "duplicate_patient", "file_missing")
 SPLITS = ("train", "val", "test")
 _CHUNK = 5000
@@ -157,6 +162,43 @@ def selection_query(classes: list[dict], spec: CohortSpec, vocabulary: dict | No
             .group_by(c.c.patient_pk))
 
 
+# what the label engine writes when it cannot tell (app.labels.engine): None is NULL
+_UNKNOWN = {"view": None, "laterality": "UNKNOWN", "sex": "UNKNOWN", "age_years": None, "age_band": None}
+
+
+def incomplete_query(classes: list[dict], vocabulary: dict | None = None):
+    """(class number, instance id) for the instances that would be in a class if one of the labels it
+    needs were known, and are in no class as they are; None when no class needs such a label.
+
+    One branch per class and per set of unknown labels, each a conjunction of equalities (an
+    unknown is NULL or 'UNKNOWN'), so every branch is a tight seek of the label index; the few rows
+    found are then checked against every class once, outside the branches (repeating that check
+    in each branch made a 70 kB statement that took longer to compile than to run)."""
+    t = Instance.__table__
+    label_cols = [t.c.modality, *[t.c[LABEL_COLUMN[k]] for k in LABEL_COLUMN if k != "modality"]]
+    branches = []
+    for k, c in enumerate(classes):
+        where = c["where"]
+        relaxable = [key for key in where if key in _UNKNOWN]
+        for r in range(1, len(relaxable) + 1):
+            for unknown in itertools.combinations(relaxable, r):
+                # an unknown view stays in the predicate (as IS NULL) so that the index seek goes on past it
+                w = {key: (_UNKNOWN[key] if key in unknown else v) for key, v in where.items()
+                     if key not in unknown or key != "age_years"}
+                conds = [class_predicate(w, t, vocabulary)]
+                if "age_years" in unknown:
+                    conds.append(t.c.label_age_years.is_(None))
+                if "body_part" not in where:
+                    conds.append(t.c.label_body_part.is_not(None))  # else it counts as no_label
+                branches.append(select(literal(k).label("cls"), t.c.id, *label_cols).where(and_(*conds)))
+    if not branches:
+        return None
+    # the branches of one class are disjoint (each fixes which labels are unknown): no dedup needed
+    u = (union_all(*branches) if len(branches) > 1 else branches[0]).subquery("u")
+    in_a_class = func.coalesce(or_(*[class_predicate(c["where"], u) for c in classes]), false())
+    return select(u.c.cls, u.c.id).where(not_(in_a_class))
+
+
 def _norm_name(name: str | None) -> str:
     s = unicodedata.normalize("NFKC", name or "").upper().replace("^", " ")
     return " ".join(s.split())
@@ -211,19 +253,38 @@ def split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
 
 
 
-def _raw_rows(session: Session, stmt) -> list[tuple]:
-    """Execute on the DBAPI cursor and return plain tuples: the hot path returns ~10^5 rows and
-    SQLAlchemy's result objects cost more than the query itself. Only integer/string columns."""
-    conn = session.connection()
-    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+def _compile(session: Session, stmt) -> tuple[str, Any]:
+    compiled = stmt.compile(dialect=session.connection().dialect, compile_kwargs={"render_postcompile": True})
     params = compiled.construct_params()
-    args = tuple(params[k] for k in compiled.positiontup) if compiled.positional else params
-    cur = conn.connection.dbapi_connection.cursor()
+    return str(compiled), (tuple(params[k] for k in compiled.positiontup) if compiled.positional else params)
+
+
+def _raw_rows(session: Session, stmt, sql: tuple[str, Any] | None = None) -> list[tuple]:
+    """Execute on the DBAPI cursor and return plain tuples: the hot path returns ~10^5 rows and
+    SQLAlchemy's result objects cost more than the query itself. Only integer/string columns.
+    `sql`: the statement already compiled (see _compiled_incomplete)."""
+    text_, args = sql or _compile(session, stmt)
+    cur = session.connection().connection.dbapi_connection.cursor()
     try:
-        cur.execute(str(compiled), args)
+        cur.execute(text_, args)
         return cur.fetchall()
     finally:
         cur.close()
+
+
+_INCOMPLETE_SQL: dict[str, tuple[str, Any] | None] = {}
+
+
+def _compiled_incomplete(session: Session, classes: list[dict], vocabulary: dict | None) -> tuple[str, Any] | None:
+    """incomplete_query compiled once per taxonomy, vocabulary and backend: building and compiling
+    its few dozen branches took longer (50 ms) than running them."""
+    key = json.dumps([session.get_bind().dialect.name, classes, vocabulary], sort_keys=True, default=str)
+    if key not in _INCOMPLETE_SQL:
+        stmt = incomplete_query(classes, vocabulary)
+        if len(_INCOMPLETE_SQL) >= 64:
+            _INCOMPLETE_SQL.clear()
+        _INCOMPLETE_SQL[key] = None if stmt is None else _compile(session, stmt)
+    return _INCOMPLETE_SQL[key]
 
 
 def _in(col, ids: list[int], dialect: str):
@@ -275,6 +336,12 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
     t = Instance.__table__
     excluded["no_label"] = session.scalar(select(func.count()).select_from(t)
                                           .where(t.c.label_body_part.is_(None))) or 0
+    incomplete: list[set[int]] = [set() for _ in classes]
+    sql = _compiled_incomplete(session, classes, vocabulary)
+    if sql is not None:
+        for k, iid in _raw_rows(session, None, sql):
+            incomplete[k].add(iid)
+    excluded["incomplete_label"] = len(set().union(*incomplete))
     rows = []
     for ppk, cmin, cmax, n, pick, not_image, unsupported, conflicting in _raw_rows(
             session, selection_query(classes, spec, vocabulary)):
@@ -354,7 +421,7 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
                             "file_path": path, "class_name": names[k], "split": side,
                             "ruleset_version": version})
         summary.append({"name": names[k], "available": available[k], "selected": len(picked[k]),
-                        **{s: counts.get(s, 0) for s in SPLITS}})
+                        "incomplete_label": len(incomplete[k]), **{s: counts.get(s, 0) for s in SPLITS}})
     timings["sample_s"] = time.perf_counter() - t0 - timings["query_s"] - timings["dedup_s"]
     timings["total_s"] = time.perf_counter() - t0
     return BuildResult(classes=summary, excluded=excluded, members=members, timings=timings)

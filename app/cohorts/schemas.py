@@ -70,6 +70,8 @@ class ClassCount(BaseModel):
     name: str
     available: int = Field(..., description="eligible patients (one image each) before the quota")
     selected: int
+    incomplete_label: int = Field(0, description="instances this class would take if a label it needs "
+                                  "(view, laterality, sex, age) were known")
     train: int = 0
     val: int = 0
     test: int = 0

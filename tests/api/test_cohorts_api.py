@@ -39,7 +39,8 @@ def test_preview_create_list_get_manifest(client, ctx):
     out = r.json()
     assert out["ruleset_version"] == preview_version  # the index was labelled with the rule set in force
     classes = {c["name"]: c for c in out["classes"]}
-    assert classes["LtK"] == {"name": "LtK", "available": 10, "selected": 6, "train": 3, "val": 0, "test": 3}
+    assert classes["LtK"] == {"name": "LtK", "available": 10, "selected": 6, "incomplete_label": 0,
+                              "train": 3, "val": 0, "test": 3}
     assert set(out["excluded"]) >= {"no_label", "conflicting_labels", "duplicate_patient", "patient_in_two_classes",
                                     "not_an_image", "unsupported_photometric", "file_missing"}
     got = client.get(f"/api/v1/cohorts/{out['id']}").json()

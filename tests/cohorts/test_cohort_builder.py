@@ -43,7 +43,7 @@ def _members(ctx, cohort_id):
 
 def test_exclusion_report_and_one_image_per_patient(any_ctx, index):
     out = _create(any_ctx)
-    assert out["excluded"] == {"no_label": 1, "not_an_image": 1, "unsupported_photometric": 1,
+    assert out["excluded"] == {"no_label": 1, "incomplete_label": 0, "not_an_image": 1, "unsupported_photometric": 1,
                                "conflicting_labels": 1, "patient_in_two_classes": 2, "duplicate_patient": 1,
                                "file_missing": 1}
     c = _by_class(out)
@@ -205,3 +205,45 @@ def test_overlapping_classes_and_index_hints_give_exact_counts(any_ctx, index):
             plain = build(s, tax, spec)
             hinted = build(s, tax, spec, vocabulary=vocab)
             assert plain.members == hinted.members and plain.excluded == hinted.excluded
+
+
+def test_incomplete_labels_are_reported_per_class_and_once_in_total(any_ctx):
+    """Instances whose known labels fit a class but a label it needs is unknown: counted for every
+    class they could belong to, once in the exclusion report, never when a class takes them."""
+    from app.labels.service import make_labeler
+    from app.labels.testing import add_index_rows
+    from tests.cohorts.cohort_index import chest, knee
+
+    recs = [knee(f"K{i}", "L") for i in range(3)] + [chest(f"C{i}", "F", 25) for i in range(3)]
+    recs += [knee(f"NOSIDE{i}", None) for i in range(4)]  # laterality unknown: LtK or RtK
+    recs += [knee("NOVIEW", "R", view_position=None, series_description="KNEE")]  # view unknown: RtK
+    recs += [chest(f"NOSEX{i}", "", 25) for i in range(2)]  # sex unknown, 25: C20F or C20M
+    recs += [chest("NOAGE", "M", 0, patient_age=None)]  # age unknown, male: C20M or C60M
+    recs += [chest("OLD", "", 45)]  # sex unknown but 45: no xr10 class in any case
+    recs += [{"patient_id": "NOBODY", "series_description": "XR"}]  # no body part: no_label, not this
+    with any_ctx.sessions() as s:
+        add_index_rows(s, recs, make_labeler(s))
+        s.commit()
+    out = _create(any_ctx, check_files=False)
+    c = _by_class(out)
+    assert out["excluded"]["incomplete_label"] == 4 + 1 + 2 + 1
+    assert out["excluded"]["no_label"] == 1
+    assert {k: c[k]["incomplete_label"] for k in ("LtK", "RtK", "C20F", "C20M", "C60F", "C60M", "W")} == \
+        {"LtK": 4, "RtK": 5, "C20F": 2, "C20M": 3, "C60F": 0, "C60M": 1, "W": 0}
+    assert (c["LtK"]["selected"], c["C20F"]["selected"]) == (3, 3)  # the complete ones are in
+
+    # xr5's knee class needs no side: the side-less knees are in it, not incomplete
+    out5 = _create(any_ctx, taxonomy="xr5", check_files=False)
+    c5 = _by_class(out5)
+    assert c5["K"]["selected"] == 3 + 4 and c5["K"]["incomplete_label"] == 1  # only the view-less knee
+    assert out5["excluded"]["incomplete_label"] == 1
+
+    # a user taxonomy where one class takes what another would need a label for
+    with any_ctx.sessions() as s:
+        create_taxonomy(s, {"name": "knees", "classes": [
+            {"name": "left", "where": {"body_part": "KNEE", "view": "AP", "laterality": "L"}},
+            {"name": "any_knee_unknown_side", "where": {"body_part": "KNEE", "laterality": "UNKNOWN"}}]}, load_rules())
+        s.commit()
+    ck = _by_class(_create(any_ctx, taxonomy="knees", check_files=False))
+    assert ck["left"]["incomplete_label"] == 0  # the side-less knees are in the other class
+    assert ck["any_knee_unknown_side"]["selected"] == 4
