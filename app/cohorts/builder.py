@@ -298,8 +298,8 @@ def _fetch_members(session: Session, ids: list[int], details: bool = True) -> di
     """instance id -> (sop_instance_uid, file_path, ruleset_version, patient_id, issuer); with
     details=False (a preview) only the file path is read: (None, file_path, None, None, None).
 
-    Two primary-key lookups rather than a join: a join over a few thousand ids let PostgreSQL
-    pick a hash join over the whole patients table."""
+    PostgreSQL: two primary-key lookups rather than a join (a join over a few thousand ids let it
+    pick a hash join over the whole patients table); SQLite: the join."""
     i, p = Instance.__table__, Patient.__table__
     dialect = session.bind.dialect.name
     if not details:
@@ -307,6 +307,13 @@ def _fetch_members(session: Session, ids: list[int], details: bool = True) -> di
         for k in range(0, len(ids), _CHUNK):
             q = select(i.c.id, i.c.file_path).where(_in(i.c.id, ids[k:k + _CHUNK], dialect))
             out.update({r[0]: (None, r[1], None, None, None) for r in _raw_rows(session, q)})
+        return out
+    if dialect == "sqlite":  # SQLite joins by primary key per row: one pass, half the time of two
+        out = {}
+        for k in range(0, len(ids), _CHUNK):
+            q = (select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, p.c.patient_id,
+                        p.c.issuer).join_from(i, p, p.c.id == i.c.patient_pk).where(i.c.id.in_(ids[k:k + _CHUNK])))
+            out.update({r[0]: tuple(r[1:]) for r in _raw_rows(session, q)})
         return out
     inst: dict[int, tuple] = {}
     for k in range(0, len(ids), _CHUNK):

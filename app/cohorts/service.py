@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import audit
@@ -22,7 +22,6 @@ from app.errors import InvalidInput, NotFound, RadcohortError
 from app.labels.engine import RuleSet
 from app.labels.service import get_rules
 
-_CHUNK = 5000
 MANIFEST_COLUMNS = ("sop_instance_uid", "class", "split", "patient_key")
 
 
@@ -33,23 +32,24 @@ def patient_key(key: bytes, patient_id: str, issuer: str | None = "") -> str:
 
 
 def _insert_members(session: Session, rows: list[dict]) -> None:
-    """Bulk insert in the session's transaction: COPY on PostgreSQL (an INSERT of 15,000 rows
-    took 0.6 s there), multi-row INSERTs elsewhere."""
+    """Bulk insert in the session's transaction on the DBAPI cursor: COPY on PostgreSQL (an INSERT
+    of 15,000 rows took 0.6 s there), executemany over tuples on SQLite (a third faster than a
+    Core insert of dicts)."""
     if not rows:
         return
     conn = session.connection()
-    if conn.dialect.name == "postgresql":
-        cols = list(rows[0])
-        cur = conn.connection.dbapi_connection.cursor()
-        try:
+    cols = list(rows[0])
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        if conn.dialect.name == "postgresql":
             with cur.copy(f"COPY cohort_members ({', '.join(cols)}) FROM STDIN") as copy:
                 for r in rows:
                     copy.write_row([r[c] for c in cols])
-        finally:
-            cur.close()
-        return
-    for i in range(0, len(rows), _CHUNK):
-        session.execute(insert(CohortMember.__table__), rows[i:i + _CHUNK])
+        else:
+            cur.executemany(f"INSERT INTO cohort_members ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                            [tuple(r[c] for c in cols) for r in rows])
+    finally:
+        cur.close()
 
 
 def _rounded(timings: dict) -> dict:
