@@ -298,34 +298,30 @@ def _fetch_members(session: Session, ids: list[int], details: bool = True) -> di
     """instance id -> (sop_instance_uid, file_path, ruleset_version, patient_id, issuer); with
     details=False (a preview) only the file path is read: (None, file_path, None, None, None).
 
-    PostgreSQL: two primary-key lookups rather than a join (a join over a few thousand ids let it
-    pick a hash join over the whole patients table); SQLite: the join."""
+    SQLite: one join by primary keys, in IN lists of _CHUNK ids (its bound-parameter limit).
+    PostgreSQL: all ids as one array (= ANY) and two primary-key lookups: given the join, it
+    hash-joins a sequential scan of the whole patients table."""
     i, p = Instance.__table__, Patient.__table__
     dialect = session.bind.dialect.name
-    if not details:
-        out: dict[int, tuple] = {}
-        for k in range(0, len(ids), _CHUNK):
-            q = select(i.c.id, i.c.file_path).where(_in(i.c.id, ids[k:k + _CHUNK], dialect))
+    step = (len(ids) or 1) if dialect == "postgresql" else _CHUNK
+    out: dict[int, tuple] = {}
+    for k in range(0, len(ids), step):
+        where = _in(i.c.id, ids[k:k + step], dialect)
+        if not details:
+            q = select(i.c.id, i.c.file_path).where(where)
             out.update({r[0]: (None, r[1], None, None, None) for r in _raw_rows(session, q)})
-        return out
-    if dialect == "sqlite":  # SQLite joins by primary key per row: one pass, half the time of two
-        out = {}
-        for k in range(0, len(ids), _CHUNK):
+        elif dialect == "sqlite":
             q = (select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, p.c.patient_id,
-                        p.c.issuer).join_from(i, p, p.c.id == i.c.patient_pk).where(i.c.id.in_(ids[k:k + _CHUNK])))
+                        p.c.issuer).join_from(i, p, p.c.id == i.c.patient_pk).where(where))
             out.update({r[0]: tuple(r[1:]) for r in _raw_rows(session, q)})
-        return out
-    inst: dict[int, tuple] = {}
-    for k in range(0, len(ids), _CHUNK):
-        q = select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, i.c.patient_pk).where(
-            _in(i.c.id, ids[k:k + _CHUNK], dialect))
-        inst.update({r[0]: tuple(r[1:]) for r in _raw_rows(session, q)})
-    pks = sorted({v[3] for v in inst.values()})
-    pat: dict[int, tuple] = {}
-    for k in range(0, len(pks), _CHUNK):
-        q = select(p.c.id, p.c.patient_id, p.c.issuer).where(_in(p.c.id, pks[k:k + _CHUNK], dialect))
-        pat.update({r[0]: (r[1], r[2]) for r in _raw_rows(session, q)})
-    return {iid: (uid, path, version, *pat[ppk]) for iid, (uid, path, version, ppk) in inst.items()}
+        else:
+            q = select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, i.c.patient_pk).where(where)
+            inst = {r[0]: tuple(r[1:]) for r in _raw_rows(session, q)}
+            pks = sorted({v[3] for v in inst.values()})
+            pat = {r[0]: (r[1], r[2]) for r in _raw_rows(session, select(p.c.id, p.c.patient_id, p.c.issuer)
+                                                               .where(_in(p.c.id, pks, dialect)))}
+            out.update({iid: (uid, path, version, *pat[ppk]) for iid, (uid, path, version, ppk) in inst.items()})
+    return out
 
 
 def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | None = None,
