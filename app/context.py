@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,12 +20,22 @@ class AppContext:
     engine: Engine
     sessions: sessionmaker[Session]
     extras: dict = field(default_factory=dict)
+    _extras_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, settings: Settings) -> "AppContext":
         settings.ensure_dirs()
         engine = make_engine(settings.database_url)
         return cls(settings=settings, engine=engine, sessions=make_sessionmaker(engine))
+
+    def shared(self, name: str, factory: Callable[[], Any]) -> Any:
+        """The process's one `name` object (a background pool ...), made by `factory()` on first use
+        and kept in `extras`, where the API's shutdown finds it."""
+        with self._extras_lock:
+            obj = self.extras.get(name)
+            if obj is None:
+                obj = self.extras[name] = factory()
+            return obj
 
     def close(self) -> None:
         self.engine.dispose()

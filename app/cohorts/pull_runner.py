@@ -193,15 +193,9 @@ class PullRegistry:
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
 
-_registry_lock = threading.Lock()
-
-
 def get_pulls(ctx: AppContext) -> PullRegistry:
-    with _registry_lock:
-        reg = ctx.extras.get("cohort_pulls")
-        if reg is None:
-            reg = ctx.extras["cohort_pulls"] = PullRegistry(ctx)
-        return reg
+    """The process's pull registry, created on first use."""
+    return ctx.shared("cohort_pulls", lambda: PullRegistry(ctx))
 
 
 def check_request(ctx: AppContext, node: str, taxonomy: str, study_date: str) -> None:

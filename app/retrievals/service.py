@@ -20,7 +20,6 @@ from app.retrievals.schemas import RetrievalOut
 log = logging.getLogger("radcohort.retrievals")
 
 MAX_CONCURRENT = 4
-_manager_lock = threading.Lock()
 
 
 def create_retrieval(session: Session, node_name: str, query: dict, actor: str) -> Retrieval:
@@ -146,9 +145,5 @@ class RetrievalManager:
 
 
 def get_manager(ctx: AppContext) -> RetrievalManager:
-    """The process's retrieval pool, created on first use and kept in ctx.extras."""
-    with _manager_lock:
-        mgr = ctx.extras.get("retrievals")
-        if mgr is None:
-            mgr = ctx.extras["retrievals"] = RetrievalManager(ctx)
-        return mgr
+    """The process's retrieval pool, created on first use."""
+    return ctx.shared("retrievals", lambda: RetrievalManager(ctx))
