@@ -25,7 +25,7 @@ from app.errors import PermanentDicomError
 from app.policy.clock import Clock
 from app.policy.governor import Cancelled, Governor
 from app.probe.probe import find_caps_by_level, preferred_method
-from app.retrievals.runner import RetrievalRunner, Unit
+from app.retrievals.runner import RetrievalRunner, Unit, load_retrieval
 
 log = logging.getLogger("radcohort.policy")
 
@@ -173,10 +173,7 @@ class GovernedRunner(RetrievalRunner):
         except Cancelled as exc:
             return self._cancel_unstarted(str(exc) or "cancelled by the user before it started")
         if not claimed:
-            with self.ctx.sessions() as s:
-                r = s.get(Retrieval, self.id)
-                s.expunge(r)
-            return r
+            return load_retrieval(self.ctx, self.id)
         try:
             return super().run()
         finally:
@@ -358,8 +355,7 @@ class GovernedRunner(RetrievalRunner):
                     status="cancelled", error=f"{self.cancelled} (stopped at a study/series boundary; "
                                               f"{r.received} received, {len(r.missing or [])} not fetched)"))
                 s.commit()
-                r = s.get(Retrieval, self.id)
-                s.expunge(r)
+            r = load_retrieval(self.ctx, self.id)
         return r
 
 

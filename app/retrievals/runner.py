@@ -437,8 +437,7 @@ class RetrievalRunner:
                 skipped=len(skipped), failed=len(failed), missing=missing, failed_uids=failed,
                 error="; ".join(errors)[:4000] or None, report=report, finished_at=datetime.now(timezone.utc)))
             s.commit()
-            r = s.get(Retrieval, self.id)
-            s.expunge(r)
+        r = load_retrieval(self.ctx, self.id)
         self._notify(phase=status, expected=len(expected), skipped=len(skipped), received=len(received))
         log.info("retrieval %s %s: expected %d, received %d, skipped %d, missing %d", self.id, status,
                  len(expected), len(received), len(skipped), len(missing))
@@ -455,6 +454,11 @@ def run_retrieval(ctx: AppContext, retrieval_id: int, **kw) -> Retrieval:
         if lease.held:
             return GovernedRunner(ctx, retrieval_id, **kw).run()
     log.info("retrieval %s is held by another live process: not run here", retrieval_id)
+    return load_retrieval(ctx, retrieval_id)
+
+
+def load_retrieval(ctx: AppContext, retrieval_id: int) -> Retrieval:
+    """The retrieval's row as it stands now, detached from its session."""
     with ctx.sessions() as s:
         r = s.get(Retrieval, retrieval_id)
         if r is None:
