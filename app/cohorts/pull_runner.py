@@ -30,6 +30,7 @@ from app.cohorts.pull import parse_date_range, plan_queries
 from app.cohorts.service import create_cohort
 from app.cohorts.taxonomies import get_taxonomy
 from app.context import AppContext
+from app.db.base import session_scope
 from app.dicom.scu import DicomClient
 from app.errors import DicomError, InvalidInput, NotFound
 from app.labels.service import get_rules
@@ -92,12 +93,11 @@ def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class
         windows = date_slices(study_date_range, slices)
     except ValueError as exc:
         raise InvalidInput(f"study_date: {exc}") from exc
-    with ctx.sessions() as s:
+    with session_scope(ctx.sessions) as s:
         client = DicomClient(ctx.settings, get_node(s, node_name))  # NotFound before anything starts
         taxonomy = get_taxonomy(s, taxonomy_name)
         audit.record(s, actor, "cohort.pull.start", f"taxonomy:{taxonomy_name}", node=node_name,
                      per_class=per_class, study_date=windows[0][:8] + "-" + windows[-1][9:])
-        s.commit()
     plan = plan_queries(taxonomy, study_date_range, get_rules(ctx.settings.label_rules))
     counts = class_counts(ctx, taxonomy_name)
     report: dict[str, dict] = {c: {"before": n, "after": n, "quota": per_class, "retrievals": [], "exhausted": False}
@@ -122,9 +122,8 @@ def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class
                 if rounds >= max_rounds:
                     stopped = "max_rounds"
                     break
-                with ctx.sessions() as s:
+                with session_scope(ctx.sessions) as s:
                     rid = create_retrieval(s, node_name, {**query, "StudyDate": window}, actor).id
-                    s.commit()
                 rounds += 1
                 r = run_retrieval(ctx, rid)
                 report[name]["retrievals"].append(rid)
@@ -141,11 +140,10 @@ def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class
         report[name]["exhausted"] = short(name)  # every query's matching slices were retrieved
     out = {"node": node_name, "taxonomy": taxonomy_name, "per_class": per_class, "retrievals": rounds,
            "stopped": stopped, "error": error, "classes": report}
-    with ctx.sessions() as s:
+    with session_scope(ctx.sessions) as s:
         audit.record(s, actor, "cohort.pull.finish", f"taxonomy:{taxonomy_name}", node=node_name,
                      retrievals=rounds, stopped=stopped,
                      short=sorted(c for c, v in report.items() if v["after"] < per_class))
-        s.commit()
     return out
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import and_, or_, select, update
 
 from app import audit
 from app.context import AppContext
+from app.db.base import session_scope
 from app.db.models import Retrieval, utcnow
 
 log = logging.getLogger("radcohort.retrievals")
@@ -33,20 +34,23 @@ def new_runner_id() -> str:
     return f"{socket.gethostname()[:48]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-def _stale(ctx: AppContext):
-    cutoff = utcnow() - timedelta(seconds=ctx.settings.retrieval_stale_s)
+def _cutoff(ctx: AppContext):
+    return utcnow() - timedelta(seconds=ctx.settings.retrieval_stale_s)
+
+
+def _stale(cutoff):
     return or_(Retrieval.heartbeat_at.is_(None), Retrieval.heartbeat_at < cutoff)
 
 
 def orphans(ctx: AppContext) -> list[int]:
     """Unfinished retrievals that nobody is running: a stale lease, or none at all for longer than
     the stale time (a fresh one without a lease is about to be claimed by the process that made it)."""
-    cutoff = utcnow() - timedelta(seconds=ctx.settings.retrieval_stale_s)
+    cutoff = _cutoff(ctx)
     with ctx.sessions() as s:
         return list(s.scalars(select(Retrieval.id).where(
             Retrieval.status.in_(UNFINISHED),
             or_(and_(Retrieval.runner_id.is_(None), Retrieval.created_at < cutoff),
-                and_(Retrieval.runner_id.is_not(None), _stale(ctx))))
+                and_(Retrieval.runner_id.is_not(None), _stale(cutoff))))
             .order_by(Retrieval.id)))
 
 
@@ -64,28 +68,26 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def claim(self) -> bool:
-        with self.ctx.sessions() as s:
+        with session_scope(self.ctx.sessions) as s:
             previous = s.scalar(select(Retrieval.runner_id).where(Retrieval.id == self.id))
             n = s.execute(update(Retrieval).where(Retrieval.id == self.id,
-                                                  or_(Retrieval.runner_id.is_(None), _stale(self.ctx)))
+                                                  or_(Retrieval.runner_id.is_(None), _stale(_cutoff(self.ctx))))
                           .values(runner_id=self.runner_id, heartbeat_at=utcnow())).rowcount
             if n and previous:
                 # the process that held it stopped without finishing it
                 log.warning("retrieval %s: taking over from a stopped runner", self.id)
                 audit.record(s, "system", "retrieval.takeover", str(self.id), previous_runner=previous,
                              runner=self.runner_id)
-            s.commit()
         self.held = bool(n)
         return self.held
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ctx.settings.retrieval_heartbeat_s):
             try:
-                with self.ctx.sessions() as s:
+                with session_scope(self.ctx.sessions) as s:
                     n = s.execute(update(Retrieval).where(Retrieval.id == self.id,
                                                           Retrieval.runner_id == self.runner_id)
                                   .values(heartbeat_at=utcnow())).rowcount
-                    s.commit()
             except Exception as exc:  # noqa: BLE001 - a database blip must not kill the heartbeat
                 log.warning("retrieval %s: heartbeat failed (%s); retrying", self.id, type(exc).__name__)
                 continue
@@ -106,7 +108,6 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        with self.ctx.sessions() as s:
+        with session_scope(self.ctx.sessions) as s:
             s.execute(update(Retrieval).where(Retrieval.id == self.id, Retrieval.runner_id == self.runner_id)
                       .values(runner_id=None, heartbeat_at=None))
-            s.commit()
