@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
 from app.config import get_settings
+
+
+@contextmanager
+def _command_context() -> Iterator:
+    """The command's AppContext, closed at the end; a domain error ends the command (exit 2)."""
+    from app.context import AppContext
+    from app.errors import RadcohortError
+
+    ctx = AppContext.build(get_settings())
+    try:
+        yield ctx
+    except RadcohortError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        ctx.close()
 
 
 def register(cli: typer.Typer) -> None:
@@ -42,9 +60,7 @@ def register(cli: typer.Typer) -> None:
 
         from app.cohorts.schemas import CohortIn
         from app.cohorts.service import create_cohort
-        from app.context import AppContext
         from app.db.base import session_scope
-        from app.errors import RadcohortError
         from app.labels.service import get_rules
 
         split = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v}
@@ -53,18 +69,10 @@ def register(cli: typer.Typer) -> None:
                             include_conflicts=include_conflicts, match_name_birthdate=match_name_birthdate)
         except ValidationError as exc:
             raise typer.BadParameter(str(exc)) from exc
-        settings = get_settings()
-        ctx = AppContext.build(settings)
-        try:
-            with session_scope(ctx.sessions) as s:
-                out = create_cohort(s, body.model_dump(), pseudonym_key=settings.get_pseudonym_key(),
-                                    store_dir=settings.store_dir, actor="cli",
-                                    rules=get_rules(settings.label_rules))
-        except RadcohortError as exc:
-            typer.echo(f"error: {exc.message}", err=True)
-            raise typer.Exit(2) from exc
-        finally:
-            ctx.close()
+        with _command_context() as ctx, session_scope(ctx.sessions) as s:
+            settings = ctx.settings
+            out = create_cohort(s, body.model_dump(), pseudonym_key=settings.get_pseudonym_key(),
+                                store_dir=settings.store_dir, actor="cli", rules=get_rules(settings.label_rules))
         typer.echo(json.dumps(out, default=str, indent=1))
 
     @cohort.command("manifest")
@@ -72,22 +80,13 @@ def register(cli: typer.Typer) -> None:
                  fmt: str = typer.Option("csv", "--format", help="csv, or parquet (needs the parquet extra)")) -> None:
         """The manifest (sop_instance_uid, class, split, patient_key) as CSV or Parquet."""
         from app.cohorts.service import manifest_csv, manifest_parquet
-        from app.context import AppContext
-        from app.errors import RadcohortError
 
         if fmt not in ("csv", "parquet"):
             raise typer.BadParameter("csv or parquet", param_hint="--format")
         if fmt == "parquet" and out is None:
             raise typer.BadParameter("Parquet is binary: give --out FILE", param_hint="--out")
-        ctx = AppContext.build(get_settings())
-        try:
-            with ctx.sessions() as s:
-                data = manifest_parquet(s, cohort_id) if fmt == "parquet" else manifest_csv(s, cohort_id).encode()
-        except RadcohortError as exc:
-            typer.echo(f"error: {exc.message}", err=True)
-            raise typer.Exit(2) from exc
-        finally:
-            ctx.close()
+        with _command_context() as ctx, ctx.sessions() as s:
+            data = manifest_parquet(s, cohort_id) if fmt == "parquet" else manifest_csv(s, cohort_id).encode()
         if out:
             tmp = out.with_suffix(out.suffix + ".tmp")
             tmp.write_bytes(data)
@@ -120,21 +119,13 @@ def register(cli: typer.Typer) -> None:
              max_rounds: int = typer.Option(200, min=1, help="at most this many retrievals")) -> None:
         """Retrieve from NODE until each class has PER_CLASS patients or the PACS has no more (prints the report)."""
         from app.cohorts.pull_runner import pull_to_quota
-        from app.context import AppContext
-        from app.errors import RadcohortError
 
         def show(cls, rid, status, received, _counts):
             typer.echo(f"{cls}: retrieval {rid} {status}, {received} received", err=True)
 
-        ctx = AppContext.build(get_settings())
-        try:
+        with _command_context() as ctx:
             out = pull_to_quota(ctx, node, taxonomy, per_class, study_dates, max_rounds=max_rounds, actor="cli",
                                 progress=show)
-        except RadcohortError as exc:
-            typer.echo(f"error: {exc.message}", err=True)
-            raise typer.Exit(2) from exc
-        finally:
-            ctx.close()
         typer.echo(json.dumps(out, indent=1))
         if out["stopped"] != "done":  # max_rounds or a DICOM failure: the report says which
             raise typer.Exit(1)
