@@ -27,13 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.context import AppContext  # noqa: E402
 from app.db.migrate import upgrade  # noqa: E402
-from app.db.models import PacsNode  # noqa: E402
 from app.devtools.orthanc import OrthancServer, free_port  # noqa: E402
 from tests.conftest import make_settings  # noqa: E402
 from tests.hardening.loadkit import (ScpProcess, ServeProcess, api_under_jobs, check_store, dcmtk,  # noqa: E402
-                                     scp_env, seed_orthanc, send_concurrently, storescu, write_big, write_instances)
+                                     scp_env, seed_orthanc, send_concurrently, sender_ctx, storescu, write_big,
+                                     write_instances)
 
 
 def _storescp(port: int, outdir: Path) -> subprocess.Popen:
@@ -60,11 +59,7 @@ def phase_a(work: Path, n: int, senders: int, processes: int) -> None:
           f"= {b_rate:.0f} inst/s")
     for procs in sorted({1, processes}):
         s = make_settings(work / f"rc{procs}")
-        upgrade(s.database_url)
-        ctx = AppContext.build(s)
-        with ctx.sessions() as x:
-            x.add(PacsNode(name="loader", ae_title="LOADER", host="127.0.0.1", port=104))
-            x.commit()
+        ctx = sender_ctx(s)
         with ScpProcess(scp_env(s), s.scp_port, ["--processes", str(procs)]) as scp:
             r = send_concurrently(s.scp_port, paths, senders=senders, aet="LOADER")
         fig = check_store(ctx, {u for _, u in files})
@@ -86,12 +81,7 @@ def phase_b(work: Path, mb: int) -> None:
     growth = {}
     for mode in ("--chunked", "--no-chunked"):
         s = make_settings(work / f"big{mode}")
-        upgrade(s.database_url)
-        ctx = AppContext.build(s)
-        with ctx.sessions() as x:
-            x.add(PacsNode(name="loader", ae_title="LOADER", host="127.0.0.1", port=104))
-            x.commit()
-        ctx.close()
+        sender_ctx(s).close()
         with ScpProcess(scp_env(s), s.scp_port, [mode]) as scp:
             ok, secs = storescu(s.scp_port, [big])
         growth[mode] = scp.peak_rss_mb - scp.baseline_rss_mb
@@ -111,12 +101,7 @@ def phase_d(work: Path, mb: int) -> None:
 
     print(f"\n== D. one {mb} MB P-DATA-TF PDU (a peer ignoring or not needing a PDU limit)")
     s = make_settings(work / "pdu")
-    upgrade(s.database_url)
-    ctx = AppContext.build(s)
-    with ctx.sessions() as x:
-        x.add(PacsNode(name="loader", ae_title="LOADER", host="127.0.0.1", port=104))
-        x.commit()
-    ctx.close()
+    sender_ctx(s).close()
     with ScpProcess(scp_env(s), s.scp_port) as scp:
         ae = AE("LOADER")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from app.context import AppContext
-from app.db.migrate import upgrade
-from app.db.models import PacsNode
 from app.devtools.orthanc import free_port
 from tests.dicom.helpers import make_cr
 from tests.dicom.test_scp import count, send
+from tests.hardening.loadkit import sender_ctx
 
 RADCOHORT = str(Path(sys.executable).with_name("radcohort"))
 
@@ -52,11 +50,7 @@ def _stop(proc: subprocess.Popen) -> str:
 
 @pytest.fixture
 def node_ctx(settings):
-    upgrade(settings.database_url)
-    ctx = AppContext.build(settings)
-    with ctx.sessions() as s:
-        s.add(PacsNode(name="sender", ae_title="SENDER", host="127.0.0.1", port=104))
-        s.commit()
+    ctx = sender_ctx(settings, "sender", "SENDER")
     yield ctx
     ctx.close()
 

@@ -187,6 +187,20 @@ class ScpProcess:
             self.output = self.proc.communicate()[0]
 
 
+def sender_ctx(settings, name: str = "loader", ae_title: str = "LOADER"):
+    """A migrated AppContext whose index knows one sending AE (the SCP accepts configured nodes only)."""
+    from app.context import AppContext
+    from app.db.base import session_scope
+    from app.db.migrate import upgrade
+    from app.db.models import PacsNode
+
+    upgrade(settings.database_url)
+    ctx = AppContext.build(settings)
+    with session_scope(ctx.sessions) as s:
+        s.add(PacsNode(name=name, ae_title=ae_title, host="127.0.0.1", port=104))
+    return ctx
+
+
 def scp_env(settings) -> dict:
     return {**os.environ, "RADCOHORT_DATABASE_URL": settings.database_url,
             "RADCOHORT_DATA_DIR": str(settings.data_dir), "RADCOHORT_SCP_PORT": str(settings.scp_port),

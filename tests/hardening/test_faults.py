@@ -19,14 +19,12 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from app.context import AppContext
-from app.db.migrate import upgrade
-from app.db.models import Instance, PacsNode, Retrieval
+from app.db.models import Instance, Retrieval
 from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED, StorageSCP
 from app.dicom.store import parse_header
 from tests.conftest import make_settings
 from tests.dicom.helpers import CR_STORAGE, make_cr, wait_retrieval
-from tests.hardening.loadkit import dcmtk
+from tests.hardening.loadkit import dcmtk, sender_ctx
 
 RADCOHORT = str(Path(sys.executable).with_name("radcohort"))
 SENDER = "SENDER"
@@ -35,12 +33,6 @@ SENDER = "SENDER"
 def _count(ctx) -> int:
     with ctx.sessions() as s:
         return s.scalar(select(func.count()).select_from(Instance))
-
-
-def _node(ctx) -> None:
-    with ctx.sessions() as s:
-        s.add(PacsNode(name="sender", ae_title=SENDER, host="127.0.0.1", port=104))
-        s.commit()
 
 
 def big_cr(mb: int, seed: int = 1):
@@ -114,9 +106,7 @@ def _finals(store: Path) -> list[Path]:
 @pytest.mark.parametrize("chunked", [False, True], ids=["memory", "chunked"])
 def test_scp_sigkilled_mid_transfer_leaves_no_partial_file_and_reindexes_nothing_twice(tmp_path, chunked):
     s = make_settings(tmp_path)
-    upgrade(s.database_url)
-    ctx = AppContext.build(s)
-    _node(ctx)
+    ctx = sender_ctx(s, "sender", SENDER)
     small = [make_cr(seed=i) for i in range(20)]
     big = big_cr(96)
     proc = _start_scp(s, chunked)
@@ -175,9 +165,7 @@ def tiny_tmpfs(tmp_path):
 def test_disk_full_answers_out_of_resources_never_success_and_recovers(tmp_path, tiny_tmpfs):
     s = make_settings(tmp_path)
     assert s.store_dir == tiny_tmpfs
-    upgrade(s.database_url)
-    ctx = AppContext.build(s)
-    _node(ctx)
+    ctx = sender_ctx(s, "sender", SENDER)
     scp = StorageSCP(ctx).start()
     try:
         batch = [big_cr(1, seed=i) for i in range(6)]  # ~1 MB each into 2 MB
@@ -281,15 +269,13 @@ def test_database_cut_gives_503_then_works_and_loses_no_job(tmp_path, pg_databas
     from fastapi.testclient import TestClient
 
     from app.api import create_app
-    from app.db.models import Cohort, TrainingJob
+    from app.db.models import Cohort
 
-    upgrade(pg_database)
     proxy = CuttableProxy().start()
     url = pg_database.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     assert url != pg_database
     s = make_settings(tmp_path, url, dicom_timeout=5.0)
-    ctx = AppContext.build(s)
-    _node(ctx)
+    ctx = sender_ctx(s, "sender", SENDER)  # migrated through the proxy
     with ctx.sessions() as sess:
         c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": "A"}, {"name": "B"}]})
         sess.add(c)

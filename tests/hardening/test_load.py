@@ -8,24 +8,18 @@ from __future__ import annotations
 import pytest
 from pynetdicom import AE, _config
 
-from app.context import AppContext
 from app.db.migrate import upgrade
-from app.db.models import PacsNode
 from app.devtools.orthanc import free_port
 from app.dicom.store import file_meta_end
 from tests.conftest import make_settings
 from tests.hardening.loadkit import (ScpProcess, ServeProcess, api_under_jobs, check_store, scp_env,
-                                     seed_orthanc, send_concurrently, storescu, write_big, write_instances)
+                                     seed_orthanc, send_concurrently, sender_ctx, storescu, write_big,
+                                     write_instances)
 
 
 @pytest.fixture
 def load_ctx(tmp_path):
-    s = make_settings(tmp_path)
-    upgrade(s.database_url)
-    ctx = AppContext.build(s)
-    with ctx.sessions() as x:
-        x.add(PacsNode(name="loader", ae_title="LOADER", host="127.0.0.1", port=104))
-        x.commit()
+    ctx = sender_ctx(make_settings(tmp_path))
     yield ctx
     ctx.close()
 
