@@ -259,14 +259,16 @@ def _compile(session: Session, stmt) -> tuple[str, Any]:
     return str(compiled), (tuple(params[k] for k in compiled.positiontup) if compiled.positional else params)
 
 
-def _raw_rows(session: Session, stmt, sql: tuple[str, Any] | None = None) -> list[tuple]:
+def _raw_rows(session: Session, stmt) -> list[tuple]:
     """Execute on the DBAPI cursor and return plain tuples: the hot path returns ~10^5 rows and
-    SQLAlchemy's result objects cost more than the query itself. Only integer/string columns.
-    `sql`: the statement already compiled (see _compiled_incomplete)."""
-    text_, args = sql or _compile(session, stmt)
+    SQLAlchemy's result objects cost more than the query itself. Only integer/string columns."""
+    return _run_compiled(session, *_compile(session, stmt))
+
+
+def _run_compiled(session: Session, sql: str, args: Any) -> list[tuple]:
     cur = session.connection().connection.dbapi_connection.cursor()
     try:
-        cur.execute(text_, args)
+        cur.execute(sql, args)
         return cur.fetchall()
     finally:
         cur.close()
@@ -342,7 +344,7 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
     incomplete: list[set[int]] = [set() for _ in classes]
     sql = _compiled_incomplete(session, classes, vocabulary)
     if sql is not None:
-        for k, iid in _raw_rows(session, None, sql):
+        for k, iid in _run_compiled(session, *sql):
             incomplete[k].add(iid)
     excluded["incomplete_label"] = len(set().union(*incomplete))
     rows = []
