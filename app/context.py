@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.base import make_engine, make_sessionmaker
+from app.privacy import install_log_redaction
 
 
 @dataclass
@@ -24,6 +25,8 @@ class AppContext:
 
     @classmethod
     def build(cls, settings: Settings) -> "AppContext":
+        # every process that touches patient data builds a context: none logs an identifier
+        install_log_redaction()
         settings.ensure_dirs()
         engine = make_engine(settings.database_url)
         return cls(settings=settings, engine=engine, sessions=make_sessionmaker(engine))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import logging
 
 import typer
+
+from app.privacy import configure_logging
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="radcohort: PACS -> labels -> cohorts -> CNN")
 
@@ -14,8 +15,13 @@ COMMAND_MODULES = ["db", "pacs", "synth", "worker", "demo", "server", "cohorts"]
 
 
 @cli.callback()
-def _root(log_level: str = typer.Option("INFO", envvar="RADCOHORT_LOG_LEVEL", help="log level")) -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _root(
+    log_level: str = typer.Option("INFO", envvar="RADCOHORT_LOG_LEVEL", help="log level (identifiers are "
+                                  "redacted at every level)"),
+    dicom_log_level: str = typer.Option("WARNING", envvar="RADCOHORT_DICOM_LOG_LEVEL",
+                                        help="pynetdicom's log level (INFO logs every PDU and identifier)"),
+) -> None:
+    configure_logging(log_level, dicom_log_level)
 
 
 for _name in COMMAND_MODULES:

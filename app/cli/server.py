@@ -15,9 +15,11 @@ from app.config import Settings, get_settings
 log = logging.getLogger("radcohort.server")
 
 
-def _scp_child(overrides: dict, log_level: str, channel, fsync: bool = True, chunked: bool = False) -> None:
+def _scp_child(overrides: dict, levels: tuple[str, str], channel, fsync: bool = True, chunked: bool = False) -> None:
     """One receiving process: its own engine; connections arrive from the dispatcher."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    from app.privacy import configure_logging
+
+    configure_logging(*levels, fmt="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     from app.context import AppContext
     from app.dicom.scp import StorageSCP
 
@@ -54,9 +56,10 @@ class ScpProcesses:
         DicomStore(self.settings.store_dir).clean_temp()  # before any child writes
         self.dispatcher = ConnectionDispatcher(self.settings.scp_host, self.settings.scp_port, self.n)
         spawn = mp.get_context("spawn")  # fresh interpreters: no engine or threads inherited
-        level = logging.getLevelName(logging.getLogger().level)
+        levels = (logging.getLevelName(logging.getLogger().level),
+                  logging.getLevelName(logging.getLogger("pynetdicom").getEffectiveLevel()))
         for ch in self.dispatcher.child_channels():
-            p = spawn.Process(target=_scp_child, args=(self.overrides, level, ch, self.fsync, self.chunked),
+            p = spawn.Process(target=_scp_child, args=(self.overrides, levels, ch, self.fsync, self.chunked),
                               daemon=True)
             p.start()
             self.procs.append(p)

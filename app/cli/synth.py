@@ -98,8 +98,6 @@ def register(cli: typer.Typer) -> None:
         timeout: float = typer.Option(30.0, "--timeout", min=1.0, help="DICOM timeouts in seconds"),
     ) -> None:
         """C-STORE files into a PACS over several associations; exits 1 unless every file was stored."""
-        import logging
-
         from app.config import get_settings
         from app.dicom.push import dicom_files, push
 
@@ -122,7 +120,6 @@ def register(cli: typer.Typer) -> None:
             raise typer.BadParameter(f"{directory} does not exist")
         src = directory / "dicom" if (directory / "dicom").is_dir() else directory
         files = dicom_files(src)
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
         with _progress() as bar:
             task = bar.add_task(f"C-STORE -> {aet}@{host}:{port}", total=len(files))
             result = push(files, host, int(port), aet, calling_aet or get_settings().ae_title,
