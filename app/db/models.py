@@ -50,6 +50,9 @@ class Patient(Base):
     patient_name: Mapped[str | None] = mapped_column(String(324))  # stored, never exposed
     patient_sex: Mapped[str | None] = mapped_column(String(16))
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    # veterinary headers (app.labels species): an animal gets no human body part
+    patient_species_description: Mapped[str | None] = mapped_column(String(64))
+    patient_breed_description: Mapped[str | None] = mapped_column(String(64))
 
 
 class Study(Base):
@@ -76,6 +79,7 @@ class Series(Base):
     protocol_name: Mapped[str | None] = mapped_column(String(255))
     laterality: Mapped[str | None] = mapped_column(String(16))
     series_number: Mapped[int | None] = mapped_column(Integer)
+    performed_procedure_step_description: Mapped[str | None] = mapped_column(String(255))  # a label source
 
 
 class Instance(Base):
@@ -101,6 +105,8 @@ class Instance(Base):
     view_position: Mapped[str | None] = mapped_column(String(16))
     image_laterality: Mapped[str | None] = mapped_column(String(16))
     photometric_interpretation: Mapped[str | None] = mapped_column(String(32))
+    # the CR/DX reader's exam menu ("[LOWER LEG]"): set per image, a label source
+    acquisition_device_processing_description: Mapped[str | None] = mapped_column(String(255))
     # this instance's own PatientSex (PACS vary it between a patient's studies): relabel reads it,
     # as labelling at indexing did, rather than the patient row's first-seen value
     patient_sex: Mapped[str | None] = mapped_column(String(16))
@@ -119,6 +125,7 @@ class Instance(Base):
     label_sex: Mapped[str | None] = mapped_column(String(8))
     label_age_years: Mapped[float | None] = mapped_column(Float)
     label_age_band: Mapped[str | None] = mapped_column(String(16))
+    label_species: Mapped[str | None] = mapped_column(String(16))  # set only when the header names one
     label_sources: Mapped[dict | None] = mapped_column(JSON)  # label -> tag or rule it came from
     label_conflicts: Mapped[list | None] = mapped_column(JSON)  # [] or [{"label","values":[...]}]
     has_conflict: Mapped[bool] = mapped_column(Boolean, default=False)

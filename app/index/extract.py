@@ -2,8 +2,8 @@
 
 A record is one flat dict per instance holding every column of the Patient, Study, Series and
 Instance tables (keys named as the columns), plus a few extra header fields the labeler reads
-(`image_comments`, `acquisition_device_processing_description`, `derivation_description`,
-`patient_orientation`, `study_time`). Text is decoded with the dataset's Specific Character Set
+(`image_comments`, `derivation_description`, `patient_orientation`). RequestedProcedureDescription is
+read from the top level or, where images carry it, from the first RequestAttributesSequence item. Text is decoded with the dataset's Specific Character Set
 (pydicom does it on access), so Japanese ISO_IR 192 / ISO 2022 IR 87 values read back as Unicode.
 """
 
@@ -42,9 +42,12 @@ _TEXT = {
     "view_position": "ViewPosition",
     "image_laterality": "ImageLaterality",
     "photometric_interpretation": "PhotometricInterpretation",
+    "performed_procedure_step_description": "PerformedProcedureStepDescription",
+    "acquisition_device_processing_description": "AcquisitionDeviceProcessingDescription",
+    "patient_species_description": "PatientSpeciesDescription",
+    "patient_breed_description": "PatientBreedDescription",
     # extras for the labeler (not columns)
     "image_comments": "ImageComments",
-    "acquisition_device_processing_description": "AcquisitionDeviceProcessingDescription",
     "derivation_description": "DerivationDescription",
     "patient_orientation": "PatientOrientation",
 }
@@ -75,6 +78,15 @@ def _text(ds: Dataset, keyword: str) -> str | None:
         value = "\\".join(str(v) for v in value)
     text = str(value).replace("\x00", "").strip()
     return text or None
+
+
+def _request_attribute(ds: Dataset, keyword: str) -> str | None:
+    """A text of the first RequestAttributesSequence item (where modalities put the order's fields)."""
+    try:
+        seq = ds.get("RequestAttributesSequence")
+        return _text(seq[0], keyword) if seq else None
+    except Exception:  # noqa: BLE001 - a malformed sequence is treated as absent
+        return None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -158,6 +170,8 @@ def extract_record(
     codec = _codec(ds)
     rec: dict = {k: _fast_text(ds, kw, codec) for k, kw in _TEXT.items()}
     rec.update({k: _fast_int(ds, kw) for k, kw in _INT.items()})
+    if not rec["requested_procedure_description"]:
+        rec["requested_procedure_description"] = _request_attribute(ds, "RequestedProcedureDescription")
     rec["patient_id"] = rec["patient_id"] or ""
     rec["issuer"] = rec["issuer"] or ""
     if rec["patient_sex"]:
@@ -181,23 +195,8 @@ def extract_record(
 
 
 def age_years(patient_age: str | None, birth_date: str | None = None, study_date: str | None = None) -> float | None:
-    """Age in years from PatientAge (`045Y`, `006M`, `003W`, `010D`) or birth/study dates."""
-    if patient_age:
-        a = patient_age.strip().upper()
-        try:
-            n, unit = int(a[:-1]), a[-1]
-            return round({"Y": n, "M": n / 12, "W": n / 52.1775, "D": n / 365.25}[unit], 3)
-        except (ValueError, KeyError, IndexError):
-            try:
-                return float(int(a))  # bare number: years
-            except ValueError:
-                pass
-    if birth_date and study_date and len(birth_date) >= 8 and len(study_date) >= 8:
-        try:
-            b = datetime.strptime(birth_date[:8], "%Y%m%d")
-            s = datetime.strptime(study_date[:8], "%Y%m%d")
-        except ValueError:
-            return None
-        years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
-        return float(years) if years >= 0 else None
-    return None
+    """Age in years as the labeler reads it (PatientAge with or without unit, else birth and study
+    dates); None when implausible (outside 0-120 years, placeholder birth date, born after the study)."""
+    from app.labels.engine import plausible_age_years
+
+    return plausible_age_years(patient_age, birth_date, study_date)

@@ -25,15 +25,17 @@ log = logging.getLogger("radcohort.index")
 Labeler = Callable[[dict], dict]
 _CHUNK = 500
 
-_P_COLS = ("patient_id", "issuer", "patient_name", "patient_sex", "patient_birth_date")
+_P_COLS = ("patient_id", "issuer", "patient_name", "patient_sex", "patient_birth_date",
+           "patient_species_description", "patient_breed_description")
 _ST_COLS = ("study_instance_uid", "study_date", "study_time", "accession_number", "study_description",
             "requested_procedure_description", "patient_age")
 _SE_COLS = ("series_instance_uid", "modality", "body_part_examined", "series_description", "protocol_name",
-            "laterality", "series_number")
+            "laterality", "series_number", "performed_procedure_step_description")
 _I_COLS = tuple(c.name for c in Instance.__table__.columns if c.name not in ("id", "series_pk", "study_pk",
                                                                               "patient_pk"))
 _LABEL_COLS = {"label_body_part", "label_view", "label_laterality", "label_sex", "label_age_years",
-               "label_age_band", "label_sources", "label_conflicts", "has_conflict", "ruleset_version"}
+               "label_age_band", "label_species", "label_sources", "label_conflicts", "has_conflict",
+               "ruleset_version"}
 
 
 @dataclass

@@ -1,11 +1,13 @@
 """Pure label engine: index record fields -> normalized labels with provenance and conflicts.
 
 No database, no I/O beyond reading a rules file in `load_rules`. The rules (sources in priority
-order, vocabularies, English/Japanese description terms) are data: see `rules.yaml`.
+order, vocabularies with their DICOM PS3.16 / SNOMED CT codes, English/Japanese description terms,
+age plausibility) are data: see `rules.yaml` and docs/labels.md.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -19,7 +21,7 @@ from typing import Any
 import yaml
 
 BUILTIN_RULES = Path(__file__).with_name("rules.yaml")
-LABELS = ("body_part", "view", "laterality", "sex", "age_years", "age_band")
+LABELS = ("body_part", "view", "laterality", "sex", "age_years", "age_band", "species")
 _CATEGORICAL = ("body_part", "view", "laterality")
 _TAG_NAMES = {  # column -> DICOM keyword, for provenance
     "body_part_examined": "BodyPartExamined",
@@ -32,8 +34,15 @@ _TAG_NAMES = {  # column -> DICOM keyword, for provenance
     "study_description": "StudyDescription",
     "protocol_name": "ProtocolName",
     "requested_procedure_description": "RequestedProcedureDescription",
+    "performed_procedure_step_description": "PerformedProcedureStepDescription",
+    "acquisition_device_processing_description": "AcquisitionDeviceProcessingDescription",
+    "patient_species_description": "PatientSpeciesDescription",
+    "patient_breed_description": "PatientBreedDescription",
 }
-_AGE_RE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$")
+_SOURCE_KINDS = ("tag", "text")
+# PatientAge: DICOM AS ("045Y") or, as research exports write it, a bare number of years ("51", "51.0")
+_AGE_RE = re.compile(r"^\s*(\d{1,3}(?:\.\d+)?)\s*([DWMY])?\s*$")
+_AGE_UNIT_YEARS = {"Y": 1.0, "M": 1 / 12.0, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
 class RulesError(ValueError):
@@ -44,6 +53,8 @@ def normalize_text(value: Any) -> str:
     """NFKC (full/half-width folding) + upper case + collapsed whitespace."""
     if value is None:
         return ""
+    if isinstance(value, (list, tuple)):
+        value = " ".join(str(v) for v in value)
     s = unicodedata.normalize("NFKC", str(value)).upper()
     return " ".join(s.split())
 
@@ -61,6 +72,19 @@ def _term_regex(term: str) -> re.Pattern:
     return re.compile(re.escape(t))
 
 
+def _resolve_code(ref: str) -> tuple[str, str, str]:
+    """'CID4031.Knee' or 'SCT.BoneStructureOfScaphoid' -> (scheme, value, meaning), from pydicom's
+    copy of DICOM PS3.16 (so a typo or a retired code fails loading instead of reaching a label)."""
+    from pydicom.sr.codedict import codes
+
+    group, _, name = str(ref).partition(".")
+    try:
+        code = getattr(getattr(codes, group), name)
+    except AttributeError as exc:
+        raise RulesError(f"rules: codes: '{ref}' is not a DICOM PS3.16 concept (CIDnnnn.Name or SCT.Name)") from exc
+    return str(code.scheme_designator), str(code.value), str(code.meaning)
+
+
 @dataclass(frozen=True)
 class LabelResult:
     body_part: str | None = None
@@ -69,6 +93,7 @@ class LabelResult:
     sex: str | None = None
     age_years: float | None = None
     age_band: str | None = None
+    species: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
     conflicts: list[dict] = field(default_factory=list)
 
@@ -85,11 +110,21 @@ class LabelResult:
             "label_sex": self.sex,
             "label_age_years": self.age_years,
             "label_age_band": self.age_band,
+            "label_species": self.species,
             "label_sources": dict(self.sources),
             "label_conflicts": list(self.conflicts),
             "has_conflict": self.has_conflict,
             "ruleset_version": ruleset_version,
         }
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """What one text says about one label: a value, several (ambiguous), or nothing."""
+
+    value: str | None
+    terms: tuple[str, ...] = ()
+    ambiguous: tuple[str, ...] = ()
 
 
 class RuleSet:
@@ -123,37 +158,53 @@ class RuleSet:
                     raise RulesError(f"rules: vocabulary.{label} must include {v}")
         self.priority: dict[str, list[tuple[str, str]]] = {}
         for label, sources in r["priority"].items():
-            if label not in ("body_part", "view", "laterality", "sex"):
+            if label not in ("body_part", "view", "laterality", "sex", "species"):
                 raise RulesError(f"rules: priority.{label}: unknown label")
             parsed = []
             for src in sources:
                 kind, _, col = str(src).partition(":")
-                if kind not in ("tag", "text") or not col:
+                if kind not in _SOURCE_KINDS or not col:
                     raise RulesError(f"rules: priority.{label}: '{src}' is not tag:<column> or text:<column>")
                 parsed.append((kind, col))
             self.priority[label] = parsed
         self.tag_values: dict[str, dict[str, str]] = {}
         for label, mapping in r["tag_values"].items():
             self.tag_values[label] = {_tag_key(k): self._checked(label, v, "tag_values") for k, v in mapping.items()}
-        self.text_terms: dict[str, list[tuple[str, str, re.Pattern]]] = {}
+        self.text_terms: dict[str, list[tuple[str | None, str, re.Pattern]]] = {}
         for label, mapping in r["text"].items():
-            terms = []
+            terms: list[tuple[str | None, str, re.Pattern]] = []
             for value, words in mapping.items():
                 self._checked(label, value, "text")
                 for w in words:
                     terms.append((str(value), str(w), _term_regex(str(w))))
+            # phrases that contain a term but do not name the value ("TRANS SCAPULAR" view, 手術)
+            for w in (r.get("text_ignore") or {}).get(label, ()):
+                terms.append((None, str(w), _term_regex(str(w))))
             self.text_terms[label] = terms
+        self.multi_view = [re.compile(p) for p in r.get("multi_view_patterns") or []]
         self.refines: dict[str, set[tuple[str, str]]] = {}
         for label, mapping in (r.get("refines") or {}).items():
             pairs = {(str(s), str(g)) for s, gs in mapping.items() for g in gs}
+            for s, g in pairs:
+                self._checked(label, s, "refines")
+                self._checked(label, g, "refines")
             changed = True
             while changed:  # transitive closure
                 extra = {(a, d) for a, b in pairs for c, d in pairs if b == c} - pairs
                 changed = bool(extra)
                 pairs |= extra
             self.refines[label] = pairs
+        self.combines: dict[str, list[tuple[frozenset, str]]] = {}
+        for label, mapping in (r.get("combines") or {}).items():
+            self.combines[label] = [(frozenset(self._checked(label, p, "combines") for p in parts),
+                                     self._checked(label, v, "combines")) for v, parts in mapping.items()]
+        self.codes: dict[str, dict[str, tuple[str, str, str]]] = {}
+        for label, mapping in (r.get("codes") or {}).items():
+            self.codes[label] = {self._checked(label, v, "codes"): _resolve_code(ref) for v, ref in mapping.items()}
         self.frontal_view = {str(k): str(v) for k, v in (r.get("frontal_view") or {}).items()}
         self.unpaired = {str(v) for v in r.get("unpaired") or []}
+        self.human_species = {str(v) for v in (r.get("species") or {}).get("human", ["HUMAN"])}
+        self.nonhuman_default = str((r.get("species") or {}).get("nonhuman_default", "NONHUMAN"))
         bands = r.get("age_bands") or {"width": 10}
         self.band_edges: list[float] | None = None
         self.band_width: int | None = None
@@ -167,6 +218,9 @@ class RuleSet:
             if self.band_width <= 0:
                 raise RulesError("rules: age_bands.width must be positive")
         self.age_tolerance = float(r.get("age_tolerance_years", 1.5))
+        age = r.get("age") or {}
+        self.max_age = float(age.get("max_years", 120))
+        self.placeholder_birth_dates = {str(d) for d in age.get("placeholder_birth_dates") or []}
 
     def _checked(self, label: str, value: Any, where: str) -> str:
         value = str(value)
@@ -202,21 +256,58 @@ class RuleSet:
         lo, hi = band.split("-")
         return float(lo), float(hi) + 1
 
-    def parse_text(self, label: str, text: Any) -> tuple[str, str] | None:
-        """First vocabulary value whose term occurs in the text -> (value, term)."""
-        t = normalize_text(text)
-        if not t:
-            return None
-        for value, term, rx in self.text_terms.get(label, ()):
-            if rx.search(t):
-                return value, term
-        return None
+    def code(self, label: str, value: str | None) -> str | None:
+        """'SCT:72696002' for a label value that has a PS3.16 code."""
+        c = self.codes.get(label, {}).get(value) if value else None
+        return f"{c[0]}:{c[1]}" if c else None
+
+    def code_meaning(self, label: str, value: str) -> str | None:
+        c = self.codes.get(label, {}).get(value)
+        return c[2] if c else None
 
     def _refines(self, label: str, specific: str, general: str) -> bool:
         return (specific, general) in self.refines.get(label, ())
 
-    def _observe(self, label: str, fields: dict) -> list[tuple[str, str]]:
-        obs = []
+    def parse(self, label: str, text: Any) -> _Parsed:
+        """Every vocabulary term in the text (longest match first, no overlaps); generals that a
+        specific value found next to them refines are dropped; several values left = ambiguous."""
+        t = normalize_text(text)
+        if not t:
+            return _Parsed(None)
+        hits = []
+        for value, term, rx in self.text_terms.get(label, ()):
+            for m in rx.finditer(t):
+                hits.append((m.end() - m.start(), m.start(), m.end(), value, term))
+        taken: list[tuple[int, int]] = []
+        found: dict[str, str] = {}
+        for _, start, end, value, term in sorted(hits, key=lambda h: (-h[0], h[1])):
+            if any(start < e and s < end for s, e in taken):
+                continue
+            taken.append((start, end))
+            if value is not None:
+                found.setdefault(value, term)
+        values = set(found)
+        values = {v for v in values if not any(self._refines(label, o, v) for o in values if o != v)}
+        for parts, combined in self.combines.get(label, ()):
+            if values == parts:
+                return _Parsed(combined, tuple(found[p] for p in sorted(parts)))
+        multi = label == "view" and any(rx.search(t) for rx in self.multi_view)
+        if len(values) == 1 and not multi:
+            (v,) = values
+            return _Parsed(v, (found[v],))
+        if len(values) > 1 or (multi and values):
+            return _Parsed(None, ambiguous=tuple(sorted(found[v] for v in values)))
+        if multi:
+            return _Parsed(None, ambiguous=("several views",))
+        return _Parsed(None)
+
+    def parse_text(self, label: str, text: Any) -> tuple[str, str] | None:
+        """The one vocabulary value a text names -> (value, term); None when none or several."""
+        p = self.parse(label, text)
+        return (p.value, p.terms[0]) if p.value else None
+
+    def _observe(self, label: str, fields: dict) -> tuple[list[tuple[str, str]], list[str]]:
+        obs, ambiguous = [], []
         for kind, col in self.priority.get(label, ()):
             raw = fields.get(col)
             if raw is None or raw == "":
@@ -226,22 +317,30 @@ class RuleSet:
                 v = self.tag_values.get(label, {}).get(_tag_key(raw))
                 if v is not None:
                     obs.append((v, f"tag:{tag}"))
-            else:
-                hit = self.parse_text(label, raw)
-                if hit is not None:
-                    obs.append((hit[0], f"text:{tag}[{hit[1]}]"))
-        return obs
+                continue
+            p = self.parse(label, raw)
+            if p.value is not None:
+                obs.append((p.value, f"text:{tag}[{'+'.join(p.terms)}]"))
+            elif p.ambiguous:
+                ambiguous.append(f"text:{tag}[{'|'.join(p.ambiguous)}]")
+        return obs, ambiguous
 
     def _resolve(self, label: str, obs: list[tuple[str, str]]):
-        """Highest-priority value, refined by more specific agreeing values; else a conflict."""
+        """Highest-priority value, refined by more specific agreeing values; else a conflict.
+
+        Returns (value, source, refined_from, conflict); refined_from names the general value and
+        its source when a more specific source refined it.
+        """
         if not obs:
-            return None, None, None
+            return None, None, None, None
         cur_v, cur_s = obs[0]
+        refined_from = None
         conflict = False
         for v, s in obs[1:]:
             if v == cur_v or self._refines(label, cur_v, v):
                 continue
             if self._refines(label, v, cur_v):
+                refined_from = f"{cur_v} from {cur_s}" if refined_from is None else refined_from
                 cur_v, cur_s = v, s
             else:
                 conflict = True
@@ -252,15 +351,41 @@ class RuleSet:
                 if (v, s) not in seen:
                     seen.add((v, s))
                     values.append({"value": v, "source": s})
-            return obs[0][0], obs[0][1], {"label": label, "values": values}
-        return cur_v, cur_s, None
+            return obs[0][0], obs[0][1], None, {"label": label, "values": values}
+        return cur_v, cur_s, refined_from, None
+
+    def _species(self, fields: dict) -> tuple[str | None, str | None]:
+        """A non-human patient named by PatientSpeciesDescription, breed, or a description term."""
+        for col in ("patient_species_description", "patient_breed_description"):
+            raw = fields.get(col)
+            if not raw:
+                continue
+            tag = _TAG_NAMES[col]
+            v = self.tag_values.get("species", {}).get(_tag_key(raw))
+            if v is None:
+                p = self.parse("species", raw)
+                v = p.value
+            if v is not None:
+                return v, f"tag:{tag}"
+            # any species other than ours, or a breed at all, is an animal of a species we do not list
+            return self.nonhuman_default, f"tag:{tag}"
+        obs, _ = self._observe("species", fields)
+        if obs:
+            return obs[0][0], obs[0][1]
+        return None, None
 
     def _categorical(self, key: tuple) -> tuple:
         fields = dict(zip(_CAT_FIELDS, key))
-        values, sources, conflicts = {}, {}, []
+        values, sources, conflicts, ambiguous = {}, {}, [], {}
         for label in _CATEGORICAL + ("sex",):
-            v, s, c = self._resolve(label, self._observe(label, fields))
+            obs, amb = self._observe(label, fields)
+            v, s, refined_from, c = self._resolve(label, obs)
             values[label], sources[label] = v, s
+            if refined_from:
+                sources[f"{label}_refines"] = refined_from
+            if v is None and amb:
+                ambiguous[label] = amb
+                sources[label] = "ambiguous:" + "; ".join(amb)
             if c:
                 conflicts.append(c)
         if values["view"] == "FRONTAL" and values["body_part"]:
@@ -269,46 +394,104 @@ class RuleSet:
             if resolved:
                 values["view"] = resolved
                 sources["view"] = f"rule:frontal_view({sources['view']})"
+        species, species_src = self._species(fields)
+        if species is not None:
+            sources["species"] = species_src
+        if species is not None and species not in self.human_species:
+            # veterinary anatomy is not human anatomy: no human body part, so no human class
+            if values["body_part"] is not None:
+                sources["body_part_anatomy"] = f"{values['body_part']} from {sources['body_part']}"
+            values["body_part"] = None
+            sources["body_part"] = f"rule:non_human({species})"
+            sources.pop("body_part_refines", None)
+            conflicts = [c for c in conflicts if c["label"] != "body_part"]
         if values["laterality"] is None:
-            if values["body_part"] in self.unpaired:
+            if "laterality" in ambiguous:
+                values["laterality"] = "UNKNOWN"
+            elif values["body_part"] in self.unpaired:
                 values["laterality"], sources["laterality"] = "NONE", "rule:unpaired_body_part"
             else:
                 values["laterality"], sources["laterality"] = "UNKNOWN", "rule:no_source"
         if values["sex"] is None:
             values["sex"], sources["sex"] = "UNKNOWN", "rule:no_source"
+        for label in _CATEGORICAL:
+            c = self.code(label, values[label])
+            if c:
+                sources[f"{label}_code"] = c
+        values["species"] = species
         return values, {k: v for k, v in sources.items() if v}, conflicts
 
     def _age(self, fields: dict):
-        tag_age = parse_patient_age(fields.get("patient_age"))
-        date_age = age_from_dates(fields.get("patient_birth_date"), fields.get("study_date"))
+        """(age, source, conflict, flags): implausible values become unknown, with the reason."""
+        flags: list[str] = []
+        raw_age = fields.get("patient_age")
+        tag_age = parse_patient_age(raw_age)
+        if raw_age not in (None, "") and tag_age is None:
+            flags.append("PatientAge unreadable")
+        if tag_age is not None and not 0 <= tag_age <= self.max_age:
+            flags.append(f"PatientAge {tag_age:g} y outside 0-{self.max_age:g}")
+            tag_age = None
+        date_age, date_flag = self._date_age(fields.get("patient_birth_date"), fields.get("study_date"))
+        if date_flag:
+            flags.append(date_flag)
+        if tag_age == 0 and (date_age is None or date_age >= 1):
+            # "000Y" is what many systems write when they do not know the age
+            flags.append("PatientAge 0 not confirmed by the birth date")
+            tag_age = None
         if tag_age is not None:
             conflict = None
             if date_age is not None and abs(tag_age - date_age) > self.age_tolerance:
                 conflict = {"label": "age_years", "values": [
                     {"value": round(tag_age, 2), "source": "tag:PatientAge"},
                     {"value": round(date_age, 2), "source": "rule:birth_date+study_date"}]}
-            return tag_age, "tag:PatientAge", conflict
+            return tag_age, "tag:PatientAge", conflict, tuple(flags)
         if date_age is not None:
-            return date_age, "rule:birth_date+study_date", None
-        return None, None, None
+            return date_age, "rule:birth_date+study_date", None, tuple(flags)
+        return None, None, None, tuple(flags)
+
+    def _date_age(self, birth: Any, study: Any) -> tuple[float | None, str | None]:
+        if not birth:
+            return None, None
+        b_text = str(birth).strip().replace(".", "").replace("-", "")
+        if b_text in self.placeholder_birth_dates:
+            return None, "PatientBirthDate is a placeholder"
+        b, s = _parse_da(birth), _parse_da(study)
+        if b is None:
+            return None, "PatientBirthDate is not a valid date"
+        if s is None:
+            return None, None
+        if s < b:
+            return None, "PatientBirthDate after StudyDate"
+        age = age_from_dates(b, s)
+        if age is not None and age > self.max_age:
+            return None, f"PatientBirthDate gives {math.floor(age)} y, outside 0-{self.max_age:g}"
+        return age, None
 
 
 _CAT_FIELDS = ("body_part_examined", "view_position", "image_laterality", "laterality", "patient_sex",
-               "series_description", "study_description", "protocol_name", "requested_procedure_description")
+               "series_description", "study_description", "protocol_name", "requested_procedure_description",
+               "performed_procedure_step_description", "acquisition_device_processing_description",
+               "patient_species_description", "patient_breed_description")
+# index columns the labeler reads (a bulk relabel selects these)
+SOURCE_FIELDS = _CAT_FIELDS + ("patient_age", "patient_birth_date", "study_date")
 
 
 def parse_patient_age(value: Any) -> float | None:
-    """DICOM AS ('045Y', '006M', '010W', '020D') -> years."""
-    if not value:
+    """PatientAge in years: DICOM AS ('045Y', '006M', '010W', '020D') or a bare number of years ('51').
+
+    Only parses; plausibility (0-120 years) is the rule set's business (RuleSet._age).
+    """
+    if value is None or value == "":
         return None
     m = _AGE_RE.match(str(value).upper())
     if not m:
         return None
-    n, unit = int(m.group(1)), m.group(2)
-    return {"Y": float(n), "M": n / 12.0, "W": n * 7 / 365.25, "D": n / 365.25}[unit]
+    return float(m.group(1)) * _AGE_UNIT_YEARS[m.group(2) or "Y"]
 
 
 def _parse_da(value: Any) -> date | None:
+    if isinstance(value, date):
+        return value
     s = str(value or "").strip().replace(".", "").replace("-", "")
     if len(s) != 8 or not s.isdigit():
         return None
@@ -343,7 +526,8 @@ def compute_labels(fields: dict, rules: RuleSet) -> LabelResult:
     try:
         cached = rules._cache.get(key)
     except TypeError:  # an unhashable value (a multi-valued element): use its text
-        key = tuple(None if v is None else str(v) for v in key)
+        key = tuple(None if v is None else (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+                    for v in key)
         cached = rules._cache.get(key)
     if cached is None:
         cached = rules._categorical(key)
@@ -354,34 +538,96 @@ def compute_labels(fields: dict, rules: RuleSet) -> LabelResult:
     sources = dict(sources)
     conflicts = list(conflicts)
     age_key = (fields.get("patient_age"), fields.get("patient_birth_date"), fields.get("study_date"))
-    aged = rules._age_cache.get(age_key)
+    try:
+        aged = rules._age_cache.get(age_key)
+    except TypeError:
+        age_key = tuple(None if v is None else str(v) for v in age_key)
+        aged = rules._age_cache.get(age_key)
     if aged is None:
         aged = rules._age(dict(zip(("patient_age", "patient_birth_date", "study_date"), age_key)))
         if len(rules._age_cache) > 200_000:
             rules._age_cache.clear()
         rules._age_cache[age_key] = aged
-    age, age_src, age_conflict = aged
+    age, age_src, age_conflict, age_flags = aged
     if age is not None:
         sources["age_years"] = age_src
         sources["age_band"] = age_src
+    elif age_flags:
+        sources["age_years"] = "flag:" + "; ".join(age_flags)
+    if age_flags:
+        sources["age_flags"] = "; ".join(age_flags)
     if age_conflict:
         conflicts.append(age_conflict)
     return LabelResult(
         body_part=values["body_part"], view=values["view"], laterality=values["laterality"],
         sex=values["sex"], age_years=None if age is None else round(age, 3),
-        age_band=rules.age_band(age), sources=sources, conflicts=conflicts,
+        age_band=rules.age_band(age), species=values["species"], sources=sources, conflicts=conflicts,
     )
 
 
+def plausible_age_years(patient_age: Any, birth_date: Any = None, study_date: Any = None,
+                        rules: RuleSet | None = None) -> float | None:
+    """The age the labeler would give (None when implausible), for listings that show an age:
+    PatientAge as given, an age from the dates in whole years (as listings always showed it)."""
+    rules = rules or _builtin()
+    age, src, _, _ = rules._age({"patient_age": patient_age, "patient_birth_date": birth_date,
+                                 "study_date": study_date})
+    if age is None:
+        return None
+    return round(age, 3) if src == "tag:PatientAge" else float(math.floor(age))
+
+
+_BUILTIN: list[RuleSet] = []
+
+
+def _builtin() -> RuleSet:
+    if not _BUILTIN:
+        _BUILTIN.append(load_rules())
+    return _BUILTIN[0]
+
+
+# ----------------------------------------------------------------------------- loading and overlays
+def merge_overlay(base: dict, overlay: dict) -> dict:
+    """The built-in rules plus a site overlay: terms and tag values are added, nothing is removed.
+
+    Lists are extended (without duplicates), mappings merged key by key; `name`/`version` of the
+    overlay name the result (so its version differs from the built-in one).
+    """
+    out = copy.deepcopy(base)
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            elif isinstance(v, list) and isinstance(dst.get(k), list):
+                dst[k] = dst[k] + [x for x in v if x not in dst[k]]
+            else:
+                dst[k] = copy.deepcopy(v)
+
+    merge(out, {k: v for k, v in overlay.items() if k != "extends"})
+    out["name"] = str(overlay.get("name") or f"{base.get('name', 'builtin')}+site")
+    return out
+
+
 def load_rules(path: str | Path | None = None) -> RuleSet:
-    """Load a rules file (YAML or JSON); the built-in rules when no path is given."""
+    """Load a rules file (YAML or JSON); the built-in rules when no path is given.
+
+    A file with `extends: builtin` is a site overlay (validated, line-level errors; see
+    app.labels.overlay): its terms are added to the built-in rules.
+    """
     p = Path(path) if path else BUILTIN_RULES
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise RulesError(f"cannot read rules file {p}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RulesError(f"rules file {p} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise RulesError(f"rules file {p} must hold a mapping")
+    if data.get("extends") is not None:
+        from app.labels.overlay import apply_overlay_text
+
+        return apply_overlay_text(text, str(p))
     return RuleSet(data)

@@ -19,7 +19,7 @@ from app.labels.engine import RuleSet, compute_labels, load_rules
 log = logging.getLogger("radcohort.labels")
 
 LABEL_COLUMNS = ("label_body_part", "label_view", "label_laterality", "label_sex", "label_age_years",
-                 "label_age_band", "label_sources", "label_conflicts", "has_conflict")
+                 "label_age_band", "label_species", "label_sources", "label_conflicts", "has_conflict")
 
 _loaded: dict[tuple[str, float], RuleSet] = {}
 
@@ -74,9 +74,11 @@ def _fields_query():
     i, se, st, p = Instance.__table__.c, Series.__table__.c, Study.__table__.c, Patient.__table__.c
     cols = [
         i.id, i.modality, i.view_position, i.image_laterality, i.photometric_interpretation, i.sop_class_uid,
+        i.acquisition_device_processing_description,
         se.body_part_examined, se.laterality, se.series_description, se.protocol_name,
+        se.performed_procedure_step_description,
         st.study_date, st.study_description, st.requested_procedure_description, st.patient_age,
-        i.patient_sex, p.patient_birth_date,
+        i.patient_sex, p.patient_birth_date, p.patient_species_description, p.patient_breed_description,
         *[i[c] for c in LABEL_COLUMNS],
     ]
     return (select(*cols).select_from(Instance.__table__.join(Series.__table__, i.series_pk == se.id)
@@ -114,7 +116,7 @@ def relabel_all(session: Session, rules_file: str | Path | None = None, rules: R
             cur.execute("DROP TABLE IF EXISTS relabel_tmp")
             cur.execute("CREATE TEMP TABLE relabel_tmp (label_body_part varchar, label_view varchar, "
                         "label_laterality varchar, label_sex varchar, label_age_years double precision, "
-                        "label_age_band varchar, label_sources json, label_conflicts json, has_conflict boolean, "
+                        "label_age_band varchar, label_species varchar, label_sources json, label_conflicts json, has_conflict boolean, "
                         "id integer PRIMARY KEY) ON COMMIT DROP")
         while True:
             stmt = q.where(table.c.id > last_id).order_by(table.c.id).limit(batch_size)

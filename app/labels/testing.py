@@ -12,12 +12,15 @@ from app.db.models import Instance, Patient, Series, Study
 
 _counter = itertools.count(1)
 
-PATIENT_KEYS = ("patient_sex", "patient_birth_date", "patient_name")
+PATIENT_KEYS = ("patient_sex", "patient_birth_date", "patient_name", "patient_species_description",
+                "patient_breed_description")
 STUDY_KEYS = ("study_date", "study_description", "requested_procedure_description", "patient_age",
               "accession_number")
-SERIES_KEYS = ("body_part_examined", "series_description", "protocol_name", "laterality", "series_number")
+SERIES_KEYS = ("body_part_examined", "series_description", "protocol_name", "laterality", "series_number",
+               "performed_procedure_step_description")
 INSTANCE_KEYS = ("sop_class_uid", "view_position", "image_laterality", "photometric_interpretation", "rows",
-                 "columns", "bits_stored", "transfer_syntax_uid", "file_path", "file_size", "instance_number")
+                 "columns", "bits_stored", "transfer_syntax_uid", "file_path", "file_size", "instance_number",
+                 "acquisition_device_processing_description")
 
 
 def add_index_rows(session: Session, records: Iterable[dict], labeler: Callable[[dict], dict] | None = None
@@ -63,7 +66,7 @@ def add_index_rows(session: Session, records: Iterable[dict], labeler: Callable[
         )
         if labeler is not None:
             fields = {
-                "modality": inst.modality, **{k: getattr(patient, k) for k in ("patient_sex", "patient_birth_date")},
+                "modality": inst.modality, **{k: getattr(patient, k) for k in PATIENT_KEYS if k != "patient_name"},
                 **{k: getattr(study, k) for k in STUDY_KEYS}, **{k: getattr(series, k) for k in SERIES_KEYS},
                 **inst_fields,
             }

@@ -97,15 +97,19 @@ def test_sex_and_age(rules):
     assert parse_patient_age("006M") == 0.5
     assert parse_patient_age("026W") == pytest.approx(0.498, abs=1e-3)
     assert parse_patient_age("365D") == pytest.approx(0.999, abs=1e-3)
-    assert parse_patient_age("45") is None and parse_patient_age("") is None
+    # a bare number is years (research exports write PatientAge so); unreadable text is no age
+    assert parse_patient_age("45") == 45 and parse_patient_age("") is None and parse_patient_age("45X") is None
     assert age_from_dates("19860615", "20160614") == pytest.approx(29.997, abs=1e-3)
     assert age_from_dates("19860615", "20160615") == 30.0
     assert age_from_dates("20000101", "19990101") is None
     assert age_from_dates("2000-13-01", "20100101") is None
     r = compute_labels({"patient_birth_date": "19860615", "study_date": "20160614"}, rules)
     assert (r.age_band, r.sources["age_years"]) == ("20-29", "rule:birth_date+study_date")
-    r = compute_labels({"patient_age": "045Y", "patient_birth_date": "19000101", "study_date": "20150101"}, rules)
+    r = compute_labels({"patient_age": "045Y", "patient_birth_date": "19500615", "study_date": "20150101"}, rules)
     assert r.age_years == 45 and [c["label"] for c in r.conflicts] == ["age_years"]
+    # 19000101 is a placeholder birth date: no age from it, so no conflict with PatientAge either
+    r = compute_labels({"patient_age": "045Y", "patient_birth_date": "19000101", "study_date": "20150101"}, rules)
+    assert r.age_years == 45 and r.conflicts == [] and "placeholder" in r.sources["age_flags"]
 
 
 def test_configurable_bands_and_versions(tmp_path):
@@ -114,7 +118,7 @@ def test_configurable_bands_and_versions(tmp_path):
     assert base.version == RuleSet(yaml.safe_load(BUILTIN_RULES.read_text(encoding="utf-8"))).version
     data["age_bands"] = {"edges": [0, 18, 65]}
     custom = RuleSet(data)
-    assert custom.version != base.version and custom.version.startswith("builtin-1+")
+    assert custom.version != base.version and custom.version.startswith("builtin-2+")
     assert [custom.age_band(a) for a in (5, 18, 64.9, 80)] == ["0-17", "18-64", "18-64", "65+"]
     assert custom.age_bands() == ["0-17", "18-64", "65+"]
     path = tmp_path / "rules.yaml"
