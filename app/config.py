@@ -12,7 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """All radcohort configuration, from `RADCOHORT_*` environment variables and `.env`."""
 
-    model_config = SettingsConfigDict(env_prefix="RADCOHORT_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a start-up error must not print a token, key or database password
+    model_config = SettingsConfigDict(env_prefix="RADCOHORT_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     database_url: str = Field("sqlite:///./data/radcohort.db", description="SQLAlchemy URL")
     data_dir: Path = Field(Path("./data"), description="DICOM store, caches, model artifacts")
@@ -24,9 +26,24 @@ class Settings(BaseSettings):
     scp_tls_cert: Path | None = Field(None, description="PEM certificate (chain): the SCP speaks TLS only")
     scp_tls_key: Path | None = Field(None, description="PEM private key of scp_tls_cert")
     scp_tls_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed")
+    scp_handshake_timeout: float = Field(5.0, gt=0, description="seconds a new connection has to send its "
+                                         "A-ASSOCIATE-RQ (TLS handshake included) before it is closed")
+    scp_max_associations: int = Field(32, ge=1, description="associations of registered peers at once "
+                                      "(per SCP process); connections before the AE check do not count")
+    scp_max_pending_per_peer: int = Field(8, ge=1, description="connections not yet past the AE check per peer "
+                                          "address; a new one closes that address's oldest")
+    scp_max_pending: int = Field(256, ge=1, description="connections not yet past the AE check, all peers; "
+                                 "a new one closes the oldest")
+    scp_min_free_mb: int = Field(64, ge=0, description="refuse a C-STORE (0xA700) that would leave less free "
+                                 "space than this on the store's filesystem")
+    scp_partial_max_age_s: float = Field(300.0, gt=0, description="temp/partial receive files untouched this "
+                                         "long are removed by the SCP's periodic sweep")
+    health_min_free_mb: int = Field(1024, ge=0, description="/health reports storage not ok below this free space")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
-    api_tokens: str | None = Field(None, description="comma-separated bearer tokens")
+    api_tokens: str | None = Field(None, description="comma-separated bearer tokens: `token` (all scopes but the identified ones) or `name:token:scope1+scope2` (see app/tokens.py)")
+    api_max_body_kb: int = Field(1024, ge=1, description="largest request body of a JSON route, in KiB "
+                                 "(upload routes: predict_max_upload_mb)")
     pseudonym_key: str | None = Field(None, description="HMAC key; generated once in DATA_DIR")
     dicom_timeout: float = Field(30.0, gt=0, description="ACSE/DIMSE timeout in seconds")
     dicom_retries: int = Field(3, ge=0, description="retries for retriable DICOM errors")
@@ -67,9 +84,25 @@ class Settings(BaseSettings):
             raise ValueError("scp_tls_ca needs scp_tls_cert and scp_tls_key (client certificates need TLS)")
         return self
 
+    @field_validator("api_tokens")
+    @classmethod
+    def _api_tokens(cls, v: str | None) -> str | None:
+        from app.tokens import parse_tokens
+
+        parse_tokens(v)  # a clear start-up error for a malformed entry or an unknown scope
+        return v
+
     @property
     def tokens(self) -> list[str]:
-        return [t.strip() for t in (self.api_tokens or "").split(",") if t.strip()]
+        """The bearer secrets (plain and named entries alike)."""
+        return [t.secret.decode() for t in self.api_token_entries]
+
+    @property
+    def api_token_entries(self):
+        """Parsed tokens with their audit actor and scopes (app.tokens.ApiToken)."""
+        from app.tokens import parse_tokens
+
+        return parse_tokens(self.api_tokens)
 
     @property
     def store_dir(self) -> Path:

@@ -6,7 +6,7 @@ import importlib
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from app import __version__
 from app.api.deps import require_token
+from app.api.gate import Gate
 from app.config import Settings
 from app.context import AppContext
 from app.errors import RadcohortError
@@ -21,34 +22,8 @@ from app.errors import RadcohortError
 log = logging.getLogger("radcohort.api")
 
 # one module per resource under app/api/routes, each exposing `router`
-ROUTE_MODULES = ["pacs", "retrievals", "instances", "taxonomies", "cohorts", "training", "trained_models", "audit"]
-
-
-class _BodyLimit:
-    """413 {"detail"} for a request body over `limit`: from Content-Length, or counted as it arrives."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        detail = f"request body larger than the limit of {self.limit} bytes"
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:  # raised inside the route's body read: the API answers it
-                    raise HTTPException(status_code=413, detail=detail)
-            return message
-
-        await self.app(scope, counted, send)
+ROUTE_MODULES = ["pacs", "retrievals", "instances", "taxonomies", "cohorts", "training", "trained_models", "audit",
+                 "conflicts"]
 
 
 def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
@@ -89,9 +64,9 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
         @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_token)])
         def _docs():
             return get_swagger_ui_html(openapi_url="/openapi.json", title="radcohort API")
-    # refuse a body over the largest legitimate one (a /predict upload) before multipart parsing
-    # spools it to disk (FastAPI's own max_body_size answers in plain text, not {"detail"})
-    app.add_middleware(_BodyLimit, limit=settings.predict_max_upload_mb * 2**20 + 2**20)
+    # authentication, then the route's body limit, from the headers and before FastAPI reads or
+    # validates a byte of the body (app.api.gate)
+    app.add_middleware(Gate, settings=settings)
     app.state.ctx = ctx
 
     @app.exception_handler(RadcohortError)
@@ -136,8 +111,11 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
                 conn.execute(text("SELECT 1"))
         except Exception:  # noqa: BLE001 - health must answer whatever the DB does
             db_ok = False
-        return {"status": "ok" if db_ok else "degraded", "version": __version__, "database": db_ok,
-                "ae_title": settings.ae_title}
+        from app.dicom.store import storage_health  # free space of the DICOM store (settings.health_min_free_mb)
+
+        storage = storage_health(settings.store_dir, settings.health_min_free_mb)
+        return {"status": "ok" if db_ok and storage["ok"] else "degraded", "version": __version__,
+                "database": db_ok, "storage": storage, "ae_title": settings.ae_title}
 
     for name in ROUTE_MODULES:
         module = importlib.import_module(f"app.api.routes.{name}")
