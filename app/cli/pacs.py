@@ -130,31 +130,39 @@ def register(cli: typer.Typer) -> None:
              level: str = typer.Option("STUDY", help="PATIENT, STUDY, SERIES or IMAGE"),
              root: str = typer.Option("study", help="study or patient (PATIENT level needs patient)"),
              query: list[str] = QUERY_OPT,
+             identified: bool = typer.Option(False, "--identified",
+                                             help="allow identifying matching keys (PatientName, PatientID, "
+                                                  "birth date, accession number ...); audited"),
              as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
-        """C-FIND; patient identifiers are withheld (a pseudonymous patient_key is shown instead)."""
+        """C-FIND; identifying attributes are withheld (a pseudonymous patient_key is shown instead), and
+        matching on one needs --identified (the search is then audited)."""
         from rich.console import Console
         from rich.table import Table
 
-        from app.cohorts.service import patient_key
-        from app.dicom.queries import PATIENT_IDENTIFIERS, result_to_dict
+        from app import audit
+        from app.db.base import session_scope
         from app.dicom.scu import DicomClient
         from app.errors import RadcohortError
+        from app.find_policy import answer_row, identifying_match_keys
 
         q = _parse_query(query)
+        keys = identifying_match_keys(q)
+        if keys and not identified:
+            _fail(f"matching on {', '.join(keys)} identifies a patient: pass --identified to search on it "
+                  "(the search is audited; answers still withhold identifiers)", code=2)
         ctx = _ctx()
         try:
-            res = DicomClient(ctx.settings, _node(ctx, node)).find(level, q, root=root)
+            pacs = _node(ctx, node)
+            if keys:  # committed before the query: the attempt is on record even if the PACS fails
+                with session_scope(ctx.sessions) as s:
+                    audit.record(s, ACTOR, "pacs.find_identified", node, level=level, keys=keys)
+            res = DicomClient(ctx.settings, pacs).find(level, q, root=root)
             key = ctx.settings.get_pseudonym_key()
         except RadcohortError as exc:
             _fail(exc.message)
         finally:
             ctx.close()
-        rows = []
-        for ds in res.results:
-            item = result_to_dict(ds, withhold=PATIENT_IDENTIFIERS)
-            if ds.get("PatientID"):
-                item["patient_key"] = patient_key(key, str(ds.PatientID), str(ds.get("IssuerOfPatientID", "") or ""))
-            rows.append(item)
+        rows = [answer_row(ds, key) for ds in res.results]
         if as_json:
             for item in rows:
                 typer.echo(json.dumps(item, ensure_ascii=False))

@@ -15,6 +15,29 @@ def _check_ae_title(v: str) -> str:
     return v
 
 
+def check_host(v: str) -> str:
+    """An IP address or a host name the socket layer can encode (IDNA: labels of 1-63 characters)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(v)
+        return v
+    except ValueError:
+        pass
+    if ":" in v:
+        raise ValueError(f"host {v!r}: ':' only in an IPv6 address")
+    if len(v.rstrip(".")) > 253:
+        raise ValueError("host: a host name has at most 253 characters")
+    for label in v.rstrip(".").split("."):
+        if not 1 <= len(label) <= 63:
+            raise ValueError(f"host {v!r}: each dot-separated label must have 1-63 characters")
+    try:
+        v.encode("idna")
+    except UnicodeError as exc:
+        raise ValueError(f"host {v!r}: not a valid host name ({exc})") from None
+    return v
+
+
 class NodeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -32,6 +55,11 @@ class NodeIn(BaseModel):
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return check_host(v)
 
 
 class NodeOut(BaseModel):

@@ -77,11 +77,14 @@ def test_find_returns_results_without_patient_identifiers(client, orthanc, tmp_p
     assert "PatientName" not in item and "PatientID" not in item
     assert "PatientName" in body["withheld"]
     assert len(item["patient_key"]) == 64 and "P0" not in r.text and "Test^Patient" not in r.text
-    # patient root, PATIENT level
+    # patient root, PATIENT level; matching on PatientID needs the find-identified scope (test_auth_find)
+    r = client.post("/api/v1/pacs-nodes/pacs/find", json={"level": "PATIENT", "root": "patient",
+                                                          "query": {"PatientID": "", "PatientSex": ""}})
+    assert r.status_code == 200 and r.json()["count"] == 2
+    assert "P1" not in r.text and "P0" not in r.text
     r = client.post("/api/v1/pacs-nodes/pacs/find", json={"level": "PATIENT", "root": "patient",
                                                           "query": {"PatientID": "P1"}})
-    assert r.status_code == 200 and r.json()["count"] == 1
-    assert "P1" not in r.text
+    assert r.status_code == 403 and r.json()["detail"][0]["loc"] == ["body", "query", "PatientID"]
 
 
 @pytest.mark.parametrize("body, needle", [

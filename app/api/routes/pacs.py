@@ -1,28 +1,44 @@
 """PACS nodes: register, list, delete, C-ECHO and C-FIND (thin: parse -> service -> schema).
 
-Find results never carry patient identifiers (PatientName, PatientID, ...): they are withheld and
-replaced by `patient_key`, the same HMAC pseudonym the cohort exports use.
+Find results never carry patient identifiers (PatientName, PatientID, birth date, accession number
+...): they are withheld and replaced by `patient_key`, the same HMAC pseudonym the cohort exports
+use; matching on one needs the `find-identified` scope (app.find_policy).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import event
 
-from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep
+from app import audit
+from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep, has_scope
+from app.db.base import session_scope
+from app.find_policy import IDENTIFIED_SCOPE, WITHHELD, answer_row, identifying_match_keys, refusal_detail
 from app.policy import service as policy
 from app.policy.schema import NodePatch, NodeSettingsOut, ProbeOut
 from app.probe.service import probe_and_store, probe_in_background
-from app.cohorts.service import patient_key
-from app.dicom.queries import PATIENT_IDENTIFIERS, result_to_dict
 from app.dicom.scu import DicomClient
 from app.retrievals import nodes
-from app.retrievals.schemas import EchoOut, FindIn, FindOut, NodeIn, NodeOut
+from app.errors import PermanentDicomError
+from app.retrievals.schemas import EchoOut, FindIn, FindOut, NodeIn, NodeOut, check_host
 
 router = APIRouter(prefix="/pacs-nodes", tags=["pacs"])
 
 _ERRORS = {404: {"description": "unknown node"}, 502: {"description": "the PACS refused or failed"},
            504: {"description": "the PACS is unreachable or timed out"}}
+
+
+def _gateway(name: str, node, call):
+    """Run a DICOM call on `node`; a stored host that cannot be encoded (registered before the schema
+    checked it: 'a..b', a 64+ character label) is a clear 502, not a UnicodeError 500."""
+    try:
+        check_host(node.host)
+    except ValueError as exc:
+        raise PermanentDicomError(f"node {name}: {exc}; register the node again with a valid host") from None
+    try:
+        return call()
+    except UnicodeError as exc:  # IDNA encoding inside the socket layer
+        raise PermanentDicomError(f"node {name}: host {node.host!r} cannot be encoded ({exc})") from None
 
 
 @router.post("", status_code=201, response_model=NodeOut, responses={409: {"description": "duplicate name"}})
@@ -58,23 +74,29 @@ def echo(name: str, session: SessionDep, settings: SettingsDep):
     node = nodes.get_node(session, name)
     # interactive: at most one retry, so an unreachable node answers in seconds, not minutes
     client = DicomClient(settings, node, retries=min(settings.dicom_retries, 1))
-    return EchoOut(ok=True, elapsed_ms=round(client.echo(), 2))
+    return EchoOut(ok=True, elapsed_ms=round(_gateway(name, node, client.echo), 2))
 
 
-@router.post("/{name}/find", response_model=FindOut, responses=_ERRORS)
-def find(name: str, body: FindIn, session: SessionDep, settings: SettingsDep):
-    """C-FIND on the node. PatientName/PatientID and other identifiers are withheld from results."""
+@router.post("/{name}/find", response_model=FindOut,
+             responses={**_ERRORS, 403: {"description": "an identifying matching key without the scope "
+                                                        "'find-identified' (field-level detail)"}})
+def find(name: str, body: FindIn, request: Request, session: SessionDep, settings: SettingsDep, actor: ActorDep,
+         ctx: CtxDep):
+    """C-FIND on the node, pseudonymous: identifying attributes (PatientName, PatientID, birth date,
+    accession number, other IDs ...) are never in an answer, and matching on one needs a token with the
+    scope `find-identified`; such a search is audited (key names, never their values)."""
     node = nodes.get_node(session, name)
-    res = DicomClient(settings, node).find(body.level, body.query, root=body.root)
+    identifying = identifying_match_keys(body.query)
+    if identifying:
+        if not has_scope(request, IDENTIFIED_SCOPE):
+            raise HTTPException(status_code=403, detail=refusal_detail(identifying))
+        # committed on its own, before the query: the attempt is on record even if the PACS fails
+        with session_scope(ctx.sessions) as s:
+            audit.record(s, actor, "pacs.find_identified", name, level=body.level, keys=identifying)
+    res = _gateway(name, node, lambda: DicomClient(settings, node).find(body.level, body.query, root=body.root))
     key = settings.get_pseudonym_key()
-    results = []
-    for ds in res.results:
-        item = result_to_dict(ds, withhold=PATIENT_IDENTIFIERS)
-        pid = str(ds.get("PatientID", "") or "")
-        if pid:  # the same pseudonym as the cohort manifests
-            item["patient_key"] = patient_key(key, pid, str(ds.get("IssuerOfPatientID", "") or ""))
-        results.append(item)
-    return FindOut(results=results, count=len(results), capped=res.capped, withheld=sorted(PATIENT_IDENTIFIERS))
+    results = [answer_row(ds, key) for ds in res.results]
+    return FindOut(results=results, count=len(results), capped=res.capped, withheld=sorted(WITHHELD))
 
 
 def _settings_out(node) -> NodeSettingsOut:
@@ -103,7 +125,7 @@ def probe_node(name: str, session: SessionDep, settings: SettingsDep, actor: Act
     """Probe the node (C-ECHO, C-FIND levels/models and result cap, C-GET, storage syntaxes, a test
     C-MOVE of one instance to our AE) and keep the findings; the planner uses them."""
     node = nodes.get_node(session, name)
-    out = probe_and_store(session, settings, node, actor)
+    out = _gateway(name, node, lambda: probe_and_store(session, settings, node, actor))
     if not out["capabilities"].get("echo", {}).get("ok"):
         from app.errors import RetriableDicomError
 
