@@ -265,3 +265,30 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str | None] = mapped_column(String(128))
     details: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+# ---------------------------------------------------------------- store conflicts
+class StoreConflict(Base):
+    """A received copy that contradicts the index (a known SOP Instance UID with other content or
+    under another study/series, or a known study under another patient): kept aside under the
+    store's .conflicts/ folder, never indexed. Patient identity only as HMAC pseudonyms."""
+
+    __tablename__ = "store_conflicts"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "received_sha256", name="uq_store_conflicts_copy"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(32))  # sop_content|sop_study|sop_series|study_patient
+    received_sha256: Mapped[str] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(String(512))  # relative to the store root (.conflicts/...)
+    file_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    source_node: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    patient_key: Mapped[str | None] = mapped_column(String(64))  # pseudonym of the received copy's patient
+    existing_study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    existing_series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    existing_sha256: Mapped[str | None] = mapped_column(String(64))
+    existing_patient_key: Mapped[str | None] = mapped_column(String(64))
+    existing_source_node: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

@@ -6,7 +6,16 @@ It answers Success (0x0000) only when the file is on disk AND the sink (the inde
 - 0xA700 out of resources: the file could not be written (OSError: disk full, read-only, ...)
 - 0xA701 out of resources: the file is on disk but the sink failed (index/DB down); a resend
   is idempotent and completes the index row
-- 0xC210 cannot understand: the dataset could not be parsed
+- 0xA700 also when the store's filesystem has less than settings.scp_min_free_mb free (checked
+  before writing, and at the start of a chunked receive) or a write fails with ENOSPC mid-stream
+- 0xA900 data set does not match SOP class: native Pixel Data whose length is not what Rows x
+  Columns x SamplesPerPixel x BitsAllocated x NumberOfFrames declares, or encapsulated Pixel Data
+  without fragments (never stored, never indexed as an image)
+- 0xB000 warning: a known SOP Instance UID with other content (or a new instance of a known study
+  under another patient): the copy is kept aside under .conflicts/ and listed by /api/v1/conflicts,
+  never filed under the index's instance or patient (see STATUS_CONFLICT)
+- 0xC210 cannot understand: the dataset could not be parsed under the negotiated transfer syntax
+  (implicit VR on an explicit-VR context, garbage after the dataset, truncation)
 - 0xC212 cannot understand: a Study/Series/SOP Instance UID is not a valid UID (or is missing)
 - 0xC213 cannot understand: the dataset's SOP Instance UID differs from the request's
 
@@ -21,14 +30,17 @@ that wires the PacsNode lookup and the index (imported lazily) around them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import queue
+import tempfile
 import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -40,7 +52,8 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom import uid as _uid
 
-from app.dicom.store import DicomStore, StoredFile, file_meta_end, parse_header, validate_uid
+from app.dicom.store import (DicomStore, PixelDataMismatch, StoredFile, dataset_sha256, file_meta_end, parse_header,
+                             part10_sha256, validate_uid)
 from app.errors import InvalidInput
 
 log = logging.getLogger("radcohort.scp")
@@ -110,9 +123,27 @@ STATUS_SINK_FAILED = 0xA701
 STATUS_MALFORMED = 0xC210
 STATUS_INVALID_UID = 0xC212
 STATUS_UID_MISMATCH = 0xC213
+STATUS_NOT_IMAGE = 0xA900  # Storage "Data Set does not match SOP Class": the pixels are not the declared image
+# A conflicting copy (known SOP Instance UID, other content; or a known study under another patient) is
+# kept aside, not stored as that instance. 0xB000 ("Coercion of Data Elements") is the Storage service's
+# own warning: a warning, not a failure, because the data *was* kept (a failure would make the PACS resend
+# a copy it cannot change, forever) and every sender (dcmtk, Orthanc, pynetdicom) reports a 0xBxxx warning
+# to its user instead of counting the instance as cleanly stored. The conflicts table says what happened.
+STATUS_CONFLICT = 0xB000
 
 Sink = Callable[[StoredFile, Dataset], None]
 NodeFor = Callable[[str, str], "str | None"]
+ConflictRecorder = Callable[[dict], None]
+
+
+class StoreConflict(Exception):
+    """Raised by a sink (the index) that refuses an instance because it contradicts what is indexed:
+    `reason` is sop_study, sop_series, sop_patient, sop_content or study_patient. `recorder` (optional)
+    records the conflict (the IndexBatcher's record_conflict)."""
+
+    def __init__(self, reason: str, recorder: ConflictRecorder | None = None, existing: dict | None = None):
+        super().__init__(reason)
+        self.reason, self.recorder, self.existing = reason, recorder, existing or {}
 
 
 def storage_presentation_contexts():
@@ -120,18 +151,25 @@ def storage_presentation_contexts():
     return [build_context(c, ts) for c, ts in STORAGE_CONTEXTS]
 
 
-def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None = None):
+def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None = None, *,
+                       conflicts: ConflictRecorder | None = None, min_free_bytes: int = 0):
     """An EVT_C_STORE handler: header parse -> atomic raw write -> sink -> status.
 
     The sink gets the StoredFile and the header Dataset (no pixel data) with
-    `file_meta` set and, when `node_for` names the peer, `header.source_node`
-    (not a DICOM element: an attribute for the sink). The sink must raise to fail the store.
+    `file_meta` set, `header.content_sha256` (SHA-256 of the dataset bytes) and, when `node_for`
+    names the peer, `header.source_node` (not DICOM elements: attributes for the sink). The sink
+    must raise to fail the store, or raise StoreConflict to have the copy kept aside.
+    `conflicts` records a conflict (else the StoreConflict's recorder; else it is only logged).
     """
 
     def handle_store(event) -> int:
         req = event.request
         ts = str(event.context.transfer_syntax)
         chunked = getattr(req, "_dataset_path", None)
+        incoming = getattr(req, "_dataset_file", None)
+        if getattr(incoming, "failed", None):  # the chunked receive could not be written
+            log.error("C-STORE %s: not stored, %s", _safe(req.AffectedSOPInstanceUID), incoming.failed)
+            return STATUS_WRITE_FAILED
         try:
             if chunked is not None:
                 src: object = Path(chunked if not isinstance(chunked, tuple) else chunked[0])
@@ -140,6 +178,9 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
             else:
                 src, offset = req.DataSet, 0
             header = parse_header(src, ts, offset)  # type: ignore[arg-type]
+        except PixelDataMismatch as exc:
+            log.warning("C-STORE %s: refused, not the declared image (%s)", _safe(req.AffectedSOPInstanceUID), exc)
+            return STATUS_NOT_IMAGE
         except Exception as exc:  # noqa: BLE001 - any parse failure means we cannot understand it
             log.warning("C-STORE %s: malformed dataset (%s)", _safe(req.AffectedSOPInstanceUID), type(exc).__name__)
             return STATUS_MALFORMED
@@ -159,8 +200,14 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
             log.warning("C-STORE %s: dataset SOP Instance UID differs from the request", sop)
             return STATUS_UID_MISMATCH
         file_meta = event.file_meta
+        same_fs = chunked is not None and _same_fs(src, store.root)  # type: ignore[arg-type]
         try:
-            if chunked is not None and _same_fs(src, store.root):  # type: ignore[arg-type]
+            if min_free_bytes and not same_fs:  # a chunked receive is on this disk already (checked at its start)
+                size = req.DataSet.getbuffer().nbytes if chunked is None else os.path.getsize(src)  # type: ignore
+                if store.free_bytes() - size < min_free_bytes:
+                    log.error("C-STORE %s: refused, less than %d MB free in the store", sop, min_free_bytes >> 20)
+                    return STATUS_WRITE_FAILED
+            if same_fs:
                 stored = store.adopt(study, series, sop, src, ts)  # type: ignore[arg-type]
             else:
                 stored = store.write_raw(study, series, sop, file_meta, src, offset)  # type: ignore[arg-type]
@@ -168,18 +215,60 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
             log.warning("C-STORE refused: %s", exc.message)
             return STATUS_INVALID_UID
         except OSError as exc:
-            log.error("C-STORE %s: write failed: %s", sop, exc)
+            log.error("C-STORE %s: write failed: %s", sop, errno.errorcode.get(exc.errno or 0, type(exc).__name__))
             return STATUS_WRITE_FAILED
         header.file_meta = file_meta
+        assoc = event.assoc
+        peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+        header.source_node = None
         if node_for is not None:
-            assoc = event.assoc
-            peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
             try:
                 header.source_node = node_for(peer.ae_title, peer.address)
             except Exception:  # noqa: BLE001 - the source name is informative only
-                header.source_node = None
+                pass
+
+        def aside(reason: str, recorder: ConflictRecorder | None, existing: dict, moved: bool) -> int:
+            """Keep the received copy under .conflicts/ and record it: never dropped, never indexed."""
+            try:
+                if moved:  # the copy was stored under its UID path before the index refused it
+                    rel, size = store.move_aside(stored.relpath, sop, sha)
+                else:
+                    rel, size = store.keep_aside(sop, sha, file_meta, src, offset)  # type: ignore[arg-type]
+            except OSError as exc:
+                log.error("C-STORE %s: conflicting copy could not be kept: %s", sop, type(exc).__name__)
+                return STATUS_WRITE_FAILED
+            details = {"sop_instance_uid": sop, "study_instance_uid": study, "series_instance_uid": series,
+                       "reason": reason, "received_sha256": sha, "file_path": rel, "file_size": size,
+                       "source_node": header.source_node, "calling_ae": str(peer.ae_title).strip()[:16],
+                       "patient_id": str(header.get("PatientID", "") or ""),
+                       "issuer": str(header.get("IssuerOfPatientID", "") or ""), **existing}
+            log.warning("C-STORE %s: conflicts with the index (%s): kept aside as %s", sop, reason, rel)
+            rec = conflicts or recorder
+            if rec is None:
+                return STATUS_CONFLICT
+            try:
+                rec(details)
+            except Exception as exc:  # noqa: BLE001 - kept but not recorded: the sender must know
+                log.error("C-STORE %s: conflict not recorded: %s", sop, type(exc).__name__)
+                return STATUS_SINK_FAILED
+            return STATUS_CONFLICT
+
+        if stored.existed:  # a file for this UID path is there: the same copy, or another one
+            try:
+                sha = dataset_sha256(src, offset)  # type: ignore[arg-type]
+                existing_sha = part10_sha256(store.path(stored.relpath))
+            except (OSError, ValueError) as exc:
+                log.error("C-STORE %s: cannot compare with the stored copy: %s", sop, type(exc).__name__)
+                return STATUS_WRITE_FAILED
+            if sha != existing_sha:
+                return aside("sop_content", None, {"existing_sha256": existing_sha}, moved=False)
+        else:
+            sha = stored.sha256 or dataset_sha256(src, offset)  # type: ignore[arg-type]
+        header.content_sha256 = sha
         try:
             sink(stored, header)
+        except StoreConflict as exc:
+            return aside(exc.reason, exc.recorder, exc.existing, moved=not stored.existed)
         except Exception as exc:  # noqa: BLE001 - any sink failure means the data is not indexed
             log.error("C-STORE %s: stored but not indexed: %s", sop, type(exc).__name__)
             return STATUS_SINK_FAILED
@@ -208,10 +297,11 @@ class IndexBatcher:
     each store commits alone; with several associations, concurrent stores share commits.
     """
 
-    def __init__(self, sessions, labeler=None, max_batch: int = 256):
+    def __init__(self, sessions, labeler=None, max_batch: int = 256, pseudonym_key: bytes | None = None):
         self.sessions = sessions
         self.labeler = labeler
         self.max_batch = max_batch
+        self.pseudonym_key = pseudonym_key  # conflicts name patients by pseudonym only (None: not at all)
         from app.index.ingest import IngestCache
 
         self.cache = IngestCache()
@@ -256,14 +346,13 @@ class IndexBatcher:
                     break
                 batch.append(nxt)
             try:
-                self._commit([r for r, _ in batch], ingest)
-                for _, fut in batch:
-                    fut.set_result(True)
+                res = self._commit([r for r, _ in batch], ingest)
+                for rec, fut in batch:
+                    self._settle(fut, rec, res)
             except Exception:  # noqa: BLE001 - retry one by one so one bad record fails alone
                 for rec, fut in batch:
                     try:
-                        self._commit([rec], ingest)
-                        fut.set_result(True)
+                        self._settle(fut, rec, self._commit([rec], ingest))
                     except Exception as exc:  # noqa: BLE001
                         fut.set_exception(exc)
             if self._stop.is_set() and self._q.empty():
@@ -277,16 +366,79 @@ class IndexBatcher:
             if item is not None:
                 item[1].set_exception(RuntimeError("index batcher stopped"))
 
-    def _commit(self, records: list[dict], ingest) -> None:
+    def _settle(self, fut: Future, rec: dict, res) -> None:
+        reason = res.conflicts.get(rec["sop_instance_uid"])
+        if reason is None:
+            fut.set_result(True)
+        else:  # the index refused it: the handler keeps the copy aside and records it here
+            fut.set_exception(StoreConflict(reason, self.record_conflict))
+
+    def record_conflict(self, details: dict) -> None:
+        """Record a kept-aside copy (StoreConflict row + audit event), with what the index holds.
+
+        `details` may carry patient_id/issuer: turned into a pseudonym here, never stored or logged."""
+        from sqlalchemy import select
+
+        from app import audit
+        from app.db.models import Instance, Patient, Series, Study
+        from app.db.models import StoreConflict as ConflictRow
+
+        d = dict(details)
+        pid, issuer = d.pop("patient_id", None), d.pop("issuer", "")
+        sop = d["sop_instance_uid"]
+        session = self.sessions()
+        try:
+            existing = session.execute(
+                select(Study.study_instance_uid, Series.series_instance_uid, Patient.patient_id, Patient.issuer,
+                       Instance.source_node)
+                .select_from(Instance).join(Study, Instance.study_pk == Study.id)
+                .join(Series, Instance.series_pk == Series.id).join(Patient, Instance.patient_pk == Patient.id)
+                .where(Instance.sop_instance_uid == sop)).first()
+            owner = None
+            if existing is None:  # a new instance of a known study: the study's owner
+                owner = session.execute(select(Patient.patient_id, Patient.issuer).join(
+                    Study, Study.patient_pk == Patient.id).where(
+                    Study.study_instance_uid == d["study_instance_uid"])).first()
+            else:
+                d.setdefault("existing_study_instance_uid", existing[0])
+                d.setdefault("existing_series_instance_uid", existing[1])
+                d.setdefault("existing_source_node", existing[4])
+                owner = existing[2:4]
+            if self.pseudonym_key is not None:
+                from app.cohorts.service import patient_key
+
+                if pid is not None:
+                    d["patient_key"] = patient_key(self.pseudonym_key, pid, issuer)
+                if owner is not None:
+                    d["existing_patient_key"] = patient_key(self.pseudonym_key, owner[0], owner[1])
+            cols = {c.name for c in ConflictRow.__table__.columns}
+            known = session.scalar(select(ConflictRow.id).where(ConflictRow.sop_instance_uid == sop,
+                                                                ConflictRow.received_sha256 == d["received_sha256"]))
+            if known is None:  # the same copy sent again is one conflict
+                row = ConflictRow(**{k: v for k, v in d.items() if k in cols})
+                session.add(row)
+                session.flush()
+                audit.record(session, f"scp:{d.get('source_node') or d.get('calling_ae') or '?'}",
+                             "dicom.conflict", sop, conflict_id=row.id, reason=d["reason"],
+                             study_instance_uid=d["study_instance_uid"], file_path=d["file_path"])
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def _commit(self, records: list[dict], ingest):
         session = self.sessions()
         try:
             if session.get_bind().dialect.name == "sqlite":
                 # take the write lock first: a read-then-write transaction that loses a race with
                 # another SCP process gets SQLITE_BUSY at once instead of waiting its turn
                 session.connection().exec_driver_sql("BEGIN IMMEDIATE")
-            ingest(session, records, labeler=self.labeler, cache=self.cache)
+            res = ingest(session, records, labeler=self.labeler, cache=self.cache)
             session.commit()
             self.cache.commit()
+            return res
         except BaseException:
             session.rollback()
             self.cache.clear()  # a failure may come from a stale id: look everything up again
@@ -295,15 +447,91 @@ class IndexBatcher:
             session.close()
 
 
-def enable_chunked_receive(store: DicomStore) -> None:
-    """Stream received datasets to files in the store's .incoming dir instead of memory (huge
-    instances), then move them into place. Process-wide: pynetdicom's flag and tempfile's dir."""
-    import tempfile
+class _IncomingFile:
+    """pynetdicom's chunked-receive temp file (it calls NamedTemporaryFile) made safe for a full disk.
 
-    from pynetdicom import _config
+    Checks the free space when a dataset starts to arrive; a write that fails (ENOSPC) empties the
+    file, marks it `failed` and swallows the rest of the dataset, so pynetdicom finishes the message
+    and our handler answers 0xA700 instead of pynetdicom aborting the association (what a PACS
+    reports as 0xC000). Unbuffered: what is written is on disk, no buffer can fail later at close."""
+
+    min_free_bytes = 0
+    store: DicomStore | None = None
+
+    def __init__(self, *args, **kwargs):
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=kwargs.get("dir"))
+        self._fd: int | None = fd
+        self.name = name
+        self.file = self  # pynetdicom flushes `.file`
+        self.failed: str | None = None
+        store = _IncomingFile.store
+        if store is not None and _IncomingFile.min_free_bytes:
+            try:
+                if store.free_bytes() < _IncomingFile.min_free_bytes:
+                    self.failed = f"less than {_IncomingFile.min_free_bytes >> 20} MB free in the store"
+            except OSError:
+                pass
+
+    def write(self, data) -> int:
+        n = len(data)
+        if self.failed or self._fd is None:
+            return n
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.failed = f"write failed: {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}"
+            try:
+                os.ftruncate(self._fd, 0)  # give the space back at once
+            except OSError:
+                pass
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Close and remove (an aborted or stalled receive)."""
+        self.close()
+        try:
+            os.unlink(self.name)
+        except FileNotFoundError:
+            pass
+
+
+def discard_partial_receive(assoc) -> None:
+    """Remove the chunked-receive files of an association that ended: the dataset it was receiving
+    and complete ones queued for a handler that will never run. Files a handler is working on are
+    not touched (pynetdicom removes those after the handler)."""
+    dimse = getattr(assoc, "dimse", None)
+    msg = getattr(dimse, "message", None)
+    f = getattr(msg, "_data_set_file", None)
+    if isinstance(f, _IncomingFile):
+        f.discard()
+    q = getattr(dimse, "msg_queue", None)
+    if q is not None:
+        for _cx, prim in list(q.queue):
+            f = getattr(prim, "_dataset_file", None)
+            if isinstance(f, _IncomingFile):
+                f.discard()
+
+
+def enable_chunked_receive(store: DicomStore, min_free_bytes: int = 0) -> None:
+    """Stream received datasets to files in the store's .incoming dir instead of memory (huge
+    instances), then move them into place. Process-wide: pynetdicom's flag, its temp file factory
+    and tempfile's dir."""
+    from pynetdicom import _config, dimse_messages
 
     store.incoming_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(store.incoming_dir)
+    _IncomingFile.store, _IncomingFile.min_free_bytes = store, min_free_bytes
+    dimse_messages.NamedTemporaryFile = _IncomingFile  # type: ignore[attr-defined]
     _config.STORE_RECV_CHUNKED_DATASET = True
 
 
@@ -349,10 +577,14 @@ class StorageSCP:
         if labeler is None and load_labels:
             labeler = load_labeler(ctx.sessions, self.settings.label_rules)
         self._labeler = labeler
-        self.batcher = IndexBatcher(ctx.sessions, self._labeler)
+        self.batcher = IndexBatcher(ctx.sessions, self._labeler, pseudonym_key=self.settings.get_pseudonym_key())
         self._server = None
         self._node_cache: dict[tuple[str, str], tuple[float, str | None]] = {}
         self._cache_lock = threading.Lock()
+        s = self.settings
+        self.admission = Admission(s.scp_max_associations, s.scp_max_pending, s.scp_max_pending_per_peer)
+        self._sweeper: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def port(self) -> int:
@@ -398,6 +630,21 @@ class StorageSCP:
             # rejected-permanent, service-user, calling AE title not recognised
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()  # as pynetdicom's own negotiation does: lets the DUL send the A-ASSOCIATE-RJ
+            return
+        if not self.admission.accept(assoc):
+            log.warning("association from %r at %s rejected: %d associations already", calling, host,
+                        self.settings.scp_max_associations)
+            # rejected-transient, service-provider (presentation), local limit exceeded: retry later
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            assoc.kill()
+            return
+        # a registered peer: from now on the ordinary DICOM timeouts apply, not the handshake deadline
+        assoc.acse_timeout = self.settings.dicom_timeout
+        try:
+            assoc.dul.socket.socket.settimeout(assoc.ae.network_timeout)
+        except (AttributeError, OSError):
+            pass
+        _prefer_requestor_syntaxes(assoc)
 
     def _sink(self, stored: StoredFile, header: Dataset) -> None:
         from app.index.extract import extract_record
@@ -411,10 +658,15 @@ class StorageSCP:
     def make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
-        ae.acse_timeout = self.settings.dicom_timeout
+        # until the AE check passes a connection has scp_handshake_timeout to send its A-ASSOCIATE-RQ
+        # (_on_requested then gives it dicom_timeout)
+        ae.acse_timeout = self.settings.scp_handshake_timeout
         ae.dimse_timeout = self.settings.dicom_timeout
         ae.network_timeout = max(60.0, self.settings.dicom_timeout)
-        ae.maximum_associations = 32
+        # pynetdicom counts every connection's thread, before its AE title is known: 32 silent sockets
+        # locked registered senders out. Admission enforces our limits (registered associations,
+        # pending connections per peer); pynetdicom's count is only a far backstop.
+        ae.maximum_associations = 16 * (self.settings.scp_max_associations + self.settings.scp_max_pending)
         for ctx in storage_presentation_contexts():
             ae.add_supported_context(ctx.abstract_syntax, ctx.transfer_syntax)
         ae.add_supported_context(Verification)
@@ -443,12 +695,36 @@ class StorageSCP:
         ctx.sslsocket_class = _PduGuardSSLSocket  # the PDU guard reads the decrypted stream
         return ctx
 
+    def _on_conn_close(self, event) -> None:
+        self.admission.closed(event.assoc)
+        discard_partial_receive(event.assoc)
+
     def _handlers(self):
         return [
             (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_STORE, make_store_handler(self.store, self._sink, self.node_for)),
+            (evt.EVT_CONN_OPEN, lambda event: self.admission.opened(event.assoc)),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_ABORTED, lambda event: discard_partial_receive(event.assoc)),
+            (evt.EVT_C_STORE, make_store_handler(self.store, self._sink, self.node_for,
+                                                 conflicts=self.batcher.record_conflict,
+                                                 min_free_bytes=self.settings.scp_min_free_mb * 2**20)),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
         ]
+
+    def sweep(self) -> int:
+        """Remove partial receive files older than settings.scp_partial_max_age_s (also while running)."""
+        n = self.store.sweep_partials(self.settings.scp_partial_max_age_s)
+        if n:
+            log.warning("removed %d stale partial file(s) from the store", n)
+        return n
+
+    def _sweep_loop(self) -> None:
+        interval = min(60.0, max(1.0, self.settings.scp_partial_max_age_s / 4))
+        while not self._stopping.wait(interval):
+            try:
+                self.sweep()
+            except OSError as exc:
+                log.error("partial-file sweep failed: %s", type(exc).__name__)
 
     def start(self, channel: socket.socket | None = None) -> "StorageSCP":
         """Start serving in background threads (returns at once).
@@ -461,13 +737,17 @@ class StorageSCP:
         if channel is None:  # a dispatched child shares the store with its siblings: the parent cleans
             self.store.clean_temp()
         if self.chunked:
-            enable_chunked_receive(self.store)
+            enable_chunked_receive(self.store, self.settings.scp_min_free_mb * 2**20)
         self.batcher.start()
+        self._stopping.clear()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="scp-sweep", daemon=True)
+        self._sweeper.start()
         ae = self.make_ae()
         address = (self.settings.scp_host, self._port)
         if channel is None:
             self._server = ae.make_server(address, evt_handlers=self._handlers(), server_class=_TimedServer)
             self._server.tls_context = tls
+            self._server.admission = self.admission
             ae._servers.append(self._server)  # as start_server does: shutdown() removes it
             threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True).start()
         else:
@@ -475,6 +755,7 @@ class StorageSCP:
                                           server_class=_HandoffServer)
             self._server.server_address = address
             self._server.tls_context = tls
+            self._server.admission = self.admission
             threading.Thread(target=_serve_handoffs, args=(self._server, channel), name="scp-handoff",
                              daemon=True).start()
         log.info("Storage SCP %s listening on %s:%d%s", self.settings.ae_title, self.settings.scp_host, self.port,
@@ -482,6 +763,7 @@ class StorageSCP:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -503,11 +785,111 @@ def _same_host(configured: str, peer: str) -> bool:
         return False
 
 
+def _prefer_requestor_syntaxes(assoc) -> None:
+    """Accept, per presentation context, the first transfer syntax the *sender* proposes among ours.
+
+    pynetdicom picks by the acceptor's order (Explicit VR LE first), so a PACS offering [JPEG 2000,
+    Explicit LE, Implicit LE] would decompress for us: compressed instances must stay as received.
+    Reorders this association's copy of our contexts by the order of the sender's proposals."""
+    proposed: dict[str, list[str]] = {}
+    for cx in assoc.requestor.primitive.presentation_context_definition_list or []:
+        order = proposed.setdefault(str(cx.abstract_syntax), [])
+        order.extend(str(t) for t in cx.transfer_syntax if str(t) not in order)
+    contexts = assoc.acceptor.supported_contexts
+    for cx in contexts:
+        theirs = proposed.get(str(cx.abstract_syntax))
+        if theirs:
+            ours = [str(t) for t in cx.transfer_syntax]
+            rank = {t: i for i, t in enumerate(theirs)}
+            cx.transfer_syntax = sorted(ours, key=lambda t: rank.get(t, len(rank)))  # stable: ours after theirs
+
+
+class Admission:
+    """Who holds a slot: connections before the AE check ("pending") and accepted associations.
+
+    Only associations of registered peers count against `max_associations`. A pending connection has
+    the handshake timeout to send its A-ASSOCIATE-RQ; a new connection over `max_pending_per_peer`
+    from one address, or over `max_pending` in all, closes the oldest pending one instead of being
+    refused, so silent sockets can never keep a registered sender out (it sends its request at once).
+    """
+
+    def __init__(self, max_associations: int, max_pending: int, max_pending_per_peer: int):
+        self.max_associations, self.max_pending, self.max_per_peer = max_associations, max_pending, max_pending_per_peer
+        self._lock = threading.Lock()
+        self._pending: OrderedDict = OrderedDict()  # socket -> [address, Association | None]
+        self._accepted: set = set()
+        self.evicted = 0
+
+    def admit(self, sock, address: str) -> None:
+        """A new connection (before any thread): closes the oldest pending ones over the limits."""
+        victims = []
+        with self._lock:
+            for k in [k for k in self._pending if k.fileno() == -1]:
+                del self._pending[k]
+            same = [k for k, v in self._pending.items() if v[0] == address]
+            while len(same) >= self.max_per_peer:
+                victims.append((same[0], self._pending.pop(same.pop(0))))
+            while len(self._pending) >= self.max_pending:
+                victims.append(self._pending.popitem(last=False))
+            self._pending[sock] = [address, None]
+            self.evicted += len(victims)
+        for k, (addr, assoc) in victims:
+            log.warning("connection from %s closed: too many connections before the AE check", addr)
+            _drop(k, assoc)
+
+    def opened(self, assoc) -> None:
+        with self._lock:
+            entry = self._pending.get(_assoc_socket(assoc))
+            if entry is not None:
+                entry[1] = assoc
+
+    def accept(self, assoc) -> bool:
+        """The peer passed the AE check: take an association slot (False: all taken)."""
+        with self._lock:
+            self._pending.pop(_assoc_socket(assoc), None)
+            self._accepted = {a for a in self._accepted if a.is_alive()}
+            if len(self._accepted) >= self.max_associations:
+                return False
+            self._accepted.add(assoc)
+            return True
+
+    def closed(self, assoc) -> None:
+        """The connection closed: a pending one frees its place and its thread at once."""
+        with self._lock:
+            entry = self._pending.pop(_assoc_socket(assoc), None)
+            self._accepted.discard(assoc)
+        if entry is not None and not assoc.is_established:
+            assoc.dul.to_user_queue.put(None)  # the reactor's wait for an A-ASSOCIATE-RQ ends now
+
+    def counts(self) -> dict:
+        with self._lock:
+            return {"pending": sum(1 for k in self._pending if k.fileno() != -1),
+                    "associations": sum(1 for a in self._accepted if a.is_alive()), "evicted": self.evicted}
+
+
+def _assoc_socket(assoc):
+    try:
+        return assoc.dul.socket.socket
+    except AttributeError:
+        return None
+
+
+def _drop(sock, assoc) -> None:
+    """Close a pending connection from another thread (its association thread ends at once)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the base call: leaves an SSL object alone
+    except OSError:
+        pass
+    if assoc is not None and not assoc.is_established:
+        assoc.dul.to_user_queue.put(None)
+
+
 class _TimedServer(ThreadedAssociationServer):
     """Accepted sockets time out after the network timeout: pynetdicom leaves them blocking, so a peer
     that stops in the middle of a PDU would hold its association thread (and a slot) forever."""
 
     tls_context: ssl.SSLContext | None = None
+    admission: Admission | None = None
 
     def process_request(self, request, client_address):
         limit = self.ae.maximum_pdu_size
@@ -515,10 +897,13 @@ class _TimedServer(ThreadedAssociationServer):
         if limit and tls is None:  # we advertise a maximum PDU: refuse a peer that sends far more in one PDU
             request = _PduGuardSocket(request.family, request.type, request.proto, fileno=request.detach())
             request.pdu_limit = 2 * max(limit, 65536)
-        request.settimeout(self.ae.network_timeout)
+        # until the AE check: the handshake deadline (also bounds a peer that stops mid-PDU or mid-TLS)
+        request.settimeout(self.ae.acse_timeout)
         if tls is not None:  # the handshake itself runs in the association's thread
             request = tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
             request.pdu_limit = 2 * max(limit, 65536) if limit else 0
+        if self.admission is not None:
+            self.admission.admit(request, str(client_address[0]))
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):

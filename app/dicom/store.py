@@ -7,8 +7,10 @@ into place: a reader (or the index) never sees a half-written file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import time
 import re
 import shutil
 import struct
@@ -53,6 +55,8 @@ class StoredFile:
     sop_instance_uid: str
     transfer_syntax_uid: str
     existed: bool
+    # SHA-256 of the dataset bytes written (after the file meta); None when nothing was written
+    sha256: str | None = None
 
 
 def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
@@ -141,11 +145,19 @@ def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset
         ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
                           stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS)
         # pydicom reads a value that runs past the end of the data short, without complaint
+        last = -1
         for raw in list(ds._dict.values()):
             length, value = getattr(raw, "length", None), getattr(raw, "value", None)
             if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) != length:
                 raise ValueError(f"element {raw.tag} is truncated")
-        _check_pixel_data_complete(fp, ts.is_implicit_VR, ts.is_little_endian)
+            # pydicom silently reads an element whose VR bytes are not letters as implicit VR: on an
+            # explicit-VR context that is implicit-VR data (dcmtk cannot read such a file)
+            if not ts.is_implicit_VR and getattr(raw, "vr", "") is None:
+                raise ValueError(f"element {raw.tag} is not explicit VR under {ts.name}")
+            if raw.tag <= last:  # garbage decoded as elements rarely stays in ascending tag order
+                raise ValueError(f"element {raw.tag} out of order")
+            last = raw.tag
+        _check_pixel_data(fp, ds, ts.is_implicit_VR, ts.is_little_endian, last)
         # values are converted lazily: a junk value (IS "x1") must not refuse the instance,
         # the index extractor treats it as absent
         return ds
@@ -154,36 +166,120 @@ def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset
             fp.close()
 
 
-def _check_pixel_data_complete(fp: BinaryIO, implicit: bool, little: bool) -> None:
-    """Raise ValueError when the pixel data (where read_dataset stopped) runs past the end of the data.
+class PixelDataMismatch(ValueError):
+    """The Pixel Data does not hold what the image description (rows, columns, ...) declares."""
 
-    A sender that declares 8 KB of pixel data and sends 4 KB must not get Success for a half image.
+
+def _element_header(fp: BinaryIO, implicit: bool, little: bool) -> tuple[int, int, bytes | None, int] | None:
+    """(tag, value length, VR, header size) of the element at fp, None at the end of the data."""
+    head = fp.read(8)
+    if not head:
+        return None
+    if len(head) < 8:
+        raise ValueError("element header is truncated")
+    e = "<" if little else ">"
+    group, elem = struct.unpack(e + "HH", head[:4])
+    tag = (group << 16) | elem
+    if implicit or group == 0xFFFE:
+        return tag, struct.unpack(e + "I", head[4:8])[0], None, 8
+    vr = head[4:6]
+    if vr in _LONG_VRS:
+        ext = fp.read(4)
+        if len(ext) < 4:
+            raise ValueError("element header is truncated")
+        return tag, struct.unpack(e + "I", ext)[0], vr, 12
+    if not (b"AA" <= vr <= b"ZZ"):
+        raise ValueError(f"element ({group:04X},{elem:04X}) is not explicit VR")
+    return tag, struct.unpack(e + "H", head[6:8])[0], vr, 8
+
+
+def _int_value(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """An image description value as int; ValueError when absent (and no default) or unreadable."""
+    if keyword not in ds:
+        if default is None:
+            raise PixelDataMismatch(f"{keyword} is missing")
+        return default
+    try:
+        value = ds[keyword].value
+        if isinstance(value, (list, tuple)) or hasattr(value, "__len__") and not isinstance(value, str):
+            value = value[0]
+        return int(value)
+    except Exception as exc:  # noqa: BLE001 - a junk VR or value: the image cannot be understood
+        raise PixelDataMismatch(f"{keyword} is unreadable ({type(exc).__name__})") from exc
+
+
+def expected_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of native Pixel Data that Rows x Columns x samples x BitsAllocated x frames declares."""
+    rows, cols = _int_value(ds, "Rows"), _int_value(ds, "Columns")
+    bits, spp = _int_value(ds, "BitsAllocated"), _int_value(ds, "SamplesPerPixel", 1)
+    frames = _int_value(ds, "NumberOfFrames", 1) or 1
+    if min(rows, cols, bits, spp, frames) < 1 or (bits != 1 and bits % 8):
+        raise PixelDataMismatch("image description out of range")
+    pi = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    samples = 2 if pi == "YBR_FULL_422" else spp  # chroma subsampled: 2 samples per pixel on average
+    total_bits = rows * cols * samples * bits * frames
+    return (total_bits + 7) // 8
+
+
+def _check_pixel_data(fp: BinaryIO, ds: Dataset, implicit: bool, little: bool, last: int) -> None:
+    """Check everything from where read_dataset stopped (the Pixel Data) to the end of the data.
+
+    Raises ValueError when the pixel data runs past the end of the data, when garbage follows the
+    dataset, or when encapsulated pixel data has no fragment or no delimiter; PixelDataMismatch when
+    native Pixel Data is not the length the image description declares (a 65535 x 65535 image with
+    1 KB of pixels). Reads element and item headers only, never the pixel values.
     """
     start = fp.tell()
-    head = fp.read(12)
-    if not head:
-        return  # no pixel data
-    if len(head) < 8:
-        raise ValueError("pixel data element header is truncated")
-    e = "<" if little else ">"
-    if implicit or head[4:6] in _LONG_VRS:
-        length = struct.unpack(e + "I", head[4:8] if implicit else head[8:12])[0]
-        hdr = 8 if implicit else 12
-    else:
-        length, hdr = struct.unpack(e + "H", head[6:8])[0], 8
     end = fp.seek(0, io.SEEK_END)
-    if length == 0xFFFFFFFF:  # encapsulated: must end with the sequence delimiter (then optional padding)
-        delim = struct.pack(e + "HHI", 0xFFFE, 0xE0DD, 0)
-        fp.seek(max(start, end - 8))
-        if fp.read(8) == delim:  # the common case: one small read (reindex reads many files)
-            return
-        fp.seek(max(start, end - 65536))
-        tail = fp.read()
-        i = tail.rfind(delim)
-        if i < 0 or not (i + 8 == len(tail) or tail[i + 8:i + 12] == struct.pack(e + "HH", 0xFFFC, 0xFFFC)):
-            raise ValueError("encapsulated pixel data is truncated (no sequence delimiter)")
-    elif end - start - hdr < length:
-        raise ValueError(f"pixel data is truncated ({end - start - hdr} of {length} bytes)")
+    fp.seek(start)
+    hdr = _element_header(fp, implicit, little)
+    if hdr is None:
+        return  # no pixel data
+    tag, length, _vr, size = hdr
+    if tag <= last:
+        raise ValueError("element out of order")
+    last = tag
+    e = "<" if little else ">"
+    if length == 0xFFFFFFFF:  # encapsulated: items (offset table, fragments), then the sequence delimiter
+        if tag != 0x7FE00010:
+            raise ValueError(f"undefined length for {tag:08X}")
+        fragments, pos = -1, start + size  # the first item is the basic offset table
+        while True:
+            fp.seek(pos)
+            item = fp.read(8)
+            if len(item) < 8:
+                raise ValueError("encapsulated pixel data is truncated (no sequence delimiter)")
+            group, elem, ilen = struct.unpack(e + "HHI", item)
+            if (group, elem) == (0xFFFE, 0xE0DD):
+                pos += 8
+                break
+            if (group, elem) != (0xFFFE, 0xE000) or ilen == 0xFFFFFFFF:
+                raise ValueError("encapsulated pixel data holds something other than items")
+            pos += 8 + ilen
+            if pos > end:
+                raise ValueError("encapsulated pixel data is truncated")
+            if fragments >= 0 and ilen == 0:
+                raise PixelDataMismatch("empty pixel data fragment")
+            fragments += 1
+        frames = _int_value(ds, "NumberOfFrames", 1) or 1
+        if fragments < 1 or fragments < frames:  # a fragment never holds data of two frames (PS3.5 A.4)
+            raise PixelDataMismatch(f"{max(fragments, 0)} pixel data fragments for {frames} frame(s)")
+        fp.seek(pos)
+    else:
+        if end - start - size < length:
+            raise ValueError(f"pixel data is truncated ({end - start - size} of {length} bytes)")
+        if tag == 0x7FE00010:
+            want = expected_pixel_bytes(ds)
+            if length not in (want, want + (want & 1)):  # odd lengths are padded to even
+                raise PixelDataMismatch(f"Pixel Data holds {length} bytes, the image description {want}")
+        fp.seek(start + size + length)
+    # what follows the pixel data: whole elements in ascending order (e.g. trailing padding), nothing else
+    while (hdr := _element_header(fp, implicit, little)) is not None:
+        tag, length, _vr, size = hdr
+        if tag <= last or length == 0xFFFFFFFF or fp.tell() + length > end or tag >> 16 == 0xFFFE:
+            raise ValueError("trailing data after the dataset")
+        last = tag
+        fp.seek(length, io.SEEK_CUR)
 
 
 class DicomStore:
@@ -226,30 +322,48 @@ class DicomStore:
         ts = str(file_meta.get("TransferSyntaxUID", ""))
         if final.is_file():
             return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), ts, True)
-        meta = encode_file_meta(file_meta)
+        written = self._write_atomic(final, encode_file_meta(file_meta), dataset, dataset_offset)
+        if written is None:  # a concurrent writer won the race: keep its file
+            return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), ts, True)
+        return StoredFile(rel, written[0], validate_uid(sop_uid), ts, False, written[1])
+
+    def _write_atomic(self, final: Path, meta: bytes, dataset: bytes | BinaryIO | Path,
+                      dataset_offset: int = 0) -> tuple[int, str] | None:
+        """Write meta + dataset to a temp file beside `final`, then move it there (no-clobber).
+
+        Returns (size, sha256 of the dataset bytes), or None when `final` appeared meanwhile.
+        The temp file is removed on any failure (ENOSPC included)."""
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=final.parent)
+        digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(meta)
                 if isinstance(dataset, (bytes, bytearray, memoryview)):
                     out.write(dataset)
-                elif isinstance(dataset, Path):
-                    with open(dataset, "rb") as src:
-                        src.seek(dataset_offset)
-                        shutil.copyfileobj(src, out, 1 << 20)
+                    digest.update(dataset)
                 elif isinstance(dataset, io.BytesIO):
-                    out.write(dataset.getbuffer()[dataset_offset:])
+                    view = dataset.getbuffer()[dataset_offset:]
+                    out.write(view)
+                    digest.update(view)
+                    view.release()
                 else:
-                    dataset.seek(dataset_offset)
-                    shutil.copyfileobj(dataset, out, 1 << 20)
+                    src = open(dataset, "rb") if isinstance(dataset, Path) else dataset
+                    try:
+                        src.seek(dataset_offset)
+                        while chunk := src.read(1 << 20):
+                            out.write(chunk)
+                            digest.update(chunk)
+                    finally:
+                        if src is not dataset:
+                            src.close()
                 out.flush()
                 if self.fsync:
                     os.fdatasync(out.fileno())
                 size = out.tell()
-            if final.exists():  # a concurrent writer won the race: keep its file
+            if final.exists():
                 os.unlink(tmp)
-                return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), ts, True)
+                return None
             os.replace(tmp, final)
             if self.fsync:
                 _fsync_dir(final.parent)
@@ -259,7 +373,7 @@ class DicomStore:
             except FileNotFoundError:
                 pass
             raise
-        return StoredFile(rel, size, validate_uid(sop_uid), ts, False)
+        return size, digest.hexdigest()
 
     def adopt(self, study_uid: str, series_uid: str, sop_uid: str, src: Path, transfer_syntax_uid: str) -> StoredFile:
         """Move a complete Part 10 file on the store's filesystem into place, without copying it
@@ -276,6 +390,7 @@ class DicomStore:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+        sha = part10_sha256(src)
         try:
             os.link(src, final)  # atomic and never overwrites
         except FileExistsError:
@@ -283,7 +398,59 @@ class DicomStore:
         os.unlink(src)
         if self.fsync:
             _fsync_dir(final.parent)
-        return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), transfer_syntax_uid, False)
+        return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), transfer_syntax_uid, False, sha)
+
+    # --- copies kept aside (duplicates that differ) -------------------------------------------
+    @property
+    def conflicts_dir(self) -> Path:
+        """Copies of known SOP Instance UIDs with other content: kept, never indexed (a dot folder,
+        so `iter_files` and `reindex` skip it)."""
+        return self.root / ".conflicts"
+
+    def aside_relpath(self, sop_uid: str, sha256: str) -> str:
+        return f".conflicts/{validate_uid(sop_uid)}/{sha256[:40]}.dcm"
+
+    def keep_aside(self, sop_uid: str, sha256: str, file_meta: FileMetaDataset,
+                   dataset: bytes | BinaryIO | Path, dataset_offset: int = 0) -> tuple[str, int]:
+        """Write a received copy under .conflicts/<sop>/<sha>.dcm (the same copy twice: one file)."""
+        rel = self.aside_relpath(sop_uid, sha256)
+        final = self.root / rel
+        if not final.is_file():
+            self._write_atomic(final, encode_file_meta(file_meta), dataset, dataset_offset)
+        return rel, final.stat().st_size
+
+    def move_aside(self, relpath: str, sop_uid: str, sha256: str) -> tuple[str, int]:
+        """Move a file just stored under its UID path to .conflicts (the index refused it)."""
+        rel = self.aside_relpath(sop_uid, sha256)
+        dest = self.root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path(relpath), dest)
+        if self.fsync:
+            _fsync_dir(dest.parent)
+        return rel, dest.stat().st_size
+
+    # --- space and leftovers ------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        """Bytes available to us on the store's filesystem."""
+        st = os.statvfs(self.root if self.root.exists() else self.root.parent)
+        return st.f_bavail * st.f_frsize
+
+    def sweep_partials(self, max_age: float) -> int:
+        """Remove temp and chunked-receive files untouched for `max_age` seconds (writes in
+        progress touch theirs at every PDU); returns how many. Safe while receiving."""
+        cutoff = time.time() - max_age
+        n = 0
+        candidates = list(self.root.glob("*/*/.tmp-*.part")) + list(self.conflicts_dir.glob("*/.tmp-*.part"))
+        if self.incoming_dir.is_dir():
+            candidates += list(self.incoming_dir.iterdir())
+        for p in candidates:
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                pass
+        return n
 
     @property
     def incoming_dir(self) -> Path:
@@ -307,6 +474,46 @@ class DicomStore:
                 p.unlink(missing_ok=True)
                 n += 1
         return n
+
+
+def part10_sha256(path: Path) -> str:
+    """SHA-256 of the dataset bytes of a Part 10 file (what `StoredFile.sha256` hashes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(file_meta_end(f))
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_sha256(dataset: bytes | BinaryIO | Path, offset: int = 0) -> str:
+    """SHA-256 of a received dataset (bytes, a stream, or a file whose dataset starts at `offset`)."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, (bytes, bytearray, memoryview)):
+        digest.update(dataset)
+    elif isinstance(dataset, io.BytesIO):
+        with dataset.getbuffer() as view:
+            digest.update(view[offset:])
+    else:
+        src = open(dataset, "rb") if isinstance(dataset, Path) else dataset
+        try:
+            src.seek(offset)
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+        finally:
+            if src is not dataset:
+                src.close()
+    return digest.hexdigest()
+
+
+def storage_health(store_dir: Path, min_free_mb: int) -> dict:
+    """/health's storage field: free bytes on the store's filesystem and whether they are above
+    `min_free_mb` (False also when the store cannot be reached)."""
+    try:
+        free = DicomStore(store_dir, fsync=False).free_bytes()
+    except OSError:
+        return {"ok": False, "free_bytes": None, "min_free_bytes": min_free_mb * 2**20}
+    return {"ok": free >= min_free_mb * 2**20, "free_bytes": free, "min_free_bytes": min_free_mb * 2**20}
 
 
 def _fsync_dir(d: Path) -> None:

@@ -45,6 +45,9 @@ class IngestResult:
     label_errors: int = 0
     inserted_uids: list[str] = field(default_factory=list)
     existing_uids: list[str] = field(default_factory=list)
+    # SOP Instance UID -> why it was not indexed: study_patient (a known study under another patient),
+    # sop_study / sop_series (a known SOP Instance UID under another study or series)
+    conflicts: dict[str, str] = field(default_factory=dict)
 
 
 def _lengths(table) -> dict[str, int]:
@@ -207,6 +210,13 @@ def ingest(session: Session, records: list[dict], labeler: Labeler | None = None
             series_ids[uid] = cache.series[uid]
     cache._staged.append((pat_ids, studies, series_ids))
 
+    # a new instance of a known study that names another patient is not filed under the study's owner
+    for r in new:
+        if studies[r["study_instance_uid"]][1] != pat_ids[pkey(r)]:
+            result.conflicts[r["sop_instance_uid"]] = "study_patient"
+    if result.conflicts:
+        new = [r for r in new if r["sop_instance_uid"] not in result.conflicts]
+
     now = datetime.now(timezone.utc)
     inst_rows = []
     for r in new:
@@ -232,6 +242,18 @@ def ingest(session: Session, records: list[dict], labeler: Labeler | None = None
     result.inserted_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] in inserted]
     # already indexed (or a concurrent writer won): the row exists, which is what idempotence means
     result.existing_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] not in inserted]
+    if result.existing_uids:  # a known SOP Instance UID must be the same instance, not one of another study
+        want = {r["sop_instance_uid"]: (studies[r["study_instance_uid"]][0], series_ids[r["series_instance_uid"]])
+                for r in new}
+        for chunk in _chunks(result.existing_uids):
+            for sop, study_pk, series_pk in session.execute(
+                    select(it.c.sop_instance_uid, it.c.study_pk, it.c.series_pk).where(
+                        it.c.sop_instance_uid.in_(chunk))):
+                if study_pk != want[sop][0]:
+                    result.conflicts[sop] = "sop_study"
+                elif series_pk != want[sop][1]:
+                    result.conflicts[sop] = "sop_series"
+        result.existing_uids = [u for u in result.existing_uids if u not in result.conflicts]
     result.inserted, result.existing = len(result.inserted_uids), len(result.existing_uids)
     session.flush()
     return result

@@ -163,7 +163,7 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_disk_full_answers_out_of_resources_never_success_and_recovers(tmp_path, tiny_tmpfs):
-    s = make_settings(tmp_path)
+    s = make_settings(tmp_path, scp_min_free_mb=0)  # no reserve: the writes themselves hit ENOSPC
     assert s.store_dir == tiny_tmpfs
     ctx = sender_ctx(s, "sender", SENDER)
     scp = StorageSCP(ctx).start()

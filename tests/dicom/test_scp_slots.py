@@ -1,0 +1,201 @@
+"""Association slots (issue #18 item 1): silent connections never starve registered senders.
+
+Raw TCP sockets that connect and send nothing (or half a PDU), against the real StorageSCP; a
+registered pynetdicom sender must still store. Measured figures are printed (pytest -s).
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import threading
+import time
+
+import pytest
+from pynetdicom import AE
+
+from app.dicom.scp import StorageSCP
+from tests.dicom.helpers import CR_STORAGE, make_cr
+from tests.dicom.test_scp import SENDER, add_node, count, send
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket()
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """True when the SCP closes `sock` (EOF or reset) within `within` seconds."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except (TimeoutError, socket.timeout):
+        return False
+
+
+def _wait(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+@pytest.fixture
+def scp(ctx):
+    ctx.settings.scp_handshake_timeout = 2.0
+    add_node(ctx, "sender", SENDER)
+    server = StorageSCP(ctx).start()
+    yield server
+    server.stop()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_registered_sender_stores_while_64_idle_connections_are_open(ctx, scp):
+    base_threads = threading.active_count()
+    rss0 = _rss_mb()
+    idle = [_connect(scp.port) for _ in range(64)]
+    time.sleep(0.3)  # let the SCP take them all
+    t0 = time.monotonic()
+    assert send(scp.port, [make_cr()]) == [0]
+    latency = time.monotonic() - t0
+    assert count(ctx) == 1
+    # the idle ones hold no association slot, and one address holds at most max_pending_per_peer
+    counts = scp.admission.counts()
+    assert counts["pending"] <= ctx.settings.scp_max_pending_per_peer
+    assert counts["evicted"] > 0
+    print(f"\n64 idle sockets: store latency {latency * 1000:.0f} ms, SCP RSS +{_rss_mb() - rss0:.1f} MB, "
+          f"threads +{threading.active_count() - base_threads}, pending {counts['pending']}")
+    # every idle socket is closed by the SCP within the handshake timeout (2 s here) plus slack
+    t0 = time.monotonic()
+    assert all(_closed_by_peer(s, 5.0) for s in idle)
+    print(f"all 64 closed by the SCP {time.monotonic() - t0:.1f} s after the store")
+    for s in idle:
+        s.close()
+    assert _wait(lambda: scp.admission.counts()["pending"] == 0, 3.0)
+    assert _wait(lambda: threading.active_count() <= base_threads + 2, 5.0), threading.active_count()
+
+
+def test_slots_are_freed_at_once_when_the_attacker_closes(ctx, scp):
+    ctx.settings.scp_handshake_timeout = 30.0  # not the timeout: the close itself must free them
+    scp.stop()
+    server = StorageSCP(ctx).start()
+    try:
+        socks = [_connect(server.port, f"127.0.0.{2 + i % 4}") for i in range(24)]  # 4 addresses x 6
+        assert _wait(lambda: server.admission.counts()["pending"] == 24, 3.0)
+        t0 = time.monotonic()
+        for s in socks:
+            s.close()
+        assert _wait(lambda: server.admission.counts()["pending"] == 0, 2.0), server.admission.counts()
+        freed = time.monotonic() - t0
+        # their association threads end too (they were waiting for an A-ASSOCIATE-RQ)
+        assert _wait(lambda: not server._server.active_associations, 3.0)
+        print(f"\n24 pending slots freed {freed * 1000:.0f} ms after the attacker closed")
+        assert send(server.port, [make_cr()]) == [0]
+    finally:
+        server.stop()
+
+
+def test_per_peer_address_limit_closes_that_address_oldest_only(ctx, scp):
+    ctx.settings.scp_handshake_timeout = 30.0  # only the limit closes connections here
+    scp.stop()
+    server = StorageSCP(ctx).start()
+    limit = ctx.settings.scp_max_pending_per_peer
+    try:
+        others = [_connect(server.port, "127.0.0.3") for _ in range(3)]
+        flood = [_connect(server.port, "127.0.0.2") for _ in range(limit + 12)]
+        time.sleep(0.5)
+        # the flood's 12 oldest are closed at once; the newest `limit` are still open (until their timeout)
+        assert all(_closed_by_peer(s, 1.0) for s in flood[:12])
+        assert not any(_closed_by_peer(s, 0.1) for s in flood[12:])
+        # another address is not affected by that flood
+        assert not any(_closed_by_peer(s, 0.1) for s in others)
+        assert server.admission.counts()["pending"] == limit + 3
+        assert send(server.port, [make_cr()]) == [0]
+        for s in flood + others:
+            s.close()
+    finally:
+        server.stop()
+
+
+def test_half_sent_association_request_is_cut_at_the_handshake_timeout(ctx, scp):
+    s = _connect(scp.port)
+    s.sendall(b"\x01\x00" + (100000).to_bytes(4, "big") + b"\x00\x01\x00\x00RADCOHORT")  # then silence
+    t0 = time.monotonic()
+    assert _closed_by_peer(s, 6.0)
+    assert time.monotonic() - t0 < 4.5  # 2 s handshake timeout, not the 60 s network timeout
+    s.close()
+
+
+def test_association_limit_counts_registered_associations_only(ctx, scp):
+    ctx.settings.scp_max_associations = 2
+    scp.stop()
+    server = StorageSCP(ctx).start()
+    held = []
+    try:
+        idle = [_connect(server.port, "127.0.0.4") for _ in range(6)]
+        for _ in range(2):
+            ae = AE(SENDER)
+            ae.add_requested_context(CR_STORAGE, EXPLICIT_LE)
+            a = ae.associate("127.0.0.1", server.port, ae_title="RADCOHORT")
+            assert a.is_established
+            held.append(a)
+        ae = AE(SENDER)
+        ae.add_requested_context(CR_STORAGE, EXPLICIT_LE)
+        third = ae.associate("127.0.0.1", server.port, ae_title="RADCOHORT")
+        # rejected-transient, local limit exceeded: the registered slots are what is full
+        assert third.is_rejected
+        assert third.acceptor.primitive.result == 0x02 and third.acceptor.primitive.diagnostic == 0x02
+        held.pop().release()
+        assert _wait(lambda: server.admission.counts()["associations"] == 1, 3.0)
+        assert send(server.port, [make_cr()]) == [0]
+        for s in idle:
+            s.close()
+    finally:
+        for a in held:
+            a.release()
+        server.stop()
+
+
+def test_unknown_calling_ae_does_not_take_a_slot(ctx, scp):
+    ctx.settings.scp_max_associations = 1
+    scp.admission.max_associations = 1
+    strangers = []
+    for i in range(5):
+        ae = AE(f"STRANGER{i}")
+        ae.add_requested_context(CR_STORAGE, EXPLICIT_LE)
+        a = ae.associate("127.0.0.1", scp.port, ae_title="RADCOHORT")
+        assert a.is_rejected
+        assert a.acceptor.primitive.result == 0x01  # permanent: calling AE not recognised
+        strangers.append(a)
+    assert scp.admission.counts()["associations"] == 0
+    assert send(scp.port, [make_cr()]) == [0]
+
+
+def test_memory_with_many_idle_connections_stays_small(ctx, scp):
+    """256 idle sockets from 32 addresses: SCP memory (this process) stays within a few MB."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    socks = [_connect(scp.port, f"127.0.1.{1 + i % 32}") for i in range(256)]
+    time.sleep(0.5)
+    assert send(scp.port, [make_cr()]) == [0]
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(f"\n256 idle sockets: peak RSS growth {grown:.1f} MB, pending {scp.admission.counts()['pending']}")
+    assert grown < 64
+    for s in socks:
+        s.close()
