@@ -39,19 +39,6 @@ class Settings(BaseSettings):
     scp_partial_max_age_s: float = Field(300.0, gt=0, description="temp/partial receive files untouched this "
                                          "long are removed by the SCP's periodic sweep")
     health_min_free_mb: int = Field(1024, ge=0, description="/health reports storage not ok below this free space")
-    scp_handshake_timeout: float = Field(5.0, gt=0, description="seconds a new connection has to send its "
-                                         "A-ASSOCIATE-RQ (TLS handshake included) before it is closed")
-    scp_max_associations: int = Field(32, ge=1, description="associations of registered peers at once "
-                                      "(per SCP process); connections before the AE check do not count")
-    scp_max_pending_per_peer: int = Field(8, ge=1, description="connections not yet past the AE check per peer "
-                                          "address; a new one closes that address's oldest")
-    scp_max_pending: int = Field(256, ge=1, description="connections not yet past the AE check, all peers; "
-                                 "a new one closes the oldest")
-    scp_min_free_mb: int = Field(64, ge=0, description="refuse a C-STORE (0xA700) that would leave less free "
-                                 "space than this on the store's filesystem")
-    scp_partial_max_age_s: float = Field(300.0, gt=0, description="temp/partial receive files untouched this "
-                                         "long are removed by the SCP's periodic sweep")
-    health_min_free_mb: int = Field(1024, ge=0, description="/health reports storage not ok below this free space")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_tokens: str | None = Field(None, description="comma-separated bearer tokens: `token` (all scopes but the identified ones) or `name:token:scope1+scope2` (see app/tokens.py)")
