@@ -182,6 +182,13 @@ class RuleSet:
                 terms.append((None, str(w), _term_regex(str(w))))
             self.text_terms[label] = terms
         self.multi_view = [re.compile(p) for p in r.get("multi_view_patterns") or []]
+        # misspelt long words ("HUMEROUS", "BILATERL") read as the term one edit away
+        self.fuzzy_min = int(r.get("fuzzy_min_length", 7) or 0)
+        self.fuzzy_terms: dict[str, list[tuple[str, str]]] = {
+            label: [(v, normalize_text(w)) for v, w, _ in terms
+                    if v is not None and self.fuzzy_min and re.fullmatch(r"[A-Z]+", normalize_text(w))
+                    and len(normalize_text(w)) >= self.fuzzy_min]
+            for label, terms in self.text_terms.items()}
         self.refines: dict[str, set[tuple[str, str]]] = {}
         for label, mapping in (r.get("refines") or {}).items():
             pairs = {(str(s), str(g)) for s, gs in mapping.items() for g in gs}
@@ -280,14 +287,31 @@ class RuleSet:
                 hits.append((m.end() - m.start(), m.start(), m.end(), value, term))
         taken: list[tuple[int, int]] = []
         found: dict[str, str] = {}
+        spans: dict[str, tuple[int, int]] = {}
         for _, start, end, value, term in sorted(hits, key=lambda h: (-h[0], h[1])):
             if any(start < e and s < end for s, e in taken):
                 continue
             taken.append((start, end))
             if value is not None:
                 found.setdefault(value, term)
+                spans.setdefault(value, (start, end))
+        for m in _WORD.finditer(t):
+            if len(m.group()) < self.fuzzy_min or any(m.start() < e and s < m.end() for s, e in taken):
+                continue
+            near = {v: w for v, w in self.fuzzy_terms.get(label, ()) if _one_edit(m.group(), w)}
+            if len(near) == 1:  # one reading only: a word near terms of two values stays unread
+                (v, w), = near.items()
+                found.setdefault(v, f"{m.group()}~{w}")
+                spans.setdefault(v, (m.start(), m.end()))
         values = set(found)
-        values = {v for v in values if not any(self._refines(label, o, v) for o in values if o != v)}
+
+        def joined(a: str, b: str) -> bool:
+            # views: "AP OBLIQUE" is one view; "正面・両斜位", "PA & OBLIQUE" are two
+            (s1, e1), (s2, e2) = sorted((spans[a], spans[b]))
+            return label != "view" or not t[e1:s2].strip()
+
+        values = {v for v in values
+                  if not any(self._refines(label, o, v) and joined(o, v) for o in values if o != v)}
         for parts, combined in self.combines.get(label, ()):
             if values == parts:
                 return _Parsed(combined, tuple(found[p] for p in sorted(parts)))
@@ -474,6 +498,24 @@ _CAT_FIELDS = ("body_part_examined", "view_position", "image_laterality", "later
                "patient_species_description", "patient_breed_description")
 # index columns the labeler reads (a bulk relabel selects these)
 SOURCE_FIELDS = _CAT_FIELDS + ("patient_age", "patient_birth_date", "study_date")
+
+
+_WORD = re.compile(r"(?<![A-Z0-9])[A-Z]+(?![A-Z0-9])")
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """a and b differ by one insertion, deletion, substitution or swap of neighbours (not equal)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    i = 0
+    while i < len(short) and short[i] == long_[i]:
+        i += 1
+    return short[i:] == long_[i + 1:]
 
 
 def parse_patient_age(value: Any) -> float | None:
