@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +136,101 @@ def testdata(name: str) -> Path:
     if p is None:
         pytest.fail(f"test file {name} not found (pip install pydicom-data)")
     return Path(p)
+
+
+# ------------------------------------------------------------------ markers from the fixtures a test uses
+# so that `-m orthanc`, `-m "not postgres"` ... select every test that needs the thing, not a fraction
+FIXTURE_MARKERS = {
+    "orthanc": "orthanc", "orthanc_factory": "orthanc",
+    "pg_database": "postgres", "pg_ctx": "postgres",
+}
+# a test module that needs torch/timm says so with pytest.importorskip (see tests/skip_allowlist.txt)
+_WORKER_SOURCE = re.compile(r"""importorskip\(["'](torch|timm)["']\)""")
+_module_needs_worker: dict[str, bool] = {}
+
+
+def _needs_worker(item) -> bool:
+    path = str(getattr(item, "path", ""))
+    if path not in _module_needs_worker:
+        try:
+            _module_needs_worker[path] = bool(_WORKER_SOURCE.search(Path(path).read_text()))
+        except OSError:
+            _module_needs_worker[path] = False
+    return _module_needs_worker[path]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        wanted = {FIXTURE_MARKERS[f] for f in getattr(item, "fixturenames", ()) if f in FIXTURE_MARKERS}
+        callspec = getattr(item, "callspec", None)
+        # db_url / any_ctx reach PostgreSQL through request.getfixturevalue: read the parameter
+        if callspec is not None and callspec.params.get("db_url") == "postgresql":
+            wanted.add("postgres")
+        if _needs_worker(item):
+            wanted.add("worker")
+        for name in sorted(wanted - {m.name for m in item.iter_markers()}):
+            item.add_marker(getattr(pytest.mark, name))
+
+
+# ------------------------------------------------------------------ CI=true: a skip is a failure
+# A test that skips proves nothing: in CI (CI=true) every skip fails the session unless its test is on
+# tests/skip_allowlist.txt (one `nodeid-glob  # reason` per line).
+SKIP_ALLOWLIST = Path(os.environ.get("RADCOHORT_SKIP_ALLOWLIST") or Path(__file__).with_name("skip_allowlist.txt"))
+_skips: list[tuple[str, str]] = []
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_allowlist(path: Path = SKIP_ALLOWLIST) -> list[tuple[str, str]]:
+    """(nodeid glob, reason) pairs; an entry without a reason is an error."""
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1) if path.exists() else ():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern, sep, reason = line.partition("#")
+        if not sep or not reason.strip() or not pattern.strip():
+            raise pytest.UsageError(f"{path.name}:{n}: expected `nodeid-glob  # reason`, got {line!r}")
+        out.append((pattern.strip(), reason.strip()))
+    return out
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skips.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a whole module skipped at import (module-level importorskip)
+        _skips.append((report.nodeid, _skip_reason(report)))
+
+
+def unexpected_skips(skips: list[tuple[str, str]], allow: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(nid, why) for nid, why in skips if not any(fnmatch.fnmatchcase(nid, pat) for pat, _ in allow)]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    if not _in_ci() or not _skips:
+        return
+    bad = unexpected_skips(_skips, skip_allowlist())
+    if bad:
+        session.config._radcohort_bad_skips = bad
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bad = getattr(config, "_radcohort_bad_skips", None)
+    if bad:
+        terminalreporter.section("skips are failures in CI (CI=true)", red=True, bold=True)
+        terminalreporter.write_line(f"{len(bad)} test(s) skipped that are not on {SKIP_ALLOWLIST.name}: "
+                                    "install what they need (.ci/common.sh) or add them there with a reason")
+        for nid, why in bad:
+            terminalreporter.write_line(f"  {nid}: {why}")

@@ -52,7 +52,9 @@ def test_lossless_roundtrip_pydicom_and_dcmtk(tmp_path, syntax, bits):
     np.testing.assert_array_equal(back.pixel_array, arr)
     _dcmdump_ok(path)
     tool = DCMTK_DECODER.get(syntax)
-    if tool and shutil.which(tool):
+    if tool and not shutil.which(tool):  # a skip, not a silent pass: CI=true fails on it
+        pytest.skip(f"{tool} (dcmtk) is not installed: the cross-check with dcmtk's decoder needs it")
+    if tool:
         out = tmp_path / "decoded.dcm"
         r = subprocess.run([tool, str(path), str(out)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
