@@ -238,7 +238,7 @@ def ingest(session: Session, records: list[dict], labeler: Labeler | None = None
         inst_rows.append(_clip(it.name, row))
     stmt = _insert(session, it).on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(
         it.c.sop_instance_uid)
-    inserted = set(session.scalars(stmt, inst_rows).all())
+    inserted = set(session.scalars(stmt, inst_rows).all()) if inst_rows else set()  # all conflicts: no rows
     result.inserted_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] in inserted]
     # already indexed (or a concurrent writer won): the row exists, which is what idempotence means
     result.existing_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] not in inserted]
