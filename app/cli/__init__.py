@@ -11,7 +11,7 @@ from app.privacy import configure_logging
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="radcohort: PACS -> labels -> cohorts -> CNN")
 
 # modules under app/cli, each with `register(cli)`
-COMMAND_MODULES = ["db", "pacs", "synth", "worker", "demo", "server", "cohorts"]
+COMMAND_MODULES = ["db", "pacs", "synth", "worker", "demo", "server", "cohorts", "labels"]
 
 
 @cli.callback()

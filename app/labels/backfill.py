@@ -89,5 +89,6 @@ def backfill_label_sources(conn: sa.engine.Connection, store_dir: Path | None, b
             if params:
                 conn.execute(sa.text(sql), params)
         last = rows[-1][0]
-    log.info("label-source backfill: %(files)d files, %(filled)d with new values, %(missing)d unreadable", stats)
+    log.info("label-source backfill: %d files, %d with new values, %d unreadable", stats["files"], stats["filled"],
+             stats["missing"])
     return stats
