@@ -118,7 +118,7 @@ def test_predict_rejects_bad_uploads_with_4xx_and_keeps_no_temp_files(client, ct
         "garbage": (b"hello, not DICOM" * 100, 415, "not a DICOM"),
         "empty": (b"", 415, "empty"),
         "no pixels": (no_pixels.read_bytes(), 422, "no pixel data"),
-        "truncated": (truncated, 422, ""),
+        "truncated": (truncated, 422, "no pixel data"),  # cut inside the header: nothing after it
     }
     for name, (payload, status, words) in cases.items():
         r = client.post(url, files={"file": ("f.dcm", io.BytesIO(payload), "application/dicom")})

@@ -81,7 +81,7 @@ def test_patient_level_split_and_seeds(any_ctx, index):
     sides: dict[str, set] = {}
     for m in ma:
         sides.setdefault(m.patient_key, set()).add(m.split)
-    assert all(len(s) == 1 for s in sides.values())  # no patient on two sides
+    assert len(sides) > 1 and all(len(s) == 1 for s in sides.values())  # no patient on two sides
     for cls in a["classes"]:
         if cls["available"] >= 8:
             assert (cls["selected"], cls["train"], cls["val"], cls["test"]) == (8, 4, 2, 2)

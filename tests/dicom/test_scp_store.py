@@ -86,5 +86,5 @@ def test_parse_header_handles_deflated_and_big_endian(ts):
 
 
 def test_parse_header_rejects_garbage():
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="truncated"):
         parse_header(b"\x08\x00\x16\x00UI\xff\x7f1.2.3", "1.2.840.10008.1.2.1")

@@ -103,7 +103,7 @@ def test_job_runs_to_completion_and_reports_the_undecodable_file(any_ctx):
         assert (ctx.settings.data_dir / model.path).is_file()
     spec = json.loads((jobs.run_dir(ctx.settings, jid) / "spec.json").read_text())
     assert spec["meta"]["ruleset_version"] == "tiny-1" and spec["meta"]["code_version"]
-    assert all(Path(it["path"]).is_absolute() for it in spec["items"])
+    assert spec["items"] and all(Path(it["path"]).is_absolute() for it in spec["items"])
 
 
 def test_failed_run_stores_the_error(ctx):
