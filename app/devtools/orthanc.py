@@ -107,6 +107,11 @@ class OrthancServer:
                 self.proc.wait(5)
         self.proc = None
 
+    def discard(self) -> None:
+        """End an Orthanc whose data is thrown away (tests): SIGKILL, no clean shutdown. A clean stop()
+        waits 2.5-3.4 s for Orthanc to flush an index nobody will read again."""
+        self.stop(kill=True)
+
     def restart(self) -> None:
         """Stop and start again on the same ports and storage."""
         self.stop()
