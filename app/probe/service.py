@@ -1,30 +1,40 @@
-"""Run the probe and keep its findings with the node (`options["capabilities"]`)."""
+"""Run the probe and keep its findings with the node (`options["capabilities"]`).
+
+Through the API a probe is a background job: its state is `options["probe"]` = {"status":
+"running"|"completed"|"failed", "started_at", "finished_at", "error", "summary"}.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.orm import Session
 
 from app import audit
 from app.config import Settings
 from app.db.models import PacsNode
+from app.dicom.scu import Node
 from app.probe.probe import effective_find_cap, preferred_method, probe_node
 
 log = logging.getLogger("radcohort.probe")
 
+# capabilities retrievals write (app.retrievals.runner._remember) that a probe must not forget
+LEARNT_BY_RETRIEVALS = ("uid_lists_refused", "study_retrieve_refused")
+# a probe 'running' for longer than this was interrupted (the process ended under it)
+STALE_AFTER = timedelta(minutes=15)
+
 
 def probe_and_store(session: Session, settings: Settings, node: PacsNode, actor: str) -> dict:
-    """Probe `node` and store the capabilities on it (flushes; the caller commits)."""
+    """Probe `node` in this thread and store the capabilities on it (flushes; the caller commits)."""
+    started = _now()
     caps = probe_node(settings, node)
-    url = (node.options or {}).get("dicomweb_url")
-    if url:
-        caps["dicomweb"] = probe_dicomweb(settings, url)
-    node.options = {**(node.options or {}), "capabilities": caps}  # a new dict: JSON columns track assignment
+    _store(session, settings, node, caps, actor)
+    node.options = {**(node.options or {}), "probe": {"status": "completed", "started_at": started,
+                                                      "finished_at": _now(), "error": None,
+                                                      "summary": caps.get("summary")}}
     session.flush()
-    audit.record(session, actor, "pacs_node.probe", node.name, echo=caps["echo"].get("ok"),
-                 find_cap=caps.get("find_cap"), get=caps["get"].get("works"))
     return summary(node)
 
 
@@ -44,23 +54,84 @@ def summary(node: PacsNode) -> dict:
     """What the planner will do with this node, from its stored options."""
     opts = node.options or {}
     method, why = preferred_method(opts, node.retrieve_method or "move")
-    return {"capabilities": opts.get("capabilities") or {}, "planner": {
-        "method": method, "method_reason": why, "find_cap": effective_find_cap(opts)}}
+    caps = opts.get("capabilities") or {}
+    return {"capabilities": caps, "planner": {"method": method, "method_reason": why,
+                                              "find_cap": effective_find_cap(opts)},
+            "summary": caps.get("summary"), "probe": probe_state(node)}
 
 
-def probe_in_background(ctx, name: str) -> threading.Thread:
-    """Probe a freshly added node without holding up the request (errors only logged)."""
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
-    def run() -> None:
-        from app.retrievals.nodes import get_node
 
-        try:
-            with ctx.sessions() as s:
-                probe_and_store(s, ctx.settings, get_node(s, name), "system")
+def probe_state(node: PacsNode) -> dict:
+    """The node's last probe job: status, times, error and one-line summary ('never' if none ran)."""
+    state = dict((node.options or {}).get("probe") or {"status": "never"})
+    if state.get("status") == "running" and state.get("started_at"):
+        if datetime.now(timezone.utc) - datetime.fromisoformat(state["started_at"]) > STALE_AFTER:
+            state.update(status="failed", error="interrupted (the probe did not finish)")
+    if "summary" not in state:
+        state["summary"] = ((node.options or {}).get("capabilities") or {}).get("summary")
+    return state
+
+
+def mark_running(node: PacsNode) -> bool:
+    """Record a probe as running (flushes nothing); False when one is already running."""
+    if probe_state(node).get("status") == "running":
+        return False
+    node.options = {**(node.options or {}), "probe": {"status": "running", "started_at": _now(),
+                                                      "finished_at": None, "error": None}}
+    return True
+
+
+def run_probe_job(ctx, name: str, actor: str = "system") -> None:
+    """Probe `name` and record the job's outcome with the node; a node that does not answer C-ECHO
+    keeps its previous capabilities and the job fails with the reason."""
+    from app.retrievals.nodes import get_node
+
+    error, caps = None, None
+    try:
+        with ctx.sessions() as s:
+            node = get_node(s, name)
+            if (node.options or {}).get("probe", {}).get("status") != "running":
+                mark_running(node)
                 s.commit()
-        except Exception as exc:  # noqa: BLE001 - a failed probe must not affect the node
-            log.warning("probe of node %s failed: %s", name, exc)
+            target = Node.of(node)  # detached: no session held open during the network work
+        caps = probe_node(ctx.settings, target)
+        if not caps["echo"].get("ok"):
+            error = f"no answer to C-ECHO ({caps['echo'].get('error')})"
+    except Exception as exc:  # noqa: BLE001 - a probe job always ends with a status
+        log.warning("probe of node %s failed: %s", name, exc)
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    try:
+        with ctx.sessions() as s:
+            node = get_node(s, name)
+            if caps is not None and error is None:
+                _store(s, ctx.settings, node, caps, actor)
+            state = {**probe_state(node), "status": "failed" if error else "completed", "finished_at": _now(),
+                     "error": error, "summary": (caps or {}).get("summary")}
+            node.options = {**(node.options or {}), "probe": state}
+            s.commit()
+    except Exception as exc:  # noqa: BLE001 - e.g. the node was deleted meanwhile
+        log.warning("probe of node %s: result not recorded: %s", name, exc)
 
-    t = threading.Thread(target=run, name=f"probe-{name}", daemon=True)
+
+def _store(session: Session, settings: Settings, node: PacsNode, caps: dict, actor: str) -> None:
+    old = (node.options or {}).get("capabilities") or {}
+    for key in LEARNT_BY_RETRIEVALS:
+        if old.get(key) and not caps.get(key):
+            caps[key] = old[key]
+    url = (node.options or {}).get("dicomweb_url")
+    if url:
+        caps["dicomweb"] = probe_dicomweb(settings, url)
+    node.options = {**(node.options or {}), "capabilities": caps}
+    session.flush()
+    audit.record(session, actor, "pacs_node.probe", node.name, echo=caps["echo"].get("ok"),
+                 find_cap=caps.get("find_cap"), get=caps["get"].get("works"), summary=caps.get("summary"))
+
+
+def probe_in_background(ctx, name: str, actor: str = "system") -> threading.Thread:
+    """Probe a node without holding up the request; the outcome lands in `options["probe"]`."""
+    t = threading.Thread(target=run_probe_job, args=(ctx, name, actor), name=f"probe-{name}", daemon=True)
     t.start()
     return t

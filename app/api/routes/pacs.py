@@ -16,7 +16,8 @@ from app.db.base import session_scope
 from app.find_policy import IDENTIFIED_SCOPE, WITHHELD, answer_row, identifying_match_keys, refusal_detail
 from app.policy import service as policy
 from app.policy.schema import NodePatch, NodeSettingsOut, ProbeOut
-from app.probe.service import probe_and_store, probe_in_background
+from app.probe.schemas import ProbeJobOut
+from app.probe.service import mark_running, probe_and_store, probe_in_background, summary as probe_summary
 from app.dicom.scu import DicomClient
 from app.retrievals import nodes
 from app.errors import PermanentDicomError
@@ -120,15 +121,32 @@ def patch_node(name: str, body: NodePatch, session: SessionDep, actor: ActorDep)
     return _settings_out(policy.patch_node(session, nodes.get_node(session, name), body, actor))
 
 
-@router.post("/{name}/probe", response_model=ProbeOut, responses=_ERRORS)
-def probe_node(name: str, session: SessionDep, settings: SettingsDep, actor: ActorDep):
-    """Probe the node (C-ECHO, C-FIND levels/models and result cap, C-GET, storage syntaxes, a test
-    C-MOVE of one instance to our AE) and keep the findings; the planner uses them."""
+@router.post("/{name}/probe", response_model=ProbeJobOut, status_code=202,
+             responses={**_ERRORS, 200: {"description": "with wait=true: the probe ran in the request"}})
+def probe_node(name: str, session: SessionDep, settings: SettingsDep, actor: ActorDep, ctx: CtxDep,
+               response: Response,
+               wait: bool = Query(False, description="probe within the request (up to ~90 s) and answer 200")):
+    """Probe the node in the background (C-ECHO, C-FIND levels/models, result cap, which matching keys it
+    honours, UID lists, C-GET and storage syntaxes, whether we are a known C-MOVE destination; nothing is
+    stored) and keep the findings for the planner. 202 with `probe.status` "running": poll
+    GET /pacs-nodes/{name}/probe for the outcome and its one-line `summary`."""
     node = nodes.get_node(session, name)
-    out = _gateway(name, node, lambda: probe_and_store(session, settings, node, actor))
-    if not out["capabilities"].get("echo", {}).get("ok"):
-        from app.errors import RetriableDicomError
+    if wait:
+        out = _gateway(name, node, lambda: probe_and_store(session, settings, node, actor))
+        if not out["capabilities"].get("echo", {}).get("ok"):
+            from app.errors import RetriableDicomError
 
-        raise RetriableDicomError(f"probe of {name}: no answer to C-ECHO "
-                                  f"({out['capabilities'].get('echo', {}).get('error')})")
-    return out
+            raise RetriableDicomError(f"probe of {name}: no answer to C-ECHO "
+                                      f"({out['capabilities'].get('echo', {}).get('error')})")
+        response.status_code = 200
+        return probe_summary(node)
+    _gateway(name, node, lambda: None)  # a host that cannot be encoded is a 502 now, not a failed job
+    if mark_running(node):  # one probe at a time per node: a second request reports the running one
+        event.listen(session, "after_commit", lambda _s: probe_in_background(ctx, name, actor), once=True)
+    return probe_summary(node)
+
+
+@router.get("/{name}/probe", response_model=ProbeJobOut, responses={404: _ERRORS[404]})
+def get_probe(name: str, session: SessionDep):
+    """The node's last probe: job status, its one-line summary and the capabilities it found."""
+    return probe_summary(nodes.get_node(session, name))
