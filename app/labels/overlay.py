@@ -84,6 +84,11 @@ def _err(root, path: tuple, message: str) -> dict:
 def validate_overlay(text: str, base: dict | None = None) -> tuple[dict | None, list[dict]]:
     """(the overlay data, errors) for an overlay's YAML text; errors carry line and column."""
     try:
+        for event in yaml.parse(text):
+            if isinstance(event, yaml.AliasEvent):  # aliases can expand a small upload enormously
+                m = event.start_mark
+                return None, [{"line": m.line + 1, "column": m.column + 1, "path": "(yaml)",
+                               "message": "YAML aliases are not allowed in an overlay"}]
         root = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
