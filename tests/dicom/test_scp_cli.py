@@ -57,7 +57,8 @@ def node_ctx(settings):
 
 def test_scp_with_two_processes_stores_everything_once(node_ctx, tmp_path):
     settings = node_ctx.settings
-    proc = subprocess.Popen([RADCOHORT, "scp", "--processes", "2"], env=_env(settings), cwd=tmp_path,
+    env = {**_env(settings), "RADCOHORT_DICOM_LOG_LEVEL": "INFO"}  # pynetdicom's "Accepting Association"
+    proc = subprocess.Popen([RADCOHORT, "scp", "--processes", "2"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_port(settings.scp_port, proc)
@@ -100,3 +101,42 @@ def test_serve_runs_api_and_scp_in_one_process(node_ctx, tmp_path):
         pytest.fail(f"{failure!r}\n--- radcohort serve output ---\n{out}")
     assert [i["sop_instance_uid"] for i in body["items"]] == [ds.SOPInstanceUID]
     assert "Never" not in json.dumps(body) and "Never" not in out
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_scp_process_serves_storescu_while_64_idle_connections_are_open(node_ctx, tmp_path, processes):
+    """Issue #18 item 1 end to end: `radcohort scp` (one process, or two behind the dispatcher) with
+    64 silent TCP connections open stores from dcmtk `storescu` at once; the silent ones are closed
+    within the handshake timeout."""
+    settings = node_ctx.settings
+    env = {**_env(settings), "RADCOHORT_SCP_HANDSHAKE_TIMEOUT": "3"}
+    proc = subprocess.Popen([RADCOHORT, "scp", "--processes", str(processes)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    idle: list[socket.socket] = []
+    try:
+        _wait_port(settings.scp_port, proc)
+        idle = [socket.create_connection(("127.0.0.1", settings.scp_port)) for _ in range(64)]
+        path = tmp_path / "one.dcm"
+        make_cr().save_as(path, enforce_file_format=True)
+        t0 = time.monotonic()
+        r = subprocess.run(["storescu", "-aet", "SENDER", "-aec", "RADCOHORT", "127.0.0.1", str(settings.scp_port),
+                            str(path)], capture_output=True, text=True, timeout=30)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert count(node_ctx) == 1
+        assert took < 3.0, took  # served at once, not after the silent ones timed out
+        deadline = time.monotonic() + 8
+        for sk in idle:  # every silent connection is closed by the SCP within the handshake timeout
+            sk.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while sk.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail("a silent connection was still open after the handshake timeout")
+    finally:
+        for sk in idle:
+            sk.close()
+        out = _stop(proc)
+    assert proc.returncode == 0, out
