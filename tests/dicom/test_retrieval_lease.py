@@ -93,3 +93,84 @@ def test_finished_and_unleased_old_retrievals(any_ctx):
         assert orphans(ctx) == [], status
     _age(ctx, rid, 600, status="paused", runner_id="gone:1:x")
     assert orphans(ctx) == [rid]  # a paused one waits in its runner: it needs one too
+
+
+# ------------------------------------------------------------------ a real race
+# Several processes, each with its own engine and connection pool (as several API processes have),
+# released by one barrier to claim the same retrieval at the same moment: exactly one may win.
+RACERS, ROUNDS = 4, 12
+
+
+def _racer(url: str, data_dir: str, rids: list[int], barrier, out) -> None:
+    from app.config import Settings
+    from app.context import AppContext
+
+    s = Settings(_env_file=None, database_url=url, data_dir=data_dir, pseudonym_key="k",
+                 retrieval_heartbeat_s=5.0, retrieval_stale_s=30.0)
+    ctx = AppContext.build(s)
+    won = []
+    try:
+        for rid in rids:
+            barrier.wait(60)
+            lease = Lease(ctx, rid)
+            try:
+                if lease.claim():
+                    won.append((rid, lease.runner_id))
+            except Exception as exc:  # noqa: BLE001 - reported to the test: a claim must not crash
+                won.append((rid, f"error: {type(exc).__name__}: {exc}"))
+    finally:
+        out.put(won)
+        ctx.close()
+
+
+def _race(ctx, rids: list[int]) -> dict[int, list[str]]:
+    import multiprocessing as mp
+
+    spawn = mp.get_context("spawn")
+    barrier, out = spawn.Barrier(RACERS), spawn.Queue()
+    procs = [spawn.Process(target=_racer, args=(ctx.settings.database_url, str(ctx.settings.data_dir), rids,
+                                                barrier, out)) for _ in range(RACERS)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    winners: dict[int, list[str]] = {rid: [] for rid in rids}
+    for won in results:
+        for rid, runner in won:
+            winners[rid].append(runner)
+    return winners
+
+
+def test_concurrent_claims_from_several_processes_have_exactly_one_winner(any_ctx):
+    ctx = any_ctx
+    first = _retrieval(ctx)
+    with ctx.sessions() as s:
+        rids = [first] + [create_retrieval(s, "pacs", {"StudyDate": f"201201{d:02d}"}, "test").id
+                          for d in range(2, ROUNDS + 1)]
+        s.commit()
+    winners = _race(ctx, rids)
+    errors = [r for runners in winners.values() for r in runners if r.startswith("error")]
+    assert not errors, errors
+    assert {rid: len(runners) for rid, runners in winners.items()} == {rid: 1 for rid in rids}
+    for rid, (runner,) in winners.items():
+        assert _row(ctx, rid).runner_id == runner  # the row names the one winner
+
+
+def test_concurrent_takeover_of_a_stale_lease_has_exactly_one_winner(any_ctx):
+    """Processes that all see the same stopped runner's lease race to take it over: one wins, one
+    takeover is audited."""
+    ctx = any_ctx
+    first = _retrieval(ctx)
+    with ctx.sessions() as s:
+        rids = [first] + [create_retrieval(s, "pacs", {"StudyDate": f"201202{d:02d}"}, "test").id
+                          for d in range(2, ROUNDS + 1)]
+        s.commit()
+    for rid in rids:
+        _age(ctx, rid, 3600, status="running", runner_id="gone-host:1:dead")
+    winners = _race(ctx, rids)
+    assert {rid: len(runners) for rid, runners in winners.items()} == {rid: 1 for rid in rids}, winners
+    with ctx.sessions() as s:
+        takeovers = list(s.scalars(select(AuditEvent.target).where(AuditEvent.action == "retrieval.takeover")))
+    assert sorted(takeovers) == sorted(str(r) for r in rids)
