@@ -4,6 +4,12 @@ PACS such as Orthanc index PatientSex, PatientBirthDate, BodyPartExamined, Modal
 but not PatientAge, ViewPosition or Laterality, so an age range becomes a birth-date range for
 the study-date window, and view / laterality are left for the labeler after retrieval
 (`post_filter`). Pure: no network, no database.
+
+Each planned query also carries `verify`: every matching value the class needs. The runner checks
+each C-FIND answer against it on our side (app.dicom.matching) before anything is retrieved, so a
+PACS that ignores a key cannot make us fetch unrelated images. Keys the node's probe found not
+honoured (or refused) at SERIES level are not sent as matching keys at all, only asked for as return
+keys (`not_sent`): matching them is then our side's job alone.
 """
 
 from __future__ import annotations
@@ -80,15 +86,29 @@ def _as_list(v) -> list:
     return v if isinstance(v, list) else [v]
 
 
-def plan_queries(taxonomy: dict, study_date_range: str | tuple, rules: RuleSet | None = None) -> list[dict]:
+def keys_to_withhold(capabilities: dict | None, level: str = "SERIES") -> set[str]:
+    """Matching keys not to send at `level`: those the node's probe found ignored or refused.
+    A node never probed gets every key (its answers are verified on our side all the same)."""
+    caps = capabilities or {}
+    out: set[str] = set()
+    for field in ("keys_not_honoured", "keys_refused"):
+        out |= set((caps.get(field) or {}).get(level, []))
+    return out
+
+
+def plan_queries(taxonomy: dict, study_date_range: str | tuple, rules: RuleSet | None = None,
+                 capabilities: dict | None = None) -> list[dict]:
     """One SERIES-level C-FIND per class x modality x BodyPartExamined value.
 
-    Returns [{"class", "level", "query": {DICOM keyword: value}, "post_filter": {label: value}}].
+    Returns [{"class", "level", "query": {DICOM keyword: value}, "verify": {keyword: value},
+    "not_sent": [keyword], "post_filter": {label: value}}]: `query` is what is sent, `verify` what
+    every answer must match on our side (`capabilities`: the node's probe findings).
     With `rules`, each body part expands to every header value the rules map to it or to a more
     general part it refines (SINUS -> SINUS, PNS, ..., SKULL, HEAD), and the body part joins the
     post filter; without, the label value itself is queried.
     """
     start, end = parse_date_range(study_date_range)
+    withheld = keys_to_withhold(capabilities)
     tag_values: dict[str, list[str]] = {}
     if rules is not None:
         for raw, value in rules.rules.get("tag_values", {}).get("body_part", {}).items():
@@ -124,5 +144,10 @@ def plan_queries(taxonomy: dict, study_date_range: str | tuple, rules: RuleSet |
                     q["Modality"] = modality
                 if part:
                     q["BodyPartExamined"] = part
-                out.append({"class": cls["name"], "level": "SERIES", "query": q, "post_filter": post})
+                verify = {k: v for k, v in q.items() if v}
+                not_sent = sorted(k for k in verify if k in withheld)
+                for k in not_sent:
+                    q[k] = ""  # still asked for as a return key, so the answer can be checked
+                out.append({"class": cls["name"], "level": "SERIES", "query": q, "verify": verify,
+                            "not_sent": not_sent, "post_filter": post})
     return out

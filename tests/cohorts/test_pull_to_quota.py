@@ -13,7 +13,7 @@ from app.cohorts.taxonomies import create_taxonomy
 from app.db.models import AuditEvent, Instance
 from app.dicom.scp import StorageSCP
 from app.labels.service import get_rules
-from app.retrievals.nodes import create_node
+from app.retrievals.nodes import create_node, get_node
 from app.retrievals.schemas import NodeIn
 from app.synth.generate import generate, read_truth
 
@@ -73,6 +73,14 @@ def test_pull_stops_at_quota_and_reports_exhausted_classes(rig, client):
     assert chests[0]["sop_instance_uid"] in got
     # one C-FIND per planned query picks the date slices holding matches: one retrieval, not one per slice
     assert len(c20f["retrievals"]) == 1
+    # Orthanc honours every key: each answer is checked on our side and matches; retrievals name UIDs
+    assert c20f["checked"]["matched"] == 1 and c20f["checked"]["mismatched"] == 0
+    assert c20f["rounds"][0]["series"] == 1 and c20f["not_sent"] == []
+    with ctx.sessions() as s:
+        from app.db.models import Retrieval
+
+        q = s.get(Retrieval, c20f["retrievals"][0]).query
+    assert set(k for k, v in q.items() if v) == {"StudyInstanceUID", "SeriesInstanceUID"}
     assert 1 <= len(ltk["retrievals"]) < 6
     assert out["retrievals"] == len(ltk["retrievals"]) + len(c20f["retrievals"])
 
@@ -128,8 +136,57 @@ def test_cli_pull_skips_full_classes_and_stops_on_an_unreachable_pacs(ctx, monke
     assert r.exit_code == 2 and "nope" in r.output
     r = run(cli, ["cohort", "pull", "pacs", "--taxonomy", "xr10", "--per-class", "5"])
     assert r.exit_code == 1, r.output
-    out = json.loads(r.output[r.output.index("{"):])
+    # the report is the JSON document first in the output (a logging handler may write after it)
+    out, _ = json.JSONDecoder().raw_decode(r.output[r.output.index("{"):])
     assert out["stopped"] == "find_failed" and "C-FIND" in out["error"] and out["retrievals"] == 0
     ltk = out["classes"]["LtK"]
     assert ltk["before"] == ltk["after"] >= 12 and (ltk["retrievals"], ltk["exhausted"]) == ([], False)
     assert out["classes"]["W"]["before"] == 0 and not out["classes"]["W"]["exhausted"]
+
+
+def test_a_pacs_that_ignores_keys_gets_its_answers_checked_before_anything_moves(ctx, settings, tmp_path):
+    """dcmqrscp (default) ignores PatientSex, PatientBirthDate, StudyDate and BodyPartExamined at SERIES
+    level and never returns BodyPartExamined: the women class gets women only, the knee class (body
+    part not verifiable) gets nothing, and the report says why."""
+    from pydicom import dcmread
+
+    from app.probe.service import probe_and_store
+    from tests.conformance.peers import start_peer
+
+    ctx.settings.arrival_timeout = 3.0
+    ctx.settings.dicom_retries = 1
+    gen = tmp_path / "gen"
+    generate(gen, per_class=2, seed=5, taxonomy="xr10", size="64x64", workers=1, syntaxes=["explicit"])
+    truth = read_truth(gen)
+    sex_of = {r["sop_instance_uid"]: str(dcmread(gen / r["file"], stop_before_pixels=True).get("PatientSex", ""))
+              for r in truth}
+    assert {"F", "M"} <= set(sex_of.values())
+    peer = start_peer("dcmqrscp", tmp_path / "peer", (settings.ae_title, settings.scp_port))
+    taxonomy = {"name": "lax", "classes": [
+        {"name": "women", "where": {"modality": ["CR", "DX"], "sex": "F"}},
+        {"name": "kneeL", "where": {"body_part": "KNEE", "laterality": "L"}}]}
+    try:
+        peer.load([gen / r["file"] for r in truth])
+        with ctx.sessions() as s:
+            create_node(s, NodeIn(name="lax", ae_title=peer.ae_title, host="127.0.0.1", port=peer.port), "test")
+            s.commit()
+            caps = probe_and_store(s, ctx.settings, get_node(s, "lax"), "test")["capabilities"]
+            create_taxonomy(s, taxonomy, get_rules(ctx.settings.label_rules))
+            s.commit()
+        assert {"PatientSex", "BodyPartExamined"} <= set(caps["keys_not_honoured"]["SERIES"])
+        with StorageSCP(ctx):
+            out = pull_to_quota(ctx, "lax", "lax", per_class=50, study_date_range="20000101-20261231", actor="t")
+    finally:
+        peer.stop()
+    women, knees = out["classes"]["women"], out["classes"]["kneeL"]
+    got = _indexed(ctx)
+    # only women were moved, though the PACS answered every series; the men's were discarded unmoved
+    assert got and {sex_of[u] for u in got} == {"F"}
+    assert got == {u for u, sx in sex_of.items() if sx == "F"}
+    assert women["checked"]["mismatched"] > 0 and women["checked"]["matched"] > 0
+    assert {"PatientSex", "StudyDate"} <= set(women["not_sent"])  # the probe said they are ignored
+    assert all(rnd["status"] == "completed" for rnd in women["rounds"])
+    # no answer carries BodyPartExamined: no knee series can be verified, none is moved, and it is said
+    assert knees["retrievals"] == [] and knees["checked"]["matched"] == 0
+    assert knees["checked"]["unverifiable_keys"].get("BodyPartExamined", 0) > 0
+    assert out["stopped"] == "done"
