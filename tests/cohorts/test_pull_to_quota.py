@@ -30,6 +30,35 @@ def test_date_slices_cover_the_range_without_overlap():
     assert date_slices("20200101-20200102", 5) == ["20200101-20200101", "20200102-20200102"]
 
 
+def test_answers_are_verified_deduplicated_and_retrieved_by_uid():
+    from pydicom import Dataset
+
+    from app.cohorts.pull_runner import _checked, _retrieval_queries, verified_series
+
+    def ans(series, study="1.1", sex="F", date="20120304", part="CHEST"):
+        ds = Dataset()
+        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.StudyDate = series, study, date
+        if sex is not None:
+            ds.PatientSex = sex
+        if part is not None:
+            ds.BodyPartExamined = part
+        return ds
+
+    wanted = {"StudyDate": "20110101-20161231", "PatientSex": "F", "BodyPartExamined": "CHEST", "Modality": ""}
+    answers = [ans("1.1.1"), ans("1.1.1"), ans("1.1.2", sex="M"), ans("1.1.3", sex=None),
+               ans("1.1.4", part=None), ans("1.1.5", date="20190101"), ans("", study="1.2"),
+               ans("1.2.1", study="1.2", date="20160101")]
+    checked = _checked()
+    got = verified_series(answers, wanted, checked)
+    assert got == {"1.1.1": ("1.1", "20120304"), "1.2.1": ("1.2", "20160101")}
+    assert (checked["answers"], checked["matched"], checked["duplicates"], checked["mismatched"],
+            checked["unverifiable"]) == (8, 2, 1, 2, 3)
+    assert checked["unverifiable_keys"] == {"PatientSex": 1, "BodyPartExamined": 1, "SeriesInstanceUID": 1}
+    assert _retrieval_queries(got, lists=True) == [{"StudyInstanceUID": "1.1\\1.2", "SeriesInstanceUID": "1.1.1\\1.2.1"}]
+    assert _retrieval_queries(got, lists=False) == [{"StudyInstanceUID": "1.1", "SeriesInstanceUID": "1.1.1"},
+                                                    {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.1"}]
+
+
 @pytest.fixture
 def rig(ctx, orthanc, tmp_path):
     """Orthanc holding 6 left knees (distinct patients) and 1 chest of a woman in her 20s; our SCP."""
