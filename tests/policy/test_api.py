@@ -76,7 +76,7 @@ def test_over_http_window_wait_then_cancel_and_pause_resume_mid_run(client, ctx,
     studies = make_studies(tmp_path / "gen", ["20120101", "20120102", "20120103"], instances_per_series=4)
     upload_all(orthanc, sorted((tmp_path / "gen").iterdir()))
     node(client, orthanc.dicom_port)
-    probe = client.post("/api/v1/pacs-nodes/pacs/probe")
+    probe = client.post("/api/v1/pacs-nodes/pacs/probe?wait=true")  # blocking form: 200 when done
     assert probe.status_code == 200, probe.text
     assert probe.json()["capabilities"]["get"]["works"] and probe.json()["planner"]["method"] == "get"
 
