@@ -114,10 +114,16 @@ class RetrieveResult:
     warning: int = 0
     remaining: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    comment: str = ""  # the final response's ErrorComment, if any
 
     @property
     def ok(self) -> bool:
         return self.status == 0 and self.failed == 0
+
+    @property
+    def failure(self) -> str:
+        """Why sub-operations failed, in the PACS's words (its final status and comment)."""
+        return status_text(self.status) + (f" ({self.comment})" if self.comment else "")
 
 
 def status_text(code: int) -> str:
@@ -355,7 +361,14 @@ class DicomClient:
         if final is None:
             raise self._lost(op)
         res.status = final
+        res.comment = comment
         if final not in (0x0000, CANCEL) and not (0xB000 <= final <= 0xBFFF):
+            if res.failed_uids or res.completed or res.warning:
+                # the PACS ran the retrieve and failed some sub-operations (e.g. 0xA702 with a Failed
+                # SOP Instance UID List: an instance it cannot send to us): a per-instance outcome
+                # for the caller to record, not a refusal of the whole retrieve (a bare failure with
+                # only a failed count is a refusal: some PACS count every pending one as failed)
+                return res
             err = _failure(op, self.node, final, comment)
             err.result = res  # type: ignore[attr-defined]
             raise err
@@ -365,11 +378,14 @@ class DicomClient:
              root: str = "study", on_pending: Callable[[RetrieveResult], None] | None = None) -> RetrieveResult:
         """C-MOVE the instances named by `keys` (unique keys) to `destination` (default: our AE)."""
         identifier = self._retrieve_identifier(level, keys, root)
-        model = MODELS[(check_level(level, root)[1], "move")]
+        r = check_level(level, root)[1]
+        model = MODELS[(r, "move")]
         dest = destination or self.settings.ae_title
 
         def once() -> RetrieveResult:
-            with self._association([model]) as assoc:
+            # the FIND model too: a strict PACS (dcmqrscp --require-find) gives a MOVE association
+            # without one no usable context
+            with self._association([model, MODELS[(r, "find")]]) as assoc:
                 try:
                     return self._run_retrieve("C-MOVE", assoc.send_c_move(identifier, dest, model), on_pending)
                 except ValueError as exc:
@@ -384,12 +400,14 @@ class DicomClient:
         handler, e.g. app.dicom.scp.make_store_handler) on this association. `sop_classes`: the
         classes expected (from the C-FIND), offered in every transfer syntax."""
         identifier = self._retrieve_identifier(level, keys, root)
-        model = MODELS[(check_level(level, root)[1], "get")]
-        storage = storage_contexts_for_get(MAX_CONTEXTS - 1, sop_classes)
+        r = check_level(level, root)[1]
+        model = MODELS[(r, "get")]
+        storage = storage_contexts_for_get(MAX_CONTEXTS - 2, sop_classes)
         roles = [build_role(sop, scp_role=True) for sop in dict.fromkeys(cx.abstract_syntax for cx in storage)]
 
         def once() -> RetrieveResult:
-            with self._association([model, *storage], handlers=[(evt.EVT_C_STORE, store_handler)],
+            with self._association([model, MODELS[(r, "find")], *storage],
+                                   handlers=[(evt.EVT_C_STORE, store_handler)],
                                    roles=roles) as assoc:
                 try:
                     return self._run_retrieve("C-GET", assoc.send_c_get(identifier, model), on_pending)

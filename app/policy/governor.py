@@ -75,6 +75,19 @@ class Governor:
                 r.report = {**(r.report or {}), **self.report()}
                 s.commit()
 
+    def cancelled_now(self) -> bool:
+        return self._status() == CANCELLED
+
+    def sleep(self, seconds: float) -> None:
+        """Every wait of a retrieval: in slices, so that a cancel or pause is seen within poll_s."""
+        end = self.clock.monotonic() + seconds
+        while True:
+            left = end - self.clock.monotonic()
+            if left <= 0:
+                return
+            self.clock.sleep(min(left, max(self.poll_s, 0.05)))
+            self.check_control()
+
     def check_control(self) -> None:
         """Raise Cancelled, or wait here while the user has the retrieval paused."""
         status = self._status()
@@ -154,7 +167,7 @@ class Governor:
         delay = self.backoff.delay()
         if delay:
             self.stats["backoff_wait_s"] += delay
-            self.clock.sleep(delay)
+            self.sleep(delay)
         wait = 0.0
         if self.limits_bytes is not None:
             wait = max(wait, self.limits_bytes.debt_wait())
@@ -162,7 +175,7 @@ class Governor:
             wait = max(wait, self.limits_instances.take(n_instances))
         if wait:
             self.stats["rate_wait_s"] += wait
-            self.clock.sleep(wait)
+            self.sleep(wait)
 
     def after_unit(self, ok: bool, nbytes: int = 0) -> None:
         if ok:
@@ -183,7 +196,7 @@ class Governor:
         wait = max(seconds, self.backoff.delay())
         with self._lock:
             self.stats["backoff_wait_s"] += wait
-        self.clock.sleep(wait)
+        self.sleep(wait)
 
     @contextmanager
     def association(self) -> Iterator[None]:

@@ -205,21 +205,15 @@ class GovernedRunner(RetrievalRunner):
 
     def _remember_study_refusal(self, node) -> None:
         """A PACS that refused a study-level retrieve: later jobs ask per series from the start."""
-        with self.ctx.sessions() as s:
-            n = s.get(PacsNode, node.id)
-            if n is None:
-                return
-            opts = dict(n.options or {})
-            caps = dict(opts.get("capabilities") or {})
-            if not caps.get("study_retrieve_refused"):
-                caps["study_retrieve_refused"] = True
-                opts["capabilities"] = caps
-                n.options = opts
-                s.commit()
+        self._remember(node, "study_retrieve_refused")
         self._study_refused = True
 
+    def _check_control(self) -> None:
+        if self.gate is not None:
+            self.gate.check_control()
+
     # --------------------------------------------------------------- per unit
-    def _pieces(self, unit: Unit) -> list[Unit]:
+    def _pieces(self, unit: Unit, method: str) -> list[Unit]:
         """Cut a unit at study/series boundaries (when windows need them, and for WADO-RS), and to
         the instance bucket's size."""
         size = self.gate.unit_max
@@ -233,14 +227,14 @@ class GovernedRunner(RetrievalRunner):
         # is kept whole unless transfer windows need study/series boundaries to stop at, or the
         # byte bucket needs pieces to pace (it is charged after each piece with what arrived)
         split_batches = unit.batched and (bool(self.gate.schedule.windows) or self.gate.limits_bytes is not None)
-        if not split_batches and not size and (self.method != "dicomweb" or unit.level == "IMAGE"):
+        if not split_batches and not size and (method != "dicomweb" or unit.level == "IMAGE"):
             return [unit]
         groups: dict[tuple[str, str], list[str]] = {}
         for sop in unit.sops:
             e = self._expected[sop]
             groups.setdefault((e.study_instance_uid, e.series_instance_uid), []).append(sop)
         if not size:
-            if unit.level == "STUDY" and self.method != "dicomweb":
+            if unit.level == "STUDY" and method != "dicomweb":
                 by_study: dict[str, list[str]] = {}
                 for (st, _se), sops in groups.items():
                     by_study.setdefault(st, []).extend(sops)
@@ -254,16 +248,17 @@ class GovernedRunner(RetrievalRunner):
         return out
 
     def _fetch(self, client, node, method, unit: Unit) -> RetrieveResult:
-        total = RetrieveResult(method=self.method or method)
-        for piece in self._pieces(unit):
+        """`method`: the job's (self.method), or "get" for the runner's one retry of failed instances."""
+        total = RetrieveResult(method=method)
+        for piece in self._pieces(unit, method):
             self.gate.before_unit(len(piece.sops))
             try:
                 with self.gate.association():
-                    if self.method == "dicomweb":
+                    if method == "dicomweb":
                         res = self._fetch_dicomweb(client, node, piece)
                     else:
                         res = super()._fetch(client.inner if isinstance(client, GovernedClient) else client,
-                                             node, self.method or method, piece)
+                                             node, method, piece)
             except PermanentDicomError as exc:
                 self.gate.after_unit(ok=False)
                 if piece.level == "STUDY" and getattr(exc, "status", None) != 0xA801:
@@ -279,6 +274,7 @@ class GovernedRunner(RetrievalRunner):
             total.warning += res.warning
             total.failed_uids += res.failed_uids
             total.status = res.status or total.status
+            total.comment = res.comment or total.comment
         return total
 
     def _bytes_of(self, unit: Unit) -> int:
@@ -348,7 +344,11 @@ class GovernedRunner(RetrievalRunner):
             self.cancelled = str(exc) or "cancelled by the user"
 
     def _finish(self, st, t0, *, error=None, method=None, listing=None) -> Retrieval:
+        # the user's cancel stands even where no wait noticed it before the end (never `partial` over it)
+        cancelled_meanwhile = self.gate is not None and self.gate.cancelled_now()
         r = super()._finish(st, t0, error=error, method=self.method or method, listing=listing)
+        if cancelled_meanwhile and not self.cancelled:
+            self.cancelled = "cancelled by the user"
         if self.cancelled and r.status != "completed":
             with self.ctx.sessions() as s:
                 s.execute(update(Retrieval).where(Retrieval.id == self.id).values(

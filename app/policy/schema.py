@@ -41,9 +41,11 @@ class BackoffIn(BaseModel):
     factor: float = Field(2.0, ge=1, le=10)
     max_s: float = Field(300.0, gt=0, le=86400)
     recover_after: int = Field(3, ge=1, le=1000, description="successful retrieves per step back")
+    decay_s: float = Field(60.0, ge=0, le=86400, description="seconds without pushback per step back "
+                           "(0: only successes lower the level)")
 
     def config(self) -> BackoffConfig:
-        return BackoffConfig(self.initial_s, self.factor, self.max_s, self.recover_after)
+        return BackoffConfig(self.initial_s, self.factor, self.max_s, self.recover_after, self.decay_s)
 
 
 class UrgentRules(BaseModel):

@@ -1,8 +1,16 @@
-"""The expected list of a retrieval: image-level C-FIND, split when the PACS caps its answer.
+"""The expected list of a retrieval: a hierarchical, verified walk STUDY -> SERIES -> IMAGE.
 
-A capped answer (0xFE00, e.g. Orthanc's LimitFindInstances) is split by bisecting the StudyDate
-range; a single day still capped is split by study, then by series. A series that is still capped
-cannot be split further: the listing is marked incomplete with a note.
+PS3.4 C.4.1.2.2's hierarchical model: each level is asked with the unique keys of the levels above
+and only the matching keys that belong to it (a strict PACS refuses anything else with 0xA900; a lax
+one ignores what it does not index). Every answer is then checked against every matching value the
+user gave, on our side: a PACS that ignored a key (dcmqrscp ignores keys it does not index), repeated
+a row (pynetdicom's qrscp) or answered outside the query cannot make us move anything outside it.
+An answer that does not match is *discarded*; one that lacks an attribute we must check cannot be
+verified and is discarded too — except ModalitiesInStudy, which the study's series settle.
+
+A capped answer (0xFE00, or a known silent cap) at study level is split by bisecting the StudyDate
+range; a capped series or instance list of one study cannot be split further: the listing is marked
+incomplete with a note.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from app.dicom.queries import PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
+from app.dicom.matching import matches
+from app.dicom.queries import key_level
 from app.dicom.scu import DicomClient
 
 log = logging.getLogger("radcohort.retrievals")
@@ -22,6 +31,9 @@ log = logging.getLogger("radcohort.retrievals")
 MIN_DATE = date(1900, 1, 1)
 MAX_DATE = date(2099, 12, 31)
 IMAGE_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+SERIES_RETURN = ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
+STUDY_RETURN = ("StudyInstanceUID",)
+LEVEL_OF = {"PATIENT": "STUDY", "STUDY": "STUDY", "SERIES": "SERIES", "IMAGE": "IMAGE"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,17 @@ class Listing:
     splits: int = 0
     incomplete: bool = False
     notes: list[str] = field(default_factory=list)
+    # answers dropped on our side, per level, and why
+    discarded: dict[str, int] = field(default_factory=lambda: {"studies": 0, "series": 0, "instances": 0})
+    not_honoured: set[str] = field(default_factory=set)  # keys the PACS answered against
+    unverifiable: set[str] = field(default_factory=set)  # keys its answers did not carry
+    duplicates: int = 0
+
+    def report(self) -> dict:
+        """What the retrieval report says about the listing."""
+        return {"discarded": dict(self.discarded), "filtered_keys": sorted(self.not_honoured | self.unverifiable),
+                "keys_not_honoured": sorted(self.not_honoured), "keys_not_returned": sorted(self.unverifiable),
+                "duplicate_answers": self.duplicates}
 
 
 def _d(s: str) -> date:
@@ -59,70 +82,137 @@ def date_bounds(value: str | None) -> tuple[date, date]:
     return (_d(lo) if lo else MIN_DATE), (_d(hi) if hi else MAX_DATE)
 
 
-def list_expected(client: DicomClient, query: dict[str, str],
-                  on_find: Callable[[Listing], None] | None = None) -> Listing:
-    """Every instance matching `query` (validated keywords), as SOP/series/study UIDs."""
-    out = Listing()
+def split_by_level(query: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The query's keys by the level they are sent at (patient keys go with the study level of the
+    study root, PS3.4 C.6.2.1)."""
+    out: dict[str, dict[str, str]] = {"STUDY": {}, "SERIES": {}, "IMAGE": {}}
+    for k, v in query.items():
+        out[LEVEL_OF[key_level(k)]][k] = v
+    return out
 
-    def find(level: str, q: dict[str, str], keys: tuple[str, ...]):
-        res = client.find(level, q, return_keys=keys)
-        out.finds += 1
-        if on_find:
-            on_find(out)
+
+def _uid(ds, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
+
+
+class _Walk:
+    """One listing: holds the client, the per-level queries and the running Listing."""
+
+    def __init__(self, client: DicomClient, query: dict[str, str], on_find: Callable[[Listing], None] | None):
+        self.client, self.on_find = client, on_find
+        self.by_level = split_by_level(query)
+        self.out = Listing()
+
+    def find(self, level: str, q: dict[str, str], keys: tuple[str, ...]):
+        res = self.client.find(level, q, return_keys=tuple(dict.fromkeys((*keys, *q))))
+        self.out.finds += 1
+        if self.on_find:
+            self.on_find(self.out)
         return res
 
-    def add(results) -> None:
-        for ds in results:
-            sop = str(ds.get("SOPInstanceUID", "") or "").strip()
-            if not sop:
+    def verify(self, level: str, ds, *, skip: tuple[str, ...] = ()) -> bool | None:
+        """Does the answer match every matching value of its level? None: only `skip` keys (settled
+        later) could not be verified."""
+        deferred = False
+        for k, wanted in self.by_level[level].items():
+            if not wanted:
                 continue
-            out.items[sop] = ExpectedInstance(sop, str(ds.get("SeriesInstanceUID", "") or "").strip(),
-                                              str(ds.get("StudyInstanceUID", "") or "").strip(),
-                                              str(ds.get("SOPClassUID", "") or "").strip())
+            got = matches(k, wanted, ds.get(k))
+            if got is None and k in skip:
+                deferred = True
+            elif got is None:
+                self.out.unverifiable.add(k)
+                return False
+            elif not got:
+                self.out.not_honoured.add(k)
+                return False
+        return None if deferred else True
 
-    def collect(q: dict[str, str]) -> None:
-        res = find("IMAGE", q, IMAGE_KEYS)
-        add(res.results)
-        if not res.capped:
-            return
-        out.splits += 1
-        if "SeriesInstanceUID" in q and q["SeriesInstanceUID"]:
-            out.incomplete = True
-            out.notes.append(f"series {q['SeriesInstanceUID']} has more instances than the PACS's result "
-                             f"cap; raise the PACS's limit (e.g. Orthanc LimitFindInstances)")
-            return
-        if "StudyInstanceUID" in q and q["StudyInstanceUID"]:
-            return by_series(q)
-        lo, hi = date_bounds(q.get("StudyDate"))
-        if lo < hi:
-            mid = lo + timedelta(days=(hi - lo).days // 2)
-            log.info("C-FIND capped for %s..%s: splitting the date range", lo, hi)
-            collect({**q, "StudyDate": f"{_s(lo)}-{_s(mid)}"})
-            collect({**q, "StudyDate": f"{_s(mid + timedelta(days=1))}-{_s(hi)}"})
-            return
-        by_study(q)
+    def unique(self, results, key: str) -> list:
+        seen: dict[str, object] = {}
+        for ds in results:
+            uid = _uid(ds, key)
+            if not uid:
+                continue
+            if uid in seen:
+                self.out.duplicates += 1
+                continue
+            seen[uid] = ds
+        return list(seen.values())
 
-    def by_study(q: dict[str, str]) -> None:
-        sq = {k: v for k, v in q.items() if k in PATIENT_KEYS or k in STUDY_KEYS}
-        res = find("STUDY", sq, ("StudyInstanceUID",))
+    # ---------------------------------------------------------------- levels
+    def studies(self, q: dict[str, str]) -> None:
+        res = self.find("STUDY", q, STUDY_RETURN)
         if res.capped:
-            out.incomplete = True
-            out.notes.append(f"more studies on {q.get('StudyDate')} than the PACS's result cap")
-        for ds in res.results:
-            uid = str(ds.get("StudyInstanceUID", "") or "").strip()
-            if uid:
-                collect({**q, "StudyInstanceUID": uid})
+            lo, hi = date_bounds(q.get("StudyDate"))
+            if lo < hi:
+                self.out.splits += 1
+                mid = lo + timedelta(days=(hi - lo).days // 2)
+                log.info("C-FIND capped for %s..%s: splitting the date range", lo, hi)
+                self.studies({**q, "StudyDate": f"{_s(lo)}-{_s(mid)}"})
+                self.studies({**q, "StudyDate": f"{_s(mid + timedelta(days=1))}-{_s(hi)}"})
+                return
+            self.out.incomplete = True
+            self.out.notes.append(f"more studies on {q.get('StudyDate') or 'the PACS'} than its result cap; "
+                                  f"narrow the query or raise the PACS's limit")
+        for ds in self.unique(res.results, "StudyInstanceUID"):
+            ok = self.verify("STUDY", ds, skip=("ModalitiesInStudy",))
+            if ok is False:
+                self.out.discarded["studies"] += 1
+                continue
+            self.series(_uid(ds, "StudyInstanceUID"), modalities=None if ok else self.by_level["STUDY"]["ModalitiesInStudy"])
 
-    def by_series(q: dict[str, str]) -> None:
-        sq = {k: v for k, v in q.items() if k in SERIES_KEYS or k == "StudyInstanceUID"}
-        res = find("SERIES", sq, ("StudyInstanceUID", "SeriesInstanceUID"))
+    def series(self, study: str, modalities: str | None) -> None:
+        res = self.find("SERIES", {"StudyInstanceUID": study, **self.by_level["SERIES"]}, SERIES_RETURN)
         if res.capped:
-            out.incomplete = True
-            out.notes.append(f"study {q['StudyInstanceUID']} has more series than the PACS's result cap")
-        for ds in res.results:
-            uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
-            if uid:
-                collect({**q, "SeriesInstanceUID": uid})
+            self.out.incomplete = True
+            self.out.notes.append(f"study {study} has more series than the PACS's result cap")
+        kept = []
+        for ds in self.unique(res.results, "SeriesInstanceUID"):
+            if _uid(ds, "StudyInstanceUID") not in ("", study) or not self.verify("SERIES", ds):
+                self.out.discarded["series"] += 1
+                continue
+            kept.append(ds)
+        if modalities is not None:
+            # the PACS did not return ModalitiesInStudy: the study matches if one of its series does
+            found = [matches("Modality", modalities, ds.get("Modality")) for ds in kept]
+            if not any(found):
+                if all(f is None for f in found):
+                    self.out.unverifiable.add("ModalitiesInStudy")
+                else:
+                    self.out.not_honoured.add("ModalitiesInStudy")
+                self.out.discarded["studies"] += 1
+                return
+        for ds in kept:
+            self.images(study, _uid(ds, "SeriesInstanceUID"))
 
-    collect(dict(query))
+    def images(self, study: str, series: str) -> None:
+        q = {"StudyInstanceUID": study, "SeriesInstanceUID": series, **self.by_level["IMAGE"]}
+        res = self.find("IMAGE", q, IMAGE_KEYS)
+        if res.capped:
+            self.out.incomplete = True
+            self.out.notes.append(f"series {series} has more instances than the PACS's result cap; raise the "
+                                  f"PACS's limit (e.g. Orthanc LimitFindInstances)")
+        for ds in self.unique(res.results, "SOPInstanceUID"):
+            sop = _uid(ds, "SOPInstanceUID")
+            # a PACS that ignores the unique keys above the level answers with other series' instances
+            if _uid(ds, "StudyInstanceUID") not in ("", study) or _uid(ds, "SeriesInstanceUID") not in ("", series) \
+                    or not self.verify("IMAGE", ds):
+                self.out.discarded["instances"] += 1
+                continue
+            if sop in self.out.items:
+                self.out.duplicates += 1
+                continue
+            self.out.items[sop] = ExpectedInstance(sop, series, study, _uid(ds, "SOPClassUID"))
+
+
+def list_expected(client: DicomClient, query: dict[str, str],
+                  on_find: Callable[[Listing], None] | None = None) -> Listing:
+    """Every instance matching `query` (validated keywords), as SOP/series/study UIDs, verified."""
+    walk = _Walk(client, dict(query), on_find)
+    walk.studies(walk.by_level["STUDY"])
+    out = walk.out
+    if out.not_honoured or out.unverifiable:
+        log.info("listing: the PACS did not honour %s and did not return %s; %s answers discarded on our side",
+                 sorted(out.not_honoured) or "-", sorted(out.unverifiable) or "-", out.discarded)
     return out

@@ -19,7 +19,7 @@ from sqlalchemy import delete, insert, select, update
 from app.context import AppContext
 from app.db.models import Instance, PacsNode, Retrieval, RetrievalItem
 from app.dicom.queries import key_level, validate_query
-from app.dicom.scu import DicomClient, RetrieveResult
+from app.dicom.scu import MOVE_DESTINATION_UNKNOWN, DicomClient, RetrieveResult
 from app.errors import DicomError, PermanentDicomError, RetriableDicomError
 from app.retrievals.expected import ExpectedInstance, list_expected
 from app.retrievals.lease import Lease
@@ -91,6 +91,7 @@ class _State:
     errors: list[str] = field(default_factory=list)
     subops: dict[str, int] = field(default_factory=lambda: {"completed": 0, "failed": 0, "warning": 0})
     statuses: list[str] = field(default_factory=list)
+    retried_by_get: int = 0
 
 
 def present(session, uids) -> set[str]:
@@ -127,12 +128,14 @@ def _batches(items: list[tuple[str, list[str]]], max_uids: int, max_sops: int):
         yield batch
 
 
-def plan_units(missing: list[ExpectedInstance], expected: dict[str, ExpectedInstance], depth: str) -> list[Unit]:
+def plan_units(missing: list[ExpectedInstance], expected: dict[str, ExpectedInstance], depth: str,
+               max_uids: int = MAX_UIDS_PER_RETRIEVE) -> list[Unit]:
     """The fewest retrieves that bring exactly the missing instances.
 
     A whole study is moved only when the query constrains nothing below study level and every
     expected instance of it is missing; a whole series likewise; otherwise the missing instances
-    of a series are named one by one (so a rerun fetches only what is missing).
+    of a series are named one by one (so a rerun fetches only what is missing). `max_uids`: studies
+    or series named in one retrieve (1 for a PACS known to refuse UID lists).
     """
     counts: dict[tuple[str, str], int] = {}
     series_of: dict[str, set[str]] = {}
@@ -156,14 +159,20 @@ def plan_units(missing: list[ExpectedInstance], expected: dict[str, ExpectedInst
             else:
                 for i in range(0, len(sops), IMAGE_UNIT_MAX):
                     units.append(Unit("IMAGE", [study], [se], sops[i:i + IMAGE_UNIT_MAX]))
-        for b in _batches(whole_series, MAX_UIDS_PER_RETRIEVE, MAX_SOPS_PER_RETRIEVE):
+        for b in _batches(whole_series, max_uids, MAX_SOPS_PER_RETRIEVE):
             units.append(Unit("SERIES", [study], [se for se, _ in b], [u for _, sops in b for u in sops]))
-    for b in _batches(whole_studies, MAX_UIDS_PER_RETRIEVE, MAX_SOPS_PER_RETRIEVE):
+    for b in _batches(whole_studies, max_uids, MAX_SOPS_PER_RETRIEVE):
         units.append(Unit("STUDY", [st for st, _ in b], [], [u for _, sops in b for u in sops]))
     return units
 
 
 MAX_REFUSALS = 3  # consecutive refused retrieves with nothing arriving: the PACS refuses us, stop
+SUBOP_FAILED = "sub-operation failed"
+
+
+def capabilities(node: PacsNode) -> dict:
+    """What the probe and earlier jobs learnt about the node."""
+    return dict(((node.options or {}) if isinstance(node.options, dict) else {}).get("capabilities") or {})
 
 
 def _split(unit: Unit, expected: dict[str, ExpectedInstance], only: set[str] | None = None) -> list[Unit]:
@@ -246,13 +255,19 @@ class RetrievalRunner:
         st.expected = self._expected = listing.items
         if listing.incomplete:
             st.errors.extend(listing.notes)
+        if listing.unverifiable:
+            st.errors.append(f"the PACS did not return {', '.join(sorted(listing.unverifiable))}: answers that "
+                             f"could not be checked against the query were not retrieved ({listing.discarded})")
         self._record_items(st)
         with self.ctx.sessions() as s:
             st.present_at_start = present(s, st.expected)
         missing = [e for u, e in st.expected.items() if u not in st.present_at_start]
-        units = plan_units(missing, st.expected, query_depth(query))
+        lists_refused = bool(capabilities(node).get("uid_lists_refused"))
+        units = plan_units(missing, st.expected, query_depth(query), max_uids=1 if lists_refused else
+                           MAX_UIDS_PER_RETRIEVE)
         self._update(expected=len(st.expected), skipped=len(st.present_at_start),
-                     report={"finds": listing.finds, "find_splits": listing.splits, "units": len(units)})
+                     report={"finds": listing.finds, "find_splits": listing.splits, "units": len(units),
+                             **listing.report()})
         self._notify(phase="fetching", expected=len(st.expected), skipped=len(st.present_at_start),
                      to_fetch=len(missing), units=len(units))
         try:
@@ -276,50 +291,60 @@ class RetrievalRunner:
             s.commit()
 
     def _fetch_all(self, client: DicomClient, node: PacsNode, method: str, units: list[Unit], st: _State) -> None:
+        """Every unit in turn; what one unit's failure costs is that unit's instances, never the job
+        (only a PACS that cannot be reached, or a destination it does not know, stops it)."""
         queue = list(units)
         done = 0
         refusals = 0
         while queue:
             unit = queue.pop(0)
+            self._check_control()
             try:
                 res = self._fetch(client, node, method, unit)
             except PermanentDicomError as exc:
                 status = getattr(exc, "status", None)
-                refusals += 1
-                # unknown destination, or every retrieve refused with nothing arriving: stop asking
-                if status == 0xA801 or (refusals >= MAX_REFUSALS and not st.arrived):
-                    st.errors.append(exc.message if status == 0xA801 else
-                                     f"the PACS refused {refusals} retrieves in a row, stopping: {exc.message}")
-                    for u in [unit, *queue]:
-                        st.failed.update({sop: exc.message for sop in u.sops})
-                    return
                 self._count(st, getattr(exc, "result", None))
                 self._wait_arrivals(unit, st, None, grace=0.0)  # what came before the refusal
+                refusals += 1
+                # a destination the PACS does not know (a single UID: a list may be what it could not
+                # parse), or every retrieve refused with nothing arriving: stop asking
+                if (status == MOVE_DESTINATION_UNKNOWN and not unit.batched) or \
+                        (refusals >= MAX_REFUSALS and not st.arrived):
+                    st.errors.append(exc.message if refusals < MAX_REFUSALS else
+                                     f"the PACS refused {refusals} retrieves in a row, stopping: {exc.message}")
+                    for u in [unit, *queue]:
+                        st.failed.update({sop: exc.message for sop in u.sops if sop not in st.arrived})
+                    return
+                # a UID list some PACS cannot parse (0xA801 from pynetdicom's qrscp, 0xA900, 0xC000,
+                # 0xC413): per study, then per series, before the unit is declared failed
                 smaller = _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived})
                 if smaller:
+                    if unit.batched:
+                        self._remember(node, "uid_lists_refused")
                     log.info("retrieval %s: %s refused (%s); retrying per %s", self.id, unit.describe(),
                              exc.message, smaller[0].level.lower())
                     queue[:0] = smaller
                     self._notify(units=self.progress.units + len(smaller) - 1)
                     continue
                 self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
-                st.errors.append(exc.message)
+                st.errors.append(f"{unit.describe()}: {exc.message}")
                 st.failed.update({sop: exc.message for sop in unit.sops if sop not in st.arrived})
             except RetriableDicomError as exc:
-                # the PACS is gone (retries exhausted): record what arrived, leave the rest missing
                 self._count(st, getattr(exc, "result", None))
                 self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
-                st.errors.append(f"PACS unreachable during {unit.describe()}: {exc.message}")
-                return
+                if getattr(exc, "status", None) is None:
+                    # no answer at all (refused connection, timeout, abort) after the retry layer
+                    # gave up: the PACS is gone; what did not arrive stays missing for a rerun
+                    st.errors.append(f"PACS unreachable during {unit.describe()}: {exc.message}")
+                    return
+                # a status the retry layer gave up on (0xA7xx out of resources): this unit failed
+                st.errors.append(f"{unit.describe()}: {exc.message}")
+                st.failed.update({sop: exc.message for sop in unit.sops if sop not in st.arrived})
             else:
                 refusals = 0
                 self._count(st, res)
                 self._wait_arrivals(unit, st, res)
-                if res.failed_uids:
-                    st.failed.update({u: "sub-operation failed" for u in res.failed_uids
-                                      if u in st.expected and u not in st.arrived})
-                elif res.failed:
-                    st.failed.update({u: "sub-operation failed" for u in unit.sops if u not in st.arrived})
+                self._record_subop_failures(unit, res, st)
                 short = {u for u in unit.sops if u not in st.arrived and u not in st.failed}
                 if short and unit.batched:
                     # a PACS that ignores UID lists: ask again for what did not come, one by one
@@ -331,6 +356,60 @@ class RetrievalRunner:
             done += 1
             self._update(received=len(st.arrived), report=self._report(st))
             self._notify(units_done=done, received=len(st.arrived))
+        if method == "move":
+            self._retry_failed_by_get(client, node, st)
+
+    def _record_subop_failures(self, unit: Unit, res: RetrieveResult, st: _State) -> None:
+        """Failed sub-operations: the instances the PACS names (or, without a list, every one that
+        did not come) failed, with the PACS's status and its meaning."""
+        if not (res.failed_uids or res.failed):
+            return
+        why = f"{SUBOP_FAILED}: {res.failure}"
+        named = res.failed_uids or unit.sops
+        st.failed.update({u: why for u in named if u in st.expected and u not in st.arrived})
+
+    def _retry_failed_by_get(self, client, node: PacsNode, st: _State) -> None:
+        """Instances whose C-MOVE sub-operation failed (often a transfer syntax the PACS could not
+        send us: C-MOVE leaves the choice of contexts to the PACS, C-GET lets us offer each one) are
+        asked for once more, by C-GET, series by series."""
+        todo = [u for u, why in st.failed.items() if why.startswith(SUBOP_FAILED) and u not in st.arrived]
+        if not todo:
+            return
+        by_series: dict[tuple[str, str], list[str]] = {}
+        for sop in todo:
+            e = st.expected[sop]
+            by_series.setdefault((e.study_instance_uid, e.series_instance_uid), []).append(sop)
+        log.info("retrieval %s: %d failed instance(s); retrying them once by C-GET", self.id, len(todo))
+        for (study, series), sops in by_series.items():
+            unit = Unit("IMAGE", [study], [series], sops)
+            self._check_control()
+            try:
+                res = self._fetch(client, node, "get", unit)
+            except DicomError as exc:
+                st.errors.append(f"retry by C-GET of {len(sops)} failed instance(s) refused: {exc.message}")
+                continue
+            self._wait_arrivals(unit, st, res, grace=min(2.0, self.ctx.settings.arrival_timeout))
+            for u in sops:
+                if u in st.arrived:
+                    st.failed.pop(u, None)
+            st.retried_by_get += len(sops)
+
+    def _check_control(self) -> None:
+        """A hook at every wait: the governed runner raises Cancelled here (app.policy.runner)."""
+
+    def _remember(self, node: PacsNode, capability: str) -> None:
+        """Learn something about the node for later jobs (node.options["capabilities"])."""
+        with self.ctx.sessions() as s:
+            n = s.get(PacsNode, node.id)
+            if n is None:
+                return
+            opts = dict(n.options or {})
+            caps = dict(opts.get("capabilities") or {})
+            if not caps.get(capability):
+                caps[capability] = True
+                opts["capabilities"] = caps
+                n.options = opts
+                s.commit()
 
     def _fetch(self, client: DicomClient, node: PacsNode, method: str, unit: Unit) -> RetrieveResult:
         def pending(res: RetrieveResult) -> None:
@@ -389,12 +468,21 @@ class RetrievalRunner:
                 return
             if time.monotonic() - last_progress >= timeout:
                 return
+            self._check_control()
             time.sleep(POLL_S)
 
     def _report(self, st: _State, listing=None) -> dict:
         rep = {"suboperations": dict(st.subops), "statuses": st.statuses[-20:]}
+        if st.failed:
+            reasons: dict[str, int] = {}
+            for why in st.failed.values():
+                reasons[why] = reasons.get(why, 0) + 1
+            rep["failure_reasons"] = reasons
+        if st.retried_by_get:
+            rep["retried_by_get"] = st.retried_by_get
         if listing is not None:
-            rep.update(finds=listing.finds, find_splits=listing.splits, listing_complete=not listing.incomplete)
+            rep.update(finds=listing.finds, find_splits=listing.splits, listing_complete=not listing.incomplete,
+                       **listing.report())
         return rep
 
     def _finish(self, st: _State, t0: float, *, error: str | None = None, method: str | None,
@@ -407,7 +495,7 @@ class RetrievalRunner:
         missing = sorted(expected - in_index)
         failed = sorted(u for u in missing if u in st.failed)
         errors = ([error] if error else []) + st.errors
-        if error and not st.expected:
+        if (error or errors) and not st.expected:
             status = "failed"
         elif not missing and not (listing is not None and listing.incomplete):
             status = "completed"

@@ -106,6 +106,17 @@ def make_studies(
     return studies
 
 
+def find_answer(ds: Dataset, identifier: Dataset) -> Dataset:
+    """What a conformant PACS answers for `ds` to a C-FIND `identifier`: every requested key that
+    the instance has (for the fake PACSs of the tests; matching is theirs to do, or not)."""
+    rsp = Dataset()
+    rsp.QueryRetrieveLevel = identifier.QueryRetrieveLevel
+    for elem in identifier:
+        if elem.keyword and elem.keyword != "QueryRetrieveLevel" and elem.keyword in ds:
+            setattr(rsp, elem.keyword, ds.data_element(elem.keyword).value)
+    return rsp
+
+
 def upload_all(orthanc, paths) -> None:
     for p in paths:
         orthanc.upload(p)

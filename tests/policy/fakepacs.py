@@ -10,6 +10,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Stu
 
 from app.dicom.scp import storage_presentation_contexts
 from app.devtools.orthanc import free_port
+from tests.dicom.helpers import find_answer
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -51,11 +52,7 @@ class FakePacs:
         level = ident.QueryRetrieveLevel
         seen = set()
         for ds in self._match(ident):
-            rsp = Dataset()
-            rsp.QueryRetrieveLevel = level
-            for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-                if key in ident:
-                    setattr(rsp, key, getattr(ds, key))
+            rsp = find_answer(ds, ident)
             k = tuple(rsp.get(key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
             if k in seen:
                 continue

@@ -1,0 +1,137 @@
+"""A PACS that ignores matching keys cannot make radcohort move anything outside the query.
+
+The fake PACS here matches on UIDs only (as dcmqrscp does for keys it does not index): every answer
+is checked on our side, what does not match is discarded before anything moves, and the report
+names the keys the PACS did not honour. Also: a cancel during a retry wait ends the job at once,
+and the node's backoff decays with time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+
+from app.db.models import Instance, Retrieval
+from app.policy.backoff import AdaptiveBackoff, BackoffConfig
+from app.policy.runner import GovernedRunner
+from tests.dicom.helpers import make_cr
+from tests.policy.fakepacs import FakePacs
+from tests.policy.test_governed import add_node, new_retrieval
+
+
+def _studies(dates_modalities: list[tuple[str, str]], per_study: int = 2) -> list:
+    out = []
+    for i, (date, modality) in enumerate(dates_modalities):
+        study, series = generate_uid(), generate_uid()
+        out += [make_cr(study_uid=study, series_uid=series, study_date=date, modality=modality,
+                        patient_id=f"V{i}", seed=i * 10 + k) for k in range(per_study)]
+    return out
+
+
+def _indexed(ctx) -> set[str]:
+    with ctx.sessions() as s:
+        return set(s.scalars(select(Instance.sop_instance_uid)))
+
+
+def test_keys_the_pacs_ignores_are_filtered_on_our_side_before_anything_moves(ctx):
+    ctx.settings.arrival_timeout = 3.0
+    data = _studies([("20120101", "CR"), ("20130505", "CR"), ("20120101", "MR"), ("20150101", "DX")])
+    fake = FakePacs(data).start()  # answers every level with everything under the UIDs it is given
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="lax")
+        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101", "Modality": "CR"}, node="lax")).run()
+    finally:
+        fake.stop()
+    want = {d.SOPInstanceUID for d in data[:2]}
+    assert (r.status, r.expected, r.received, r.skipped) == ("completed", 2, 2, 0)
+    assert _indexed(ctx) == want  # nothing of the other dates or modalities entered the store or index
+    assert fake.gets == 1
+    rep = r.report
+    # two studies of other dates dropped at study level, the MR series of the matching date at series level
+    assert rep["discarded"] == {"studies": 2, "series": 1, "instances": 0}
+    assert rep["keys_not_honoured"] == ["Modality", "StudyDate"] and rep["keys_not_returned"] == []
+
+
+def test_answers_that_cannot_be_verified_are_not_moved_and_the_job_says_why(ctx):
+    ctx.settings.arrival_timeout = 3.0
+    data = _studies([("20120101", "CR"), ("20130505", "CR")])
+    for ds in data:
+        del ds.BodyPartExamined  # the PACS cannot say which body part: nothing may be moved on a guess
+    fake = FakePacs(data).start()
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="mute")
+        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20131231", "BodyPartExamined": "CHEST"},
+                                              node="mute")).run()
+    finally:
+        fake.stop()
+    assert (r.status, r.expected, r.received) == ("failed", 0, 0)
+    assert fake.gets == 0 and _indexed(ctx) == set()
+    assert r.report["keys_not_returned"] == ["BodyPartExamined"] and r.report["discarded"]["series"] == 2
+    assert "BodyPartExamined" in r.error and "not retrieved" in r.error
+
+
+def test_modalities_in_study_is_settled_by_the_series_when_the_pacs_does_not_return_it(ctx):
+    ctx.settings.arrival_timeout = 3.0
+    data = _studies([("20120101", "CR"), ("20120101", "MR")])  # the fake has no ModalitiesInStudy to return
+    fake = FakePacs(data).start()
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="lax")
+        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101", "ModalitiesInStudy": "CR\\DX"},
+                                              node="lax")).run()
+    finally:
+        fake.stop()
+    assert (r.status, r.received) == ("completed", 2)
+    assert _indexed(ctx) == {d.SOPInstanceUID for d in data[:2]}
+    assert r.report["discarded"]["studies"] == 1 and r.report["keys_not_honoured"] == ["ModalitiesInStudy"]
+
+
+def test_cancel_during_a_retry_wait_ends_the_job_and_sends_nothing_more(ctx):
+    ctx.settings.dicom_retries = 5
+    data = _studies([("20120101", "CR")])
+    fake = FakePacs(data, refuse_gets=100).start()  # 0xA700 out of resources, every time
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="busy",
+                 policy={"backoff": {"initial_s": 60.0, "factor": 2.0, "max_s": 600.0}})
+        rid = new_retrieval(ctx, {"StudyDate": "20120101"}, node="busy")
+
+        def cancel_soon():
+            while fake.gets == 0:
+                time.sleep(0.05)
+            time.sleep(0.5)  # inside the first retry wait (60 s)
+            with ctx.sessions() as s:
+                s.execute(update(Retrieval).where(Retrieval.id == rid).values(status="cancelled"))
+                s.commit()
+
+        t = threading.Thread(target=cancel_soon)
+        t.start()
+        t0 = time.monotonic()
+        r = GovernedRunner(ctx, rid, poll_s=0.2).run()
+        elapsed = time.monotonic() - t0
+        t.join()
+        time.sleep(1.0)
+        gets_after = fake.gets
+    finally:
+        fake.stop()
+    assert r.status == "cancelled", (r.status, r.error)
+    assert elapsed < 10, elapsed  # not the 60 s wait
+    assert gets_after == 1  # no retrieve after the cancel
+
+
+def test_backoff_level_decays_with_time_and_is_per_node_state():
+    now = [1000.0]
+    b = AdaptiveBackoff(BackoffConfig(initial_s=1.0, factor=2.0, max_s=300.0, recover_after=3, decay_s=60.0),
+                        monotonic=lambda: now[0])
+    for _ in range(5):
+        b.pressure()
+    assert b.level == 5 and b.delay() == 16.0
+    now[0] += 59
+    assert b.level == 5
+    now[0] += 2 * 60 + 1  # three decay periods since the last pushback
+    assert b.level == 2 and b.delay() == 2.0
+    now[0] += 3600
+    assert b.level == 0 and b.delay() == 0.0
+    b.pressure()  # a new pushback starts from the decayed level
+    assert b.level == 1
