@@ -54,7 +54,7 @@ def _vr(keyword: str) -> str:
     if tag is None:
         return "LO"  # unknown keyword: compare as a string
     try:
-        return dictionary_VR(tag)
+        return dictionary_VR(tag).split(" or ")[0]  # 'US or SS' and the like: numbers either way
     except KeyError:
         return "LO"
 
@@ -156,10 +156,12 @@ def matches(keyword: str, wanted: str | None, answer_value: Any) -> bool | None:
     wanted = (wanted or "").strip(" ")
     if wanted in ("", "*"):
         return True
+    vr = _vr(keyword)
+    if vr == "SQ":
+        return None  # sequence matching is not supported: cannot verify
     got = _answer_values(answer_value)
     if got is None:
         return None
-    vr = _vr(keyword)
     alternatives = [w.strip(" ") for w in wanted.split("\\")]
     return any(_one(vr, w, g) for w in alternatives if w for g in got)
 

@@ -122,6 +122,8 @@ def test_numbers_person_names_and_unknown_keywords():
     assert matches("PatientName", "doe^*", PersonName("DOE^JOHN")) is True  # PN: case-insensitive
     assert matches("PatientName", "SMITH*", PersonName("DOE^JOHN")) is False
     assert matches("NotAKeyword", "X*", "XY") is True
+    assert matches("PixelRepresentation", "0", 0) is True  # 'US or SS' compares as a number
+    assert matches("ReferencedStudySequence", "1.2.3", [Dataset()]) is None  # sequences: cannot verify
 
 
 def test_sex_values():
