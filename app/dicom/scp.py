@@ -156,9 +156,9 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
     """An EVT_C_STORE handler: header parse -> atomic raw write -> sink -> status.
 
     The sink gets the StoredFile and the header Dataset (no pixel data) with
-    `file_meta` set, `header.content_sha256` (SHA-256 of the dataset bytes) and, when `node_for`
-    names the peer, `header.source_node` (not DICOM elements: attributes for the sink). The sink
-    must raise to fail the store, or raise StoreConflict to have the copy kept aside.
+    `file_meta` set and, when `node_for` names the peer, `header.source_node` (not a DICOM element:
+    an attribute for the sink). The sink must raise to fail the store, or raise StoreConflict to
+    have the copy kept aside. Nothing is hashed on the way to Success: only a conflict is.
     `conflicts` records a conflict (else the StoreConflict's recorder; else it is only logged).
     """
 
@@ -227,12 +227,15 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
             except Exception:  # noqa: BLE001 - the source name is informative only
                 pass
 
-        def aside(reason: str, recorder: ConflictRecorder | None, existing: dict, moved: bool) -> int:
+        def aside(reason: str, recorder: ConflictRecorder | None, existing: dict, moved: bool,
+                  sha: str | None = None) -> int:
             """Keep the received copy under .conflicts/ and record it: never dropped, never indexed."""
             try:
                 if moved:  # the copy was stored under its UID path before the index refused it
+                    sha = part10_sha256(store.path(stored.relpath))
                     rel, size = store.move_aside(stored.relpath, sop, sha)
                 else:
+                    sha = sha or dataset_sha256(src, offset)  # type: ignore[arg-type]
                     rel, size = store.keep_aside(sop, sha, file_meta, src, offset)  # type: ignore[arg-type]
             except OSError as exc:
                 log.error("C-STORE %s: conflicting copy could not be kept: %s", sop, type(exc).__name__)
@@ -261,10 +264,7 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
                 log.error("C-STORE %s: cannot compare with the stored copy: %s", sop, type(exc).__name__)
                 return STATUS_WRITE_FAILED
             if sha != existing_sha:
-                return aside("sop_content", None, {"existing_sha256": existing_sha}, moved=False)
-        else:
-            sha = stored.sha256 or dataset_sha256(src, offset)  # type: ignore[arg-type]
-        header.content_sha256 = sha
+                return aside("sop_content", None, {"existing_sha256": existing_sha}, moved=False, sha=sha)
         try:
             sink(stored, header)
         except StoreConflict as exc:

@@ -55,8 +55,6 @@ class StoredFile:
     sop_instance_uid: str
     transfer_syntax_uid: str
     existed: bool
-    # SHA-256 of the dataset bytes written (after the file meta); None when nothing was written
-    sha256: str | None = None
 
 
 def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
@@ -322,38 +320,33 @@ class DicomStore:
         ts = str(file_meta.get("TransferSyntaxUID", ""))
         if final.is_file():
             return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), ts, True)
-        written = self._write_atomic(final, encode_file_meta(file_meta), dataset, dataset_offset)
-        if written is None:  # a concurrent writer won the race: keep its file
+        size = self._write_atomic(final, encode_file_meta(file_meta), dataset, dataset_offset)
+        if size is None:  # a concurrent writer won the race: keep its file
             return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), ts, True)
-        return StoredFile(rel, written[0], validate_uid(sop_uid), ts, False, written[1])
+        return StoredFile(rel, size, validate_uid(sop_uid), ts, False)
 
     def _write_atomic(self, final: Path, meta: bytes, dataset: bytes | BinaryIO | Path,
-                      dataset_offset: int = 0) -> tuple[int, str] | None:
+                      dataset_offset: int = 0) -> int | None:
         """Write meta + dataset to a temp file beside `final`, then move it there (no-clobber).
 
-        Returns (size, sha256 of the dataset bytes), or None when `final` appeared meanwhile.
-        The temp file is removed on any failure (ENOSPC included)."""
+        Returns the size, or None when `final` appeared meanwhile. The temp file is removed on any
+        failure (ENOSPC included)."""
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=final.parent)
-        digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(meta)
                 if isinstance(dataset, (bytes, bytearray, memoryview)):
                     out.write(dataset)
-                    digest.update(dataset)
                 elif isinstance(dataset, io.BytesIO):
                     view = dataset.getbuffer()[dataset_offset:]
                     out.write(view)
-                    digest.update(view)
                     view.release()
                 else:
                     src = open(dataset, "rb") if isinstance(dataset, Path) else dataset
                     try:
                         src.seek(dataset_offset)
-                        while chunk := src.read(1 << 20):
-                            out.write(chunk)
-                            digest.update(chunk)
+                        shutil.copyfileobj(src, out, 1 << 20)
                     finally:
                         if src is not dataset:
                             src.close()
@@ -373,7 +366,7 @@ class DicomStore:
             except FileNotFoundError:
                 pass
             raise
-        return size, digest.hexdigest()
+        return size
 
     def adopt(self, study_uid: str, series_uid: str, sop_uid: str, src: Path, transfer_syntax_uid: str) -> StoredFile:
         """Move a complete Part 10 file on the store's filesystem into place, without copying it
@@ -390,7 +383,6 @@ class DicomStore:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-        sha = part10_sha256(src)
         try:
             os.link(src, final)  # atomic and never overwrites
         except FileExistsError:
@@ -398,7 +390,7 @@ class DicomStore:
         os.unlink(src)
         if self.fsync:
             _fsync_dir(final.parent)
-        return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), transfer_syntax_uid, False, sha)
+        return StoredFile(rel, final.stat().st_size, validate_uid(sop_uid), transfer_syntax_uid, False)
 
     # --- copies kept aside (duplicates that differ) -------------------------------------------
     @property
