@@ -199,3 +199,23 @@ def test_memory_with_many_idle_connections_stays_small(ctx, scp):
     assert grown < 64
     for s in socks:
         s.close()
+
+
+def test_a_burst_of_32_registered_senders_from_one_address_all_get_through(ctx, scp):
+    """The per-address limit (8 before the AE check) does not hurt a real sender's burst: each sends
+    its A-ASSOCIATE-RQ at once, so it passes the check long before 8 newer connections arrive."""
+    results: list = []
+
+    def one(i: int) -> None:
+        try:
+            results.append(send(scp.port, [make_cr(seed=i)]))
+        except AssertionError:  # send() asserts the association was established
+            results.append("refused")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results.count([0]) == 32, results
+    assert scp.admission.counts()["evicted"] == 0 and count(ctx) == 32
