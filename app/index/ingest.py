@@ -267,6 +267,9 @@ class IndexDirResult:
     existing: int = 0
     unreadable: list[str] = field(default_factory=list)
     outside_store: int = 0
+    # files the index refused (a known study under another patient, a known UID under another
+    # study/series): left where they are, not indexed; SOP Instance UID -> reason
+    conflicts: dict[str, str] = field(default_factory=dict)
 
 
 def read_record(path: Path, relpath: str, source_node: str | None = None) -> dict:
@@ -307,6 +310,9 @@ def index_directory(ctx, directory: Path | None = None, labeler: Labeler | None 
             cache.commit()
         res.inserted += r.inserted
         res.existing += r.existing
+        for sop, why in r.conflicts.items():
+            log.warning("not indexed %s: conflicts with the index (%s)", sop, why)
+        res.conflicts.update(r.conflicts)
         if progress:
             progress(len(records))
 

@@ -147,3 +147,17 @@ def test_one_batch_with_two_patients_for_a_new_study_files_only_the_first(ctx):
         res = ingest(s, recs)
         s.commit()
     assert res.inserted_uids == [a.SOPInstanceUID] and res.conflicts == {b.SOPInstanceUID: "study_patient"}
+
+
+def test_reindex_reports_a_file_that_conflicts_instead_of_filing_it(ctx, scp):
+    """A file already in the UID tree (e.g. stored before this check) naming another patient for a
+    known study: reindex leaves it unindexed and says so."""
+    first = make_cr(patient_id="PID-A")
+    assert send(scp.port, [first]) == [0]
+    stray = make_cr(patient_id="PID-B", study_uid=first.StudyInstanceUID)
+    path = ctx.settings.store_dir / stray.StudyInstanceUID / stray.SeriesInstanceUID / f"{stray.SOPInstanceUID}.dcm"
+    path.parent.mkdir(parents=True)
+    stray.save_as(path, enforce_file_format=True)
+    res = reindex(ctx)
+    assert res.inserted == 0 and res.conflicts == {stray.SOPInstanceUID: "study_patient"}
+    assert count(ctx) == 1
