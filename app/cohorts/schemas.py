@@ -111,6 +111,14 @@ class PullClass(BaseModel):
     quota: int
     retrievals: list[int] = Field(..., description="ids of the retrievals started for this class")
     exhausted: bool = Field(..., description="every query was retrieved and the class is still short")
+    rounds: list[dict] = Field(default_factory=list, description="per retrieval: {window, retrieval, series, "
+                                                                 "status}; series named by explicit UIDs")
+    checked: dict = Field(default_factory=dict, description="C-FIND answers checked on our side before any "
+                                                            "retrieval: {answers, matched, mismatched, "
+                                                            "unverifiable, duplicates, unverifiable_keys: "
+                                                            "{key: n}, capped_finds}")
+    not_sent: list[str] = Field(default_factory=list, description="matching keys not sent because the node's "
+                                                                  "probe found them ignored (checked here only)")
 
 
 class PullReport(BaseModel):

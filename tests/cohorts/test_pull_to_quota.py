@@ -125,6 +125,7 @@ def test_pull_stops_at_quota_and_reports_exhausted_classes(rig, client):
     rep = body["report"]["classes"]
     assert rep["LtK"]["before"] == ltk["after"] and rep["LtK"]["after"] == len(knee_patients)
     assert rep["LtK"]["exhausted"] and rep["C20F"]["exhausted"]
+    assert rep["LtK"]["checked"]["mismatched"] == 0 and rep["LtK"]["rounds"][0]["status"] == "completed"
     assert {r["sop_instance_uid"] for r in knees} <= _indexed(ctx)
     with ctx.sessions() as s:
         actions = list(s.scalars(select(AuditEvent.action).where(AuditEvent.action.like("cohort.pull%"))))
