@@ -161,3 +161,24 @@ def test_reindex_reports_a_file_that_conflicts_instead_of_filing_it(ctx, scp):
     res = reindex(ctx)
     assert res.inserted == 0 and res.conflicts == {stray.SOPInstanceUID: "study_patient"}
     assert count(ctx) == 1
+
+
+def test_conflicts_api_needs_a_token_with_the_read_scope(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.api import create_app
+    from app.context import AppContext
+    from app.db.migrate import upgrade
+    from tests.conftest import make_settings
+
+    s = make_settings(tmp_path, api_tokens="reader:r-secret:read,trainer:t-secret:train")
+    upgrade(s.database_url)
+    c = AppContext.build(s)
+    try:
+        with TestClient(create_app(s, c)) as client:
+            assert client.get("/api/v1/conflicts").status_code == 401
+            assert client.get("/api/v1/conflicts", headers={"Authorization": "Bearer t-secret"}).status_code == 403
+            r = client.get("/api/v1/conflicts", headers={"Authorization": "Bearer r-secret"})
+            assert r.status_code == 200 and r.json()["total"] == 0
+    finally:
+        c.close()

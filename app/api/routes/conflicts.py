@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
-from app.api.deps import SessionDep
+from app.api.deps import SessionDep, require_scope
 from app.db.models import StoreConflict
 from app.errors import NotFound
 
-router = APIRouter(tags=["conflicts"])
+router = APIRouter(tags=["conflicts"], dependencies=[Depends(require_scope("read"))])
 
 
 class ConflictOut(BaseModel):
