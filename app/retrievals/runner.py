@@ -359,14 +359,18 @@ class RetrievalRunner:
         if method == "move":
             self._retry_failed_by_get(client, node, st)
 
-    def _record_subop_failures(self, unit: Unit, res: RetrieveResult, st: _State) -> None:
+    def _record_subop_failures(self, unit: Unit, res: RetrieveResult, st: _State, prefix: str = "") -> int:
         """Failed sub-operations: the instances the PACS names (or, without a list, every one that
-        did not come) failed, with the PACS's status and its meaning."""
+        did not come) failed, with the PACS's status and its meaning. Returns how many."""
         if not (res.failed_uids or res.failed):
-            return
+            return 0
         why = f"{SUBOP_FAILED}: {res.failure}"
-        named = res.failed_uids or unit.sops
-        st.failed.update({u: why for u in named if u in st.expected and u not in st.arrived})
+        named = [u for u in (res.failed_uids or unit.sops) if u in st.expected and u not in st.arrived]
+        st.failed.update({u: why for u in named})
+        if named:
+            st.errors.append(f"{prefix}{unit.describe()}: {len(named)} instance(s) failed at the PACS, "
+                             f"{res.failure}")
+        return len(named)
 
     def _retry_failed_by_get(self, client, node: PacsNode, st: _State) -> None:
         """Instances whose C-MOVE sub-operation failed (often a transfer syntax the PACS could not
@@ -392,6 +396,7 @@ class RetrievalRunner:
             for u in sops:
                 if u in st.arrived:
                     st.failed.pop(u, None)
+            self._record_subop_failures(unit, res, st, prefix="retry by C-GET of ")
             st.retried_by_get += len(sops)
 
     def _check_control(self) -> None:
