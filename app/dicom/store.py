@@ -424,7 +424,10 @@ class DicomStore:
     # --- space and leftovers ------------------------------------------------------------------
     def free_bytes(self) -> int:
         """Bytes available to us on the store's filesystem."""
-        st = os.statvfs(self.root if self.root.exists() else self.root.parent)
+        where = self.root
+        while not where.exists() and where != where.parent:  # a store not created yet: its disk
+            where = where.parent
+        st = os.statvfs(where)
         return st.f_bavail * st.f_frsize
 
     def sweep_partials(self, max_age: float) -> int:
