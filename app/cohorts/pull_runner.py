@@ -159,6 +159,7 @@ def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class
                                    "rounds": [], "checked": _checked(), "not_sent": []}
                                for c, n in counts.items()}
     rounds, stopped, error = 0, "done", None
+    fetched: set[str] = set()  # series already named in a retrieval of this pull
     whole = f"{windows[0][:8]}-{windows[-1][9:]}"
 
     def short(name: str) -> bool:
@@ -193,6 +194,7 @@ def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class
                     here = verified_series(part.results, {**wanted, "StudyDate": window}, checked)
                 else:
                     here = {u: v for u, v in found.items() if _in_window(v[1], window)}
+                here = {u: v for u, v in here.items() if u not in fetched}  # another query named it already
                 for rq in _retrieval_queries(here, lists):
                     if not short(name):
                         break
@@ -202,6 +204,7 @@ def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class
                     with session_scope(ctx.sessions) as s:
                         rid = create_retrieval(s, node_name, rq, actor).id
                     rounds += 1
+                    fetched.update(rq["SeriesInstanceUID"].split("\\"))
                     r = run_retrieval(ctx, rid)
                     report[name]["retrievals"].append(rid)
                     report[name]["rounds"].append({"window": window, "retrieval": rid,

@@ -182,9 +182,9 @@ def _keys_not_honoured(settings: Settings, node, sample: dict) -> tuple[dict, di
                 scope = {"StudyInstanceUID": sample["StudyInstanceUID"]}
             for key, value in probes.items():
                 r = f.find(level, {**scope, key: value}, (UNIQUE_KEY[level],), max_results=1)
-                if not r["ok"]:
+                if not r["ok"] and r.get("status"):  # the PACS answered with an error status
                     refused.setdefault(level, []).append(key)
-                elif r["answers"]:
+                elif r["ok"] and r["answers"]:
                     ignored.setdefault(level, []).append(key)
     finally:
         f.close()

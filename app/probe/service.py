@@ -48,6 +48,8 @@ def probe_dicomweb(settings: Settings, url: str) -> dict:
         return {"ok": True, "elapsed_ms": round(ms, 2)}
     except DicomError as exc:
         return {"ok": False, "error": exc.message}
+    except (ValueError, OSError) as exc:  # a stored URL requests cannot parse (InvalidURL is a ValueError)
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def summary(node: PacsNode) -> dict:
