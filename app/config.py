@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     health_min_free_mb: int = Field(1024, ge=0, description="/health reports storage not ok below this free space")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
-    api_tokens: str | None = Field(None, description="comma-separated bearer tokens: `token` (all scopes but the identified ones) or `name:token:scope1+scope2` (see app/tokens.py)")
+    api_tokens: str | None = Field(None, description="comma-separated bearer tokens: `token` (all scopes but "
+                                   "the identified ones) or `name:token:scope1+scope2` (see app/tokens.py)")
     api_max_body_kb: int = Field(1024, ge=1, description="largest request body of a JSON route, in KiB "
                                  "(upload routes: predict_max_upload_mb)")
     pseudonym_key: str | None = Field(None, description="HMAC key; generated once in DATA_DIR")
