@@ -165,3 +165,25 @@ def test_require_scope_refuses_unknown_scope_names():
 
     with pytest.raises(ValueError, match="unknown scope"):
         require_scope("admin")
+
+
+def test_require_scope_guards_a_route_by_the_callers_token(tmp_path):
+    """The structure other routes use to enforce `export`, `train` ...: 403 without the scope."""
+    from fastapi import Depends
+
+    from app.api.deps import get_actor, require_scope
+
+    s = make_settings(tmp_path, api_tokens=f"{PLAIN},ex:ex-tok:read+export-identified")
+    for ctx in _migrated_ctx(s):
+        app = create_app(s, ctx)
+
+        @app.get("/api/v1/_needs_export_identified", dependencies=[Depends(require_scope("export-identified"))])
+        def _probe(actor: str = Depends(get_actor)):
+            return {"actor": actor}
+
+        with TestClient(app) as c:
+            r = c.get("/api/v1/_needs_export_identified", headers=_auth(PLAIN))
+            assert r.status_code == 403 and "export-identified" in r.json()["detail"]
+            r = c.get("/api/v1/_needs_export_identified", headers=_auth("ex-tok"))
+            assert r.status_code == 200 and r.json() == {"actor": "token:ex"}
+            assert c.get("/api/v1/_needs_export_identified").status_code == 401
