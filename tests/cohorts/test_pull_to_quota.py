@@ -220,3 +220,42 @@ def test_a_pacs_that_ignores_keys_gets_its_answers_checked_before_anything_moves
     assert knees["retrievals"] == [] and knees["checked"]["matched"] == 0
     assert knees["checked"]["unverifiable_keys"].get("BodyPartExamined", 0) > 0
     assert out["stopped"] == "done"
+
+
+def test_a_pacs_that_refuses_uid_lists_gets_one_retrieval_per_series(ctx, settings, tmp_path):
+    """pynetdicom's qrscp answers once per instance and cannot take a UID list (the probe learns
+    both): the pull names each verified series on its own and gets exactly the CR series."""
+    from app.probe.service import probe_and_store
+    from tests.conformance.peers import start_peer
+    from tests.dicom.helpers import make_cr
+
+    ctx.settings.arrival_timeout = 3.0
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    wanted, other = set(), set()
+    for i, (modality, date) in enumerate([("CR", "20120101"), ("CR", "20130101"), ("MR", "20120101")]):
+        study = f"1.2.826.0.1.3680043.10.999.{i}"
+        for j in range(2):  # two instances per series: a duplicate answer per series at SERIES level
+            ds = make_cr(patient_id=f"Q{i}", study_uid=study, series_uid=f"{study}.1", sop_uid=f"{study}.1.{j}",
+                         modality=modality, study_date=date, instance_number=j + 1)
+            ds.save_as(gen / f"{i}-{j}.dcm", enforce_file_format=True)
+            (wanted if modality == "CR" else other).add(str(ds.SOPInstanceUID))
+    peer = start_peer("qrscp", tmp_path / "peer", (settings.ae_title, settings.scp_port))
+    try:
+        peer.load(sorted(gen.iterdir()))
+        with ctx.sessions() as s:
+            create_node(s, NodeIn(name="q", ae_title=peer.ae_title, host="127.0.0.1", port=peer.port), "test")
+            s.commit()
+            caps = probe_and_store(s, ctx.settings, get_node(s, "q"), "test")["capabilities"]
+            create_taxonomy(s, {"name": "cr", "classes": [{"name": "CR", "where": {"modality": "CR"}}]},
+                            get_rules(ctx.settings.label_rules))
+            s.commit()
+        assert caps["uid_lists_refused"] is True and caps["duplicate_answers"] is True
+        with StorageSCP(ctx):
+            out = pull_to_quota(ctx, "q", "cr", per_class=50, study_date_range="20110101-20141231", actor="t")
+    finally:
+        peer.stop()
+    cr = out["classes"]["CR"]
+    assert _indexed(ctx) == wanted
+    assert [r["series"] for r in cr["rounds"]] == [1, 1] and all(r["status"] == "completed" for r in cr["rounds"])
+    assert cr["checked"]["duplicates"] >= 2 and cr["checked"]["matched"] == 2
