@@ -389,8 +389,10 @@ def probe_node(settings: Settings, node, *, max_results: int = 5000) -> dict:
     aet = caps.get("retrieve_ae_title")
     if aet and aet != node.ae_title:
         caps["called_ae_mismatch"] = True
+        # a hint, not a verdict: some archives name a separate retrieve AE on purpose
         caps["notes"].append(f"the PACS names itself '{aet}' in its answers (RetrieveAETitle) but the node is "
-                             f"configured as '{node.ae_title}': a PACS that checks the called AE would refuse us")
+                             f"configured as '{node.ae_title}': check the node's AE title (a PACS that checks "
+                             f"the called AE would refuse us)")
 
     # ---- which planned matching keys the PACS honours, and UID lists in C-FIND (within the sample)
     uid_lists: dict = {"find": None, "move": None}
