@@ -210,6 +210,13 @@ def storage_contexts_for_get(limit: int, sop_classes: list[str] | None = None) -
     return out
 
 
+def _unreachable(exc: RetriableDicomError) -> RetriableDicomError:
+    """Mark an error raised before any association existed: the PACS cannot be reached at all (as
+    opposed to one that answered, then aborted or went silent in the middle of an operation)."""
+    exc.unreachable = True  # type: ignore[attr-defined]
+    return exc
+
+
 class DicomClient:
     """Talks to one PACS node; every public call goes through the retry layer."""
 
@@ -258,7 +265,7 @@ class DicomClient:
             assoc = ae.associate(n.host, n.port, ae_title=n.ae_title, max_pdu=self.settings.max_pdu,
                                  ext_neg=roles or None, evt_handlers=handlers or None, tls_args=tls_args)
         except OSError as exc:  # e.g. name resolution
-            raise RetriableDicomError(f"cannot reach {n}: {exc}") from exc
+            raise _unreachable(RetriableDicomError(f"cannot reach {n}: {exc}")) from exc
         if not assoc.is_established:
             if assoc.is_rejected:
                 rsp = assoc.acceptor.primitive
@@ -268,7 +275,7 @@ class DicomClient:
                     raise RetriableDicomError(f"association rejected (transient) by {n}: {why}")
                 raise PermanentDicomError(f"association rejected by {n}: {why} — check the PACS's AE title and "
                                           f"that our AE '{self.settings.ae_title}' is registered there")
-            raise RetriableDicomError(f"cannot reach {n}: connection refused, timed out or aborted")
+            raise _unreachable(RetriableDicomError(f"cannot reach {n}: connection refused, timed out or aborted"))
         try:
             yield assoc
         finally:

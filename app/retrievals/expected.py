@@ -16,6 +16,7 @@ incomplete with a note.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -34,6 +35,7 @@ IMAGE_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPCla
 SERIES_RETURN = ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
 STUDY_RETURN = ("StudyInstanceUID",)
 LEVEL_OF = {"PATIENT": "STUDY", "STUDY": "STUDY", "SERIES": "SERIES", "IMAGE": "IMAGE"}
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,13 @@ class Listing:
     not_honoured: set[str] = field(default_factory=set)  # keys the PACS answered against
     unverifiable: set[str] = field(default_factory=set)  # keys its answers did not carry
     duplicates: int = 0
+    bad_rows: int = 0  # answers whose unique keys were missing or not UIDs: they cannot be named
 
     def report(self) -> dict:
         """What the retrieval report says about the listing."""
         return {"discarded": dict(self.discarded), "filtered_keys": sorted(self.not_honoured | self.unverifiable),
                 "keys_not_honoured": sorted(self.not_honoured), "keys_not_returned": sorted(self.unverifiable),
-                "duplicate_answers": self.duplicates}
+                "duplicate_answers": self.duplicates, "answers_without_valid_uids": self.bad_rows}
 
 
 def _d(s: str) -> date:
@@ -93,6 +96,10 @@ def split_by_level(query: dict[str, str]) -> dict[str, dict[str, str]]:
 
 def _uid(ds, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip()
+
+
+def _valid_uid(uid: str) -> bool:
+    return len(uid) <= 64 and bool(_UID.match(uid))
 
 
 class _Walk:
@@ -128,11 +135,19 @@ class _Walk:
                 return False
         return None if deferred else True
 
-    def unique(self, results, key: str) -> list:
+    def unique(self, results, key: str, above: dict[str, str] | None = None) -> list:
+        """Answers with a valid, unrepeated `key`, whose unique keys of the levels `above` are the
+        ones asked for (a PACS that ignores them answers with other studies' or series' rows)."""
         seen: dict[str, object] = {}
         for ds in results:
             uid = _uid(ds, key)
-            if not uid:
+            uppers = {k: _uid(ds, k) for k in (above or {})}
+            if not _valid_uid(uid) or not all(_valid_uid(v) for v in uppers.values()):
+                self.out.bad_rows += 1
+                continue
+            if any(v != (above or {})[k] for k, v in uppers.items()):
+                self.out.discarded[{"StudyInstanceUID": "studies", "SeriesInstanceUID": "series",
+                                    "SOPInstanceUID": "instances"}[key]] += 1
                 continue
             if uid in seen:
                 self.out.duplicates += 1
@@ -168,8 +183,8 @@ class _Walk:
             self.out.incomplete = True
             self.out.notes.append(f"study {study} has more series than the PACS's result cap")
         kept = []
-        for ds in self.unique(res.results, "SeriesInstanceUID"):
-            if _uid(ds, "StudyInstanceUID") not in ("", study) or not self.verify("SERIES", ds):
+        for ds in self.unique(res.results, "SeriesInstanceUID", {"StudyInstanceUID": study}):
+            if not self.verify("SERIES", ds):
                 self.out.discarded["series"] += 1
                 continue
             kept.append(ds)
@@ -193,11 +208,9 @@ class _Walk:
             self.out.incomplete = True
             self.out.notes.append(f"series {series} has more instances than the PACS's result cap; raise the "
                                   f"PACS's limit (e.g. Orthanc LimitFindInstances)")
-        for ds in self.unique(res.results, "SOPInstanceUID"):
+        for ds in self.unique(res.results, "SOPInstanceUID", {"StudyInstanceUID": study, "SeriesInstanceUID": series}):
             sop = _uid(ds, "SOPInstanceUID")
-            # a PACS that ignores the unique keys above the level answers with other series' instances
-            if _uid(ds, "StudyInstanceUID") not in ("", study) or _uid(ds, "SeriesInstanceUID") not in ("", series) \
-                    or not self.verify("IMAGE", ds):
+            if not self.verify("IMAGE", ds):
                 self.out.discarded["instances"] += 1
                 continue
             if sop in self.out.items:
@@ -212,6 +225,10 @@ def list_expected(client: DicomClient, query: dict[str, str],
     walk = _Walk(client, dict(query), on_find)
     walk.studies(walk.by_level["STUDY"])
     out = walk.out
+    if out.bad_rows:
+        out.incomplete = True
+        out.notes.append(f"{out.bad_rows} C-FIND answer(s) without a valid Study/Series/SOP Instance UID could "
+                         f"not be listed (the PACS's answers are malformed)")
     if out.not_honoured or out.unverifiable:
         log.info("listing: the PACS did not honour %s and did not return %s; %s answers discarded on our side",
                  sorted(out.not_honoured) or "-", sorted(out.unverifiable) or "-", out.discarded)

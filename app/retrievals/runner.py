@@ -255,6 +255,8 @@ class RetrievalRunner:
         st.expected = self._expected = listing.items
         if listing.incomplete:
             st.errors.extend(listing.notes)
+        if listing.not_honoured or listing.unverifiable:
+            self._remember(node, "keys_filtered_on_our_side", sorted(listing.not_honoured | listing.unverifiable))
         if listing.unverifiable:
             st.errors.append(f"the PACS did not return {', '.join(sorted(listing.unverifiable))}: answers that "
                              f"could not be checked against the query were not retrieved ({listing.discarded})")
@@ -331,13 +333,16 @@ class RetrievalRunner:
                 st.failed.update({sop: exc.message for sop in unit.sops if sop not in st.arrived})
             except RetriableDicomError as exc:
                 self._count(st, getattr(exc, "result", None))
+                before = len(st.arrived)
                 self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
-                if getattr(exc, "status", None) is None:
-                    # no answer at all (refused connection, timeout, abort) after the retry layer
-                    # gave up: the PACS is gone; what did not arrive stays missing for a rerun
+                refusals = refusals + 1 if len(st.arrived) == before else 0
+                if getattr(exc, "unreachable", False) or refusals >= MAX_REFUSALS:
+                    # no association at all after the retry layer gave up (or every unit lost in a
+                    # row): the PACS is gone; what did not arrive stays missing for a rerun
                     st.errors.append(f"PACS unreachable during {unit.describe()}: {exc.message}")
                     return
-                # a status the retry layer gave up on (0xA7xx out of resources): this unit failed
+                # a status the retry layer gave up on (0xA7xx out of resources), or an association
+                # aborted mid-retrieve: this unit failed, what arrived is kept, the job goes on
                 st.errors.append(f"{unit.describe()}: {exc.message}")
                 st.failed.update({sop: exc.message for sop in unit.sops if sop not in st.arrived})
             else:
@@ -402,16 +407,18 @@ class RetrievalRunner:
     def _check_control(self) -> None:
         """A hook at every wait: the governed runner raises Cancelled here (app.policy.runner)."""
 
-    def _remember(self, node: PacsNode, capability: str) -> None:
-        """Learn something about the node for later jobs (node.options["capabilities"])."""
+    def _remember(self, node: PacsNode, capability: str, keys: list[str] | None = None) -> None:
+        """Learn something about the node for later jobs (node.options["capabilities"]): a flag, or
+        keys added to a list (e.g. the matching keys it did not honour)."""
         with self.ctx.sessions() as s:
             n = s.get(PacsNode, node.id)
             if n is None:
                 return
             opts = dict(n.options or {})
             caps = dict(opts.get("capabilities") or {})
-            if not caps.get(capability):
-                caps[capability] = True
+            new = True if keys is None else sorted(set(caps.get(capability) or []) | set(keys))
+            if caps.get(capability) != new:
+                caps[capability] = new
                 opts["capabilities"] = caps
                 n.options = opts
                 s.commit()
