@@ -12,6 +12,7 @@ It counts the C-MOVE requests it receives (``moves``), so a test can say "nothin
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class BadPacs:
     kind: str = "badpacs"
     port: int = field(default_factory=free_port)
     moves: int = 0
+    move_identifiers: list = field(default_factory=list)  # what each C-MOVE asked for (a test's evidence)
     aborted: int = 0
     _server: object = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -79,17 +81,23 @@ class BadPacs:
                 out.append(ds)
         return out
 
+    @staticmethod
+    def _answer(ident: Dataset, ds: Dataset) -> Dataset:
+        """The C-FIND answer for `ds`: every key the identifier names that `ds` has."""
+        rsp = Dataset()
+        rsp.QueryRetrieveLevel = ident.QueryRetrieveLevel
+        for elem in ident:
+            if elem.keyword in ds and elem.keyword != "QueryRetrieveLevel":
+                rsp.add_new(elem.tag, ds[elem.tag].VR, copy.deepcopy(ds[elem.tag].value))  # never share
+        return rsp
+
     def _find(self, event):
         ident = event.identifier
         level = str(ident.QueryRetrieveLevel)
         keys = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")[: {"STUDY": 1, "SERIES": 2}.get(level, 3)]
         seen = set()
         for ds in self._match(ident):
-            rsp = Dataset()
-            rsp.QueryRetrieveLevel = level
-            for elem in ident:
-                if elem.keyword in ds and elem.keyword != "QueryRetrieveLevel":
-                    rsp[elem.tag] = ds[elem.tag]
+            rsp = self._answer(ident, ds)
             k = tuple(str(ds.get(key)) for key in keys)
             if k in seen:
                 continue
@@ -98,28 +106,29 @@ class BadPacs:
         if not self._match(ident):
             return
         first = self._match(ident)[0]
+        # the faulty rows carry the same matching keys as a good one (they match the query): only
+        # their identifiers are wrong
         for i in range(self.garbage_rows):
-            rsp = Dataset()
-            rsp.QueryRetrieveLevel = level
+            rsp = self._answer(ident, first)
             rsp.StudyInstanceUID = "not a uid!" if i % 2 == 0 else "1." + "9" * 80
             rsp.SeriesInstanceUID = "garbage-series"
             rsp.SOPInstanceUID = f"1.2.abc.{i}"
             rsp.SOPClassUID = first.SOPClassUID
             yield PENDING, rsp
         for i in range(self.rows_without_uids):
-            rsp = Dataset()
-            rsp.QueryRetrieveLevel = level
-            rsp.StudyInstanceUID = first.StudyInstanceUID
-            if i % 2:
-                rsp.SOPInstanceUID = f"2.25.{1000 + i}"  # no SeriesInstanceUID
-            else:
-                rsp.SeriesInstanceUID = first.SeriesInstanceUID  # no SOPInstanceUID
+            rsp = self._answer(ident, first)
+            for key in ("SeriesInstanceUID",) if i % 2 else ("SOPInstanceUID",):
+                if key in rsp:
+                    del rsp[key]
+            if i % 2 and level == "IMAGE":
+                rsp.SOPInstanceUID = f"2.25.{1000 + i}"  # an instance without its series
             yield PENDING, rsp
 
     # ------------------------------------------------------------------ C-MOVE
     def _move(self, event):
         with self._lock:
             self.moves += 1
+            self.move_identifiers.append(event.identifier)
         dest = self.destinations.get(str(event.move_destination, "ascii").strip()
                                      if isinstance(event.move_destination, bytes) else str(event.move_destination).strip())
         if dest is None:

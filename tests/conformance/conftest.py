@@ -42,6 +42,14 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "scenario(name, peer=None): a cell of the PACS conformance matrix")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    # the real peers need the Orthanc / dcmtk binaries: `-m orthanc` selects them with the rest
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("peer") and item.get_closest_marker("orthanc") is None:
+            item.add_marker(pytest.mark.orthanc)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from app.devtools.orthanc import free_port
 
@@ -109,6 +110,28 @@ def c_store(files: list[Path], ae_title: str, port: int, calling: str = "LOADER"
                 raise PeerError(f"C-STORE of {p.name} to {ae_title}: status {st.get('Status')!r}")
     finally:
         assoc.release()
+
+
+def c_find(peer, level: str, keys: dict[str, str], calling: str = "PROBE") -> list:
+    """A raw C-FIND (pynetdicom, Study Root) straight to a peer: what the PACS itself answers,
+    to show a quirk (e.g. over-matching) independently of radcohort's client."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    ident = Dataset()
+    ident.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(ident, k, v)
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(FIND)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise PeerError(f"C-FIND association to {peer.kind} refused")
+    try:
+        rows = [ds for st, ds in assoc.send_c_find(ident, FIND) if st and st.get("Status") in (0xFF00, 0xFF01)]
+    finally:
+        assoc.release()
+    return rows
 
 
 @dataclass
@@ -207,8 +230,14 @@ def _assoc_profile() -> str:
           "GETPatientRootQueryRetrieveInformationModel"]
     for i, cls in enumerate(qr, 1):
         lines.append(f"PresentationContext{i} = {cls}\\Uncompressed")
-    lines += ["", "[[Profiles]]", "[In]", "PresentationContexts = QRIn", "[Out]",
-              "PresentationContexts = StorageOut", ""]
+    # C-GET sends on the incoming association: accept each storage class in its archive syntax only
+    # (an acceptor lists a class once), with the SCP role our C-GET proposes
+    for i, (cls, uid) in enumerate(ARCHIVE_SYNTAX.items(), len(qr) + 1):
+        lines.append(f"PresentationContext{i} = {cls}\\Archive{archive.index(uid)}")
+    lines += ["", "[[SCPSCURoleSelection]]", "[GetRoles]"]
+    lines += [f"Role{i} = {cls}\\BOTH" for i, cls in enumerate(ARCHIVE_SYNTAX, 1)]
+    lines += ["", "[[Profiles]]", "[In]", "PresentationContexts = QRIn", "SCPSCURoleSelection = GetRoles",
+              "[Out]", "PresentationContexts = StorageOut", ""]
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from app.retrievals.schemas import NodeIn
 from app.retrievals.service import create_retrieval
 from tests.conftest import testdata as sample_file
 from tests.conformance.badpacs import BadPacs
-from tests.conformance.peers import KINDS, Peer, PeerError, start_peer
+from tests.conformance.peers import KINDS, Peer, PeerError, c_find, start_peer
 from tests.dicom.helpers import make_cr, make_studies
 
 # ------------------------------------------------------------------------------------ rig
@@ -135,6 +135,11 @@ def test_date_and_modality_bring_exactly_the_matching_instances(peer, rig, tmp_p
     dx = make_studies(tmp_path / "dx", ["20120101", "20120102", "20130506"], patient_prefix="D", modality="DX")
     peer.load(sorted((tmp_path / "cr").iterdir()) + sorted((tmp_path / "dx").iterdir()))
     assert len(peer.held()) == 10
+    if peer.kind == "dcmqrscp":
+        # the scenario is real here: the PACS itself answers every instance to a one-day query
+        rows = c_find(peer, "IMAGE", {"StudyDate": "20120101", "StudyInstanceUID": "", "SeriesInstanceUID": "",
+                                      "SOPInstanceUID": ""})
+        assert len(rows) == 10, "dcmqrscp no longer over-matches: the scenario lost its point"
 
     r = retrieve(ctx, {"StudyDate": "20120101-20121231", "Modality": "DX"})
     want = files_of(dx[:2])
@@ -182,7 +187,7 @@ def test_a_failing_instance_does_not_stop_the_job(peer, rig, tmp_path, matrix):
     else:
         # dcmqrscp sends uncompressed only and refuses a JPEG 2000 context on C-GET too (verified by
         # hand): no other way exists, it must be reported failed with the PACS's 0xA702
-        assert j2k in (r.failed_uids or []) and "0xA702" in (r.error or "").upper(), \
+        assert j2k in (r.failed_uids or []) and "0XA702" in (r.error or "").upper(), \
             f"JPEG 2000 failure not reported with the PACS's 0xA702: {summary(r)}"
         assert (r.received, r.failed) == (6, 2), summary(r)
         matrix.limitation(f"{peer.kind} cannot send JPEG 2000 (0xA702, C-GET refuses the context): "
@@ -262,7 +267,7 @@ def test_compressed_instances_arrive_bit_exact(peer, rig, matrix):
         # by design (see peers.py and docs): nothing compressed leaves a default dcmqrscp
         assert set(got) == set(), summary(r)
         assert set(r.failed_uids or []) == set(sources), summary(r)
-        assert "0xA702" in (r.error or "").upper(), f"failure not reported with the PACS's 0xA702: {summary(r)}"
+        assert "0XA702" in (r.error or "").upper(), f"failure not reported with the PACS's 0xA702: {summary(r)}"
         assert "unreachable" not in (r.error or ""), summary(r)
         matrix.limitation(f"{peer.kind} sends uncompressed only: compressed instances fail with 0xA702, "
                           f"reported failed")
@@ -292,6 +297,26 @@ def test_rerun_skips_everything_and_asks_nothing(peer, rig, tmp_path):
     assert (again.status, again.expected, again.skipped, again.received) == ("completed", 6, 6, 0), summary(again)
     assert peer.move_requests() == moves, "the rerun sent a C-MOVE"
     assert set(indexed(ctx)) == files_of(studies)
+
+
+# ------------------------------------------------------------------------------------ h
+@pytest.mark.scenario("h-cget-multi-study")
+def test_cget_over_several_studies_brings_everything(peer, rig, tmp_path):
+    """The same multi-study retrieval over C-GET (the node's method): everything arrives on the
+    C-GET association, nothing is left to the Storage SCP."""
+    ctx = rig
+    studies = make_studies(tmp_path / "gen", ["20200101", "20200102", "20200103"], instances_per_series=2)
+    peer.load(sorted((tmp_path / "gen").iterdir()))
+    with ctx.sessions() as s:
+        from app.db.models import PacsNode
+
+        s.scalar(select(PacsNode).where(PacsNode.name == "pacs")).retrieve_method = "get"
+        s.commit()
+    moves = peer.move_requests()
+    r = retrieve(ctx, {"StudyDate": "20200101-20200131"})
+    assert set(indexed(ctx)) == files_of(studies), summary(r)
+    assert (r.status, r.expected, r.received, r.failed) == ("completed", 6, 6, 0), summary(r)
+    assert peer.move_requests() == moves, "C-MOVE used although the node retrieves by C-GET"
 
 
 # ------------------------------------------------------------------------------------ g
