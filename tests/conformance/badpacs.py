@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -110,9 +111,11 @@ class BadPacs:
         # their identifiers are wrong
         for i in range(self.garbage_rows):
             rsp = self._answer(ident, first)
-            rsp.StudyInstanceUID = "not a uid!" if i % 2 == 0 else "1." + "9" * 80
-            rsp.SeriesInstanceUID = "garbage-series"
-            rsp.SOPInstanceUID = f"1.2.abc.{i}"
+            with warnings.catch_warnings():  # invalid on purpose: pydicom's warnings are noise here
+                warnings.simplefilter("ignore")
+                rsp.StudyInstanceUID = "not a uid!" if i % 2 == 0 else "1." + "9" * 80
+                rsp.SeriesInstanceUID = "garbage-series"
+                rsp.SOPInstanceUID = f"1.2.abc.{i}"
             rsp.SOPClassUID = first.SOPClassUID
             yield PENDING, rsp
         for i in range(self.rows_without_uids):
@@ -129,8 +132,8 @@ class BadPacs:
         with self._lock:
             self.moves += 1
             self.move_identifiers.append(event.identifier)
-        dest = self.destinations.get(str(event.move_destination, "ascii").strip()
-                                     if isinstance(event.move_destination, bytes) else str(event.move_destination).strip())
+        name = event.move_destination
+        dest = self.destinations.get((name.decode("ascii") if isinstance(name, bytes) else str(name)).strip())
         if dest is None:
             yield None, None
             return

@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from sqlalchemy import select
 
-from app.db.models import Instance, Retrieval, RetrievalItem
+from app.db.models import Instance, PacsNode, Retrieval, RetrievalItem
 from app.dicom.scp import StorageSCP
 from app.policy.service import cancel
 from app.retrievals.nodes import create_node
@@ -95,10 +95,11 @@ def files_of(studies) -> set[str]:
 
 
 def pixel_tail(path: Path) -> bytes:
-    """The bytes from the (encapsulated) Pixel Data element to the end of the file."""
+    """The bytes from the encapsulated Pixel Data element (explicit VR LE, undefined length) to the
+    end of the file: the whole compressed codestream, fragment by fragment."""
     raw = path.read_bytes()
-    i = raw.rfind(b"\xe0\x7f\x10\x00")
-    assert i > 0, f"no Pixel Data in {path}"
+    i = raw.find(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")
+    assert i > 0, f"no encapsulated Pixel Data in {path}"
     return raw[i:]
 
 
@@ -206,6 +207,8 @@ def test_multi_study_batch_brings_everything(peer, rig, tmp_path):
     r = retrieve(ctx, {"StudyDate": "20160101-20160131"})
     assert set(indexed(ctx)) == files_of(studies), summary(r)
     assert (r.status, r.expected, r.received, r.failed) == ("completed", 8, 8, 0), summary(r)
+    if peer.kind == "qrscp":  # the scenario met the quirk: a UID list is refused, then one study each
+        assert peer.move_requests() >= 2
 
 
 # ------------------------------------------------------------------------------------ d
@@ -219,8 +222,6 @@ def test_cancel_during_a_wait_ends_cancelled_and_sends_no_more_moves(peer, rig, 
     peer.load(sorted((tmp_path / "gen").iterdir()))
     # ~17 KB per study at 1 KB/s: about 17 s of waiting before the second study
     with ctx.sessions() as s:
-        from app.db.models import PacsNode
-
         node = s.scalar(select(PacsNode).where(PacsNode.name == "pacs"))
         node.options = {**(node.options or {}), "policy": {"mb_per_second": 0.001}}
         s.commit()
@@ -308,8 +309,6 @@ def test_cget_over_several_studies_brings_everything(peer, rig, tmp_path):
     studies = make_studies(tmp_path / "gen", ["20200101", "20200102", "20200103"], instances_per_series=2)
     peer.load(sorted((tmp_path / "gen").iterdir()))
     with ctx.sessions() as s:
-        from app.db.models import PacsNode
-
         s.scalar(select(PacsNode).where(PacsNode.name == "pacs")).retrieve_method = "get"
         s.commit()
     moves = peer.move_requests()
