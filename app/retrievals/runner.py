@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from sqlalchemy import delete, insert, select, update
 
 from app.context import AppContext
-from app.db.models import Instance, PacsNode, Retrieval, RetrievalItem
+from app.db.models import Instance, PacsNode, Retrieval, RetrievalItem, StoreConflict
 from app.dicom.queries import key_level, validate_query
 from app.dicom.scu import MOVE_DESTINATION_UNKNOWN, DicomClient, RetrieveResult
 from app.errors import DicomError, PermanentDicomError, RetriableDicomError
@@ -92,6 +92,22 @@ class _State:
     subops: dict[str, int] = field(default_factory=lambda: {"completed": 0, "failed": 0, "warning": 0})
     statuses: list[str] = field(default_factory=list)
     retried_by_get: int = 0
+    verify: set[str] = field(default_factory=set)  # indexed, but from another sender: fetched again
+
+
+def provenance(session, uids) -> dict[str, tuple[str | None, datetime]]:
+    """sop -> (source node, received at) of these SOP Instance UIDs that are in the index."""
+    uids = list(uids)
+    out: dict[str, tuple[str | None, datetime]] = {}
+    for i in range(0, len(uids), _CHUNK):
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.source_node, Instance.received_at)
+                               .where(Instance.sop_instance_uid.in_(uids[i:i + _CHUNK])))
+        out.update({sop: (src, at) for sop, src, at in rows})
+    return out
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
 
 
 def present(session, uids) -> set[str]:
@@ -261,9 +277,8 @@ class RetrievalRunner:
             st.errors.append(f"the PACS did not return {', '.join(sorted(listing.unverifiable))}: answers that "
                              f"could not be checked against the query were not retrieved ({listing.discarded})")
         self._record_items(st)
-        with self.ctx.sessions() as s:
-            st.present_at_start = present(s, st.expected)
-        missing = [e for u, e in st.expected.items() if u not in st.present_at_start]
+        self._sort_present(st, node)
+        missing = [e for u, e in st.expected.items() if u not in st.present_at_start and u not in st.arrived]
         lists_refused = bool(capabilities(node).get("uid_lists_refused"))
         units = plan_units(missing, st.expected, query_depth(query), max_uids=1 if lists_refused else
                            MAX_UIDS_PER_RETRIEVE)
@@ -281,6 +296,42 @@ class RetrievalRunner:
             if self._batcher is not None:
                 self._batcher.stop()
         return self._finish(st, t0, method=method, listing=listing)
+
+    def _sort_present(self, st: _State, node: PacsNode) -> None:
+        """What is indexed already counts as `skipped` only when it came from this node (or from
+        nowhere we know: a folder reindexed by hand). Arrived from this node since this retrieval was
+        created: a run before a takeover brought it, so it is `received`. Sent by another AE (a forged
+        or stale copy): fetched again, and the SCP compares the two copies (a different one is kept
+        aside as a conflict, which this job then reports)."""
+        with self.ctx.sessions() as s:
+            rows = provenance(s, st.expected)
+            created = s.scalar(select(Retrieval.created_at).where(Retrieval.id == self.id))
+        created = _aware(created) if created else None
+        for sop, (src, at) in rows.items():
+            if src not in (None, node.name):
+                st.verify.add(sop)
+            elif src == node.name and created is not None and _aware(at) >= created:
+                st.arrived.add(sop)
+            else:
+                st.present_at_start.add(sop)
+
+    def _settle_verified(self, unit: Unit, res: RetrieveResult | None, st: _State, node: PacsNode) -> None:
+        """Instances of `unit` that were indexed from another sender: the index cannot tell whether
+        this node's copy came, so the PACS's answer and the conflicts table do."""
+        mine = [u for u in unit.sops if u in st.verify and u not in st.arrived and u not in st.failed]
+        if not mine:
+            return
+        with self.ctx.sessions() as s:
+            conflicts = dict(s.execute(select(StoreConflict.sop_instance_uid, StoreConflict.reason)
+                                       .where(StoreConflict.sop_instance_uid.in_(mine),
+                                              StoreConflict.source_node == node.name)).all())
+        sent = res is not None and not res.failed and not res.failed_uids and res.status in (0x0000, 0xB000)
+        for u in mine:
+            if u in conflicts:
+                st.failed[u] = (f"conflict: this node's copy differs from the one indexed from another sender "
+                                f"({conflicts[u]}); kept aside, see /api/v1/conflicts")
+            elif sent:
+                st.arrived.add(u)  # the same copy again: nothing to store, the index holds it
 
     def _record_items(self, st: _State) -> None:
         rows = [{"retrieval_id": self.id, "sop_instance_uid": e.sop_instance_uid,
@@ -349,6 +400,7 @@ class RetrievalRunner:
                 refusals = 0
                 self._count(st, res)
                 self._wait_arrivals(unit, st, res)
+                self._settle_verified(unit, res, st, node)
                 self._record_subop_failures(unit, res, st)
                 short = {u for u in unit.sops if u not in st.arrived and u not in st.failed}
                 if short and unit.batched:
@@ -464,7 +516,9 @@ class RetrievalRunner:
     def _wait_arrivals(self, unit: Unit, st: _State, res: RetrieveResult | None, grace: float | None = None) -> None:
         """Poll the index until the unit's instances are there, the PACS's failures account for the
         rest, or nothing new arrived for `arrival_timeout` (stragglers of an asynchronous move)."""
-        want = [u for u in unit.sops if u not in st.arrived]
+        # an instance indexed from another sender is in the index already: only the PACS's answer and
+        # the conflicts table settle it (_settle_verified)
+        want = [u for u in unit.sops if u not in st.arrived and u not in st.verify]
         timeout = self.ctx.settings.arrival_timeout if grace is None else grace
         reported_failed = res.failed if res is not None else len(want)
         last_progress = time.monotonic()
@@ -503,9 +557,11 @@ class RetrievalRunner:
         skipped = st.present_at_start & expected
         with self.ctx.sessions() as s:
             in_index = present(s, expected)
-        received = (in_index - skipped)
-        missing = sorted(expected - in_index)
-        failed = sorted(u for u in missing if u in st.failed)
+        # indexed from another sender and not confirmed from this node: not this job's to count
+        unconfirmed = st.verify - st.arrived
+        received = in_index - skipped - unconfirmed
+        missing = sorted(expected - received - skipped)
+        failed = [u for u in missing if u in st.failed]
         errors = ([error] if error else []) + st.errors
         if (error or errors) and not st.expected:
             status = "failed"

@@ -135,3 +135,95 @@ def test_backoff_level_decays_with_time_and_is_per_node_state():
     assert b.level == 0 and b.delay() == 0.0
     b.pressure()  # a new pushback starts from the decayed level
     assert b.level == 1
+
+
+# ---- what is already indexed: from this node, from another sender, from a run before a takeover ----
+
+def _orthanc_rig(ctx, orthanc, tmp_path):
+    from app.dicom.scp import StorageSCP
+    from app.retrievals.nodes import create_node
+    from app.retrievals.schemas import NodeIn
+    from tests.dicom.helpers import make_studies, upload_all
+
+    ctx.settings.arrival_timeout = 3.0
+    studies = make_studies(tmp_path / "gen", ["20120101", "20120102"], instances_per_series=2)
+    upload_all(orthanc, sorted((tmp_path / "gen").iterdir()))
+    with ctx.sessions() as s:
+        create_node(s, NodeIn(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port,
+                              retrieve_method="move"), "test")
+        create_node(s, NodeIn(name="modality", ae_title="MODALITY", host="127.0.0.1", port=1,
+                              retrieve_method="move"), "test")
+        s.commit()
+    return studies, StorageSCP(ctx)
+
+
+def _send_as_modality(port: int, ds) -> int:
+    from pynetdicom import AE
+
+    ae = AE("MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADCOHORT")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def _run(ctx, query: dict):
+    from app.retrievals.runner import run_retrieval
+    from app.retrievals.service import create_retrieval
+
+    with ctx.sessions() as s:
+        rid = create_retrieval(s, "pacs", query, "test").id
+        s.commit()
+    return run_retrieval(ctx, rid)
+
+
+def test_a_forged_copy_from_another_sender_is_not_counted_present_and_is_reported(ctx, orthanc, tmp_path):
+    from pydicom import dcmread
+
+    studies, scp = _orthanc_rig(ctx, orthanc, tmp_path)
+    with scp:
+        files = sorted((tmp_path / "gen").iterdir())
+        forged = dcmread(files[0])
+        forged.PixelData = bytes(len(forged.PixelData))  # same UIDs, other pixels
+        same = dcmread(files[1])  # an identical copy from another sender
+        assert _send_as_modality(scp.port, forged) == 0 and _send_as_modality(scp.port, same) == 0
+        r = _run(ctx, {"StudyDate": "20120101"})
+    forged_uid, same_uid = str(forged.SOPInstanceUID), str(same.SOPInstanceUID)
+    # nothing counted as already present on another sender's word: both fetched from the PACS
+    assert (r.expected, r.skipped) == (2, 0), (r.status, r.error)
+    assert r.status == "partial" and r.received == 1 and r.failed_uids == [forged_uid], (r.status, r.error)
+    assert "conflict" in (r.error or "") or "conflict" in str(r.report.get("failure_reasons")), r.report
+    from app.db.models import StoreConflict
+
+    with ctx.sessions() as s:
+        kept = list(s.scalars(select(StoreConflict.sop_instance_uid).where(StoreConflict.source_node == "pacs")))
+    assert kept == [forged_uid] and same_uid not in (r.missing or [])
+
+
+def test_instances_brought_before_a_takeover_are_received_not_skipped(ctx, orthanc, tmp_path):
+    from app.retrievals.service import create_retrieval
+    from app.retrievals.runner import run_retrieval
+
+    studies, scp = _orthanc_rig(ctx, orthanc, tmp_path)
+    with scp:
+        first = _run(ctx, {"StudyDate": "20120101"})  # an earlier job: its instances are skipped later
+        assert (first.status, first.received) == ("completed", 2)
+        with ctx.sessions() as s:
+            rid = create_retrieval(s, "pacs", {"StudyDate": "20120101-20120102"}, "test").id
+            s.commit()
+        # "a run before the kill" brought study 2 (same node, after this retrieval was created)
+        from app.dicom.scu import DicomClient
+        from app.db.models import PacsNode
+
+        with ctx.sessions() as s:
+            node = s.scalar(select(PacsNode).where(PacsNode.name == "pacs"))
+            s.expunge(node)
+        DicomClient(ctx.settings, node).move("STUDY", {"StudyInstanceUID": studies[1].study_uid})
+        deadline = time.monotonic() + 10
+        while len(_indexed(ctx)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r = run_retrieval(ctx, rid)
+    assert (r.status, r.expected, r.skipped, r.received) == ("completed", 4, 2, 2), (r.status, r.error)
