@@ -35,15 +35,15 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     seed: int = 0
     augment: dict[str, Any] = field(default_factory=_default_augment)
-    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
+    experiments: list[str] = field(default_factory=list)  # none unless asked for (rotate90, scale10)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False
     weights: str | None = None  # optional local weights file (no downloads)
     workers: int | None = None
     suspect_threshold: float = 0.99
-    # Evaluate the held-out split each epoch for the progress curve when the cohort has no
-    # "val" split. Nothing is selected on it (the last epoch's model is kept), so no leak.
-    monitor_test: bool = True
+    # Evaluate the test split each epoch when there is no "val" split. Off: the test set is used once,
+    # after the last epoch, and val_accuracy means validation (the API holds a val split out of train).
+    monitor_test: bool = False
 
     def resolved_batch_size(self, cuda: bool) -> int:
         return self.batch_size or (256 if cuda else 32)

@@ -25,7 +25,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.context import AppContext
 from app.db.base import session_scope
-from app.training import jobs
+from app.training import jobs, workers
 from app.training.artifacts import (ProgressTail, code_version, error_text, read_json, run_finished,
                                     write_json_atomic)
 
@@ -90,6 +90,41 @@ def kill_marked(mark: str) -> int:
     return killed
 
 
+def capabilities() -> dict:
+    """What this worker offers, published in the workers table (the API validates requests against it)."""
+    from app import __version__
+
+    caps: dict = {"queues": list(workers.QUEUES), "version": __version__}
+    try:
+        import timm
+
+        from models.registry import DEPTH_PRESETS, _register
+
+        _register()
+        caps["models"] = sorted(set(timm.list_models()) | set(DEPTH_PRESETS.values()))
+        caps["depth_presets"] = {str(k): v for k, v in DEPTH_PRESETS.items()}
+        import torch
+
+        caps["device"] = f"cuda x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    except ImportError as exc:  # the [worker] extra is missing: alive, but it cannot train
+        caps["models"] = []
+        caps["error"] = f"{exc}: pip install -e '.[worker]'"
+    return caps
+
+
+def epoch_text(job_id: int, ev: dict) -> str:
+    """One console line per epoch event."""
+    parts = [f"training job {job_id}: epoch {ev.get('epoch')}/{ev.get('epochs')}"]
+    if ev.get("loss") is not None:
+        parts.append(f"loss {float(ev['loss']):.4f}")
+    for key, label in (("train_accuracy", "train acc"), ("val_accuracy", "val acc")):
+        if ev.get(key) is not None:
+            parts.append(f"{label} {float(ev[key]):.1f}%")
+    if ev.get("images_per_second"):
+        parts.append(f"{float(ev['images_per_second']):.0f} img/s")
+    return "  ".join(parts)
+
+
 @dataclass
 class Outcome:
     job_id: int
@@ -102,8 +137,9 @@ class Worker:
     def __init__(self, ctx: AppContext, *, poll: float | None = None, stale_after: float = 60.0,
                  max_attempts: int = jobs.DEFAULT_MAX_ATTEMPTS, nproc: int | None = None,
                  module: str = "models.run", tick: float = 1.0, cancel_grace: float = 60.0,
-                 stop_grace: float = 30.0, worker_id: str | None = None):
+                 stop_grace: float = 30.0, worker_id: str | None = None, say=None):
         self.ctx = ctx
+        self.say = say or log.info  # the console: claims, epochs, ends and failures
         self.settings = ctx.settings
         self.poll = poll if poll is not None else self.settings.worker_poll_seconds
         self.stale_after = stale_after
@@ -115,6 +151,8 @@ class Worker:
         self.stop_grace = stop_grace
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
+        self._caps: dict | None = None
+        self._beat_at = 0.0
 
     # ------------------------------------------------------------ loop
     def stop(self, *_args) -> None:
@@ -128,20 +166,44 @@ class Worker:
     def run(self, once: bool = False) -> list[Outcome]:
         """Claim and run jobs until stopped (or, with once, until the queue is empty)."""
         outcomes: list[Outcome] = []
+        self._caps = capabilities()
+        self._publish(force=True)
         log.info("worker %s polling every %.1f s", self.worker_id, self.poll)
-        while not self.stopping.is_set():
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self._publish()
+                    outcome = self.run_one()
+                except OperationalError as exc:
+                    log.warning("database unavailable (%s); retrying", type(exc).__name__)
+                    outcome = None
+                if outcome is not None:
+                    outcomes.append(outcome)
+                    continue
+                if once:
+                    break
+                self.stopping.wait(self.poll)
+        finally:
             try:
-                outcome = self.run_one()
-            except OperationalError as exc:
-                log.warning("database unavailable (%s); retrying", type(exc).__name__)
-                outcome = None
-            if outcome is not None:
-                outcomes.append(outcome)
-                continue
-            if once:
-                break
-            self.stopping.wait(self.poll)
+                with session_scope(self.ctx.sessions) as s:
+                    workers.unregister(s, self.worker_id)
+            except OperationalError:
+                pass  # the row goes stale by itself
         return outcomes
+
+    def _publish(self, force: bool = False, every: float = 5.0) -> None:
+        """Heartbeat this worker's row (at most every `every` s); re-register when the row is gone."""
+        now = time.monotonic()
+        if not force and now - self._beat_at < every:
+            return
+        self._beat_at = now
+        try:
+            with session_scope(self.ctx.sessions) as s:
+                if force or not workers.heartbeat(s, self.worker_id):
+                    workers.register(s, self.worker_id, socket.gethostname(), os.getpid(),
+                                     self._caps if self._caps is not None else capabilities())
+        except OperationalError as exc:
+            log.warning("worker heartbeat not recorded (%s)", type(exc).__name__)
 
     def run_one(self) -> Outcome | None:
         """Claim one job and run it to its end; None when nothing was claimable."""
@@ -150,9 +212,11 @@ class Worker:
                                   max_attempts=self.max_attempts)
         if job is None:
             return None
-        log.info("claimed training job %d (attempt %d)", job.id, job.attempts)
+        self.say(f"training job {job.id}: claimed (attempt {job.attempts}, {self._describe(job)})")
         try:
-            return self._run_job(job)
+            outcome = self._run_job(job)
+            self._say_end(outcome)
+            return outcome
         except OperationalError:
             # the DB went away: leave the job as it is; it turns stale and is reclaimed (and a finished
             # run is then reported from its files, not rerun)
@@ -161,7 +225,27 @@ class Worker:
             log.exception("training job %d failed in the worker", job.id)
             with session_scope(self.ctx.sessions) as s:
                 jobs.fail_job(s, job.id, self.worker_id, f"worker error: {type(exc).__name__}: {exc}")
+            self.say(f"training job {job.id}: failed: worker error: {type(exc).__name__}: {exc}")
             return Outcome(job.id, "failed")
+
+    @staticmethod
+    def _describe(job) -> str:
+        p = job.params or {}
+        return ", ".join(f"{k} {p[k]}" for k in ("model", "depth", "epochs", "image_size", "batch_size")
+                         if p.get(k) is not None)
+
+    def _say_end(self, outcome: Outcome) -> None:
+        text = f"training job {outcome.job_id}: {outcome.status}"
+        if outcome.status in ("failed", "completed"):
+            with session_scope(self.ctx.sessions) as s:
+                job = jobs.get_job(s, outcome.job_id)
+                if outcome.status == "failed" and job.error:
+                    text += f": {job.error.strip().splitlines()[-1][:500]}"
+                    if job.run_dir:
+                        text += f" (log: {job.run_dir}/worker.log)"
+                elif outcome.status == "completed" and job.metrics:
+                    text += f": overall accuracy {float(job.metrics.get('overall_accuracy') or 0):.1f}%"
+        self.say(text)
 
     # ------------------------------------------------------------ one job
     def _run_job(self, job) -> Outcome:
@@ -237,6 +321,12 @@ class Worker:
         return self._finish(job, rd, spec, rc, cancelled=cancel_sent is not None)
 
     def _report(self, job, events: list[dict]) -> tuple[bool, bool]:
+        for ev in events:
+            if ev.get("event") == "epoch":
+                self.say(epoch_text(job.id, ev))
+            elif ev.get("event") == "preprocess" and ev.get("done") == ev.get("total"):
+                self.say(f"training job {job.id}: preprocessed {ev.get('total')} images")
+        self._publish()
         try:
             with session_scope(self.ctx.sessions) as s:
                 return jobs.record_progress(s, job, self.worker_id, events)
@@ -287,8 +377,8 @@ class Worker:
 
 
 def main(ctx: AppContext, *, once: bool = False, poll: float | None = None, stale_after: float = 60.0,
-         nproc: int | None = None) -> list[Outcome]:
+         nproc: int | None = None, say=None) -> list[Outcome]:
     """Entry for `radcohort worker`: handles SIGTERM/SIGINT by giving the running job back."""
-    worker = Worker(ctx, poll=poll, stale_after=stale_after, nproc=nproc)
+    worker = Worker(ctx, poll=poll, stale_after=stale_after, nproc=nproc, say=say)
     worker.install_signal_handlers()
     return worker.run(once=once)

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from app import __version__
 from app.api.deps import require_token
+from app.api.docs import mount_offline_docs
 from app.api.gate import Gate
 from app.config import Settings
 from app.context import AppContext
@@ -43,27 +44,17 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
             if callable(stop):
                 stop(wait=False)
 
-    guarded = bool(settings.tokens)
     app = FastAPI(
         lifespan=lifespan,
         title="radcohort",
         version=__version__,
         description="PACS query/retrieve, header labels, leakage-free cohorts and CNN training.",
-        # with tokens configured /health is the only open route: the schema and docs need a token too
-        openapi_url=None if guarded else "/openapi.json",
-        docs_url=None if guarded else "/docs",
-        redoc_url=None if guarded else "/redoc",
+        # the docs pages are ours (packaged assets, app.api.docs): FastAPI's load them from a CDN,
+        # blank on an offline hospital network; with tokens set the gate guards them like any route
+        docs_url=None,
+        redoc_url=None,
     )
-    if guarded:
-        from fastapi.openapi.docs import get_swagger_ui_html
-
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
-        def _openapi():
-            return app.openapi()
-
-        @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_token)])
-        def _docs():
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="radcohort API")
+    mount_offline_docs(app)
     # authentication, then the route's body limit, from the headers and before FastAPI reads or
     # validates a byte of the body (app.api.gate)
     app.add_middleware(Gate, settings=settings)
@@ -112,10 +103,12 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
         except Exception:  # noqa: BLE001 - health must answer whatever the DB does
             db_ok = False
         from app.dicom.store import storage_health  # free space of the DICOM store (settings.health_min_free_mb)
+        from app.training.workers import health as workers_health  # live workers, their queues and models
 
         storage = storage_health(settings.store_dir, settings.health_min_free_mb)
         return {"status": "ok" if db_ok and storage["ok"] else "degraded", "version": __version__,
-                "database": db_ok, "storage": storage, "ae_title": settings.ae_title}
+                "database": db_ok, "storage": storage, "ae_title": settings.ae_title,
+                "workers": workers_health(ctx)}
 
     for name in ROUTE_MODULES:
         module = importlib.import_module(f"app.api.routes.{name}")

@@ -23,9 +23,10 @@ def register(cli: typer.Typer) -> None:
         from models.worker import main
 
         ctx = AppContext.build(get_settings())
+        typer.echo("worker started: claims queued training jobs (Ctrl-C gives a running job back to the queue)")
         try:
-            outcomes = main(ctx, once=once, poll=poll, stale_after=stale_after, nproc=nproc)
+            # every claim, epoch, end and failure on the console as it happens
+            main(ctx, once=once, poll=poll, stale_after=stale_after, nproc=nproc,
+                 say=lambda text: typer.echo(text))
         finally:
             ctx.close()
-        for o in outcomes:
-            typer.echo(f"training job {o.job_id}: {o.status}")

@@ -133,9 +133,10 @@ def _members(session: Session, cohort_id: int):
 
 
 def cohort_items(session: Session, cohort_id: int) -> list[dict]:
-    """The frozen member list for training: sop_instance_uid, class_name, split, file_path (store-relative)."""
-    return [{"sop_instance_uid": uid, "class_name": cls, "split": split, "file_path": path}
-            for uid, cls, split, _key, path in _members(session, cohort_id)]
+    """The frozen member list for training: sop_instance_uid, class_name, split, file_path (store-relative),
+    patient_key (the pseudonym, to keep a patient's images together in a validation hold-out)."""
+    return [{"sop_instance_uid": uid, "class_name": cls, "split": split, "file_path": path, "patient_key": key}
+            for uid, cls, split, key, path in _members(session, cohort_id)]
 
 
 def manifest_csv(session: Session, cohort_id: int) -> str:

@@ -256,6 +256,20 @@ class TrainedModel(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class WorkerProcess(Base):
+    """A `radcohort worker` process: written on start and on every poll, so the API can say whether one
+    is alive and which models it offers (the API never imports torch to find out)."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # the worker_id it claims jobs with
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # {"queues": [...], "models": [...], "depth_presets": {...}, "device": ..., "version": ...}
+    capabilities: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
 # ---------------------------------------------------------------- audit
 class AuditEvent(Base):
     __tablename__ = "audit_log"

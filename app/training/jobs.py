@@ -7,6 +7,8 @@ overwrite the new owner's state.
 
 from __future__ import annotations
 
+import difflib
+import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,8 +18,9 @@ from sqlalchemy.orm import Session
 from app import audit
 from app.config import Settings
 from app.db.models import Cohort, TrainedModel, TrainingJob
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, InvalidInput, NotFound
 from app.training.items import cohort_classes, cohort_items
+from app.training import workers
 from app.training.params import DEPTH_PRESETS, TrainingJobCreate
 
 FINAL = ("completed", "failed", "cancelled")
@@ -31,11 +34,57 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class RequestInvalid(InvalidInput):
+    """A training request the worker would fail on; `errors` in FastAPI's 422 shape."""
+
+    def __init__(self, errors: list[dict]):
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+def _err(field: str, msg: str, **ctx) -> dict:
+    return {"loc": ["body", field], "msg": msg, "type": "value_error", **({"ctx": ctx} if ctx else {})}
+
+
+def check_request(session: Session, body: TrainingJobCreate) -> Cohort:
+    """What the worker would only find out late: an unknown model, a cohort it cannot train and test.
+
+    Models are checked against the registries the live workers published (every timm name), or the
+    built-in list while no worker is alive; both without importing torch.
+    """
+    cohort = session.get(Cohort, body.cohort_id)
+    if cohort is None:
+        raise NotFound(f"cohort {body.cohort_id} not found")
+    errors = []
+    if body.depth is None:
+        offered, source = workers.offered_models(session)
+        if body.model not in offered:
+            close = difflib.get_close_matches(body.model, offered, n=5, cutoff=0.6)
+            shown = offered if len(offered) <= 40 else close
+            where = ("the live workers' registry" if source == "workers"
+                     else "the built-in list (no worker is running; a running worker offers every timm model)")
+            msg = (f"unknown model {body.model!r}: not in {where}"
+                   + (f"; did you mean {', '.join(close)}?" if close else "")
+                   + (f"; allowed: {', '.join(offered)}" if len(offered) <= 40 else
+                      f"; {len(offered)} allowed, listed by GET /api/v1/architectures or `radcohort models list --architectures`"))
+            errors.append(_err("model", msg, allowed=shown, source=source))
+    summary = (cohort.summary or {}).get("classes") or []
+    tested = [c["name"] for c in summary if c.get("test")]
+    trained = [c["name"] for c in summary if c.get("train")]
+    if len(tested) < 2 or len(trained) < 2:
+        counts = ", ".join(f"{c.get('name')} {c.get('train', 0)}/{c.get('test', 0)}" for c in summary) or "none"
+        errors.append(_err("cohort_id", f"cohort {cohort.id} has {len(trained)} class(es) with training images and "
+                           f"{len(tested)} with test images (train/test per class: {counts}); a classifier needs "
+                           "at least 2 of each: use a taxonomy with 2+ classes, a larger per_class or more images"))
+    if errors:
+        raise RequestInvalid(errors)
+    return cohort
+
+
 # ---------------------------------------------------------------- user side
 def create_jobs(session: Session, body: TrainingJobCreate, actor: str) -> list[TrainingJob]:
     """Queue one job, or one per depth preset when the depth_ladder experiment is asked for."""
-    if session.get(Cohort, body.cohort_id) is None:
-        raise NotFound(f"cohort {body.cohort_id} not found")
+    check_request(session, body)
     params = body.params()
     if "depth_ladder" in params.experiments:
         rest = [e for e in params.experiments if e != "depth_ladder"]
@@ -105,6 +154,13 @@ def model_ids(session: Session, job_ids: list[int]) -> dict[int, int]:
     return {jid: mid for jid, mid in session.execute(q)}
 
 
+def note(session: Session, job: TrainingJob) -> str | None:
+    """Why a queued job is not moving, when the reason is known."""
+    if job.status == "queued" and not workers.any_alive(session):
+        return workers.NO_WORKER_NOTE
+    return None
+
+
 def job_view(job: TrainingJob, model_id: int | None = None) -> dict:
     """The API's shape of a job (progress flattened for the UI)."""
     p = job.progress or {}
@@ -117,7 +173,7 @@ def job_view(job: TrainingJob, model_id: int | None = None) -> dict:
         "eta_seconds": p.get("eta_seconds"), "preprocess": p.get("preprocess"),
         "skipped": skipped, "skipped_count": p.get("skipped_count", len(skipped)),
         "history": job.history or [], "error": job.error, "cancel_requested": job.cancel_requested,
-        "attempts": job.attempts, "model_id": model_id,
+        "attempts": job.attempts, "model_id": model_id, "note": None,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
     }
 
@@ -311,9 +367,14 @@ def build_spec(session: Session, settings: Settings, job: TrainingJob, code_vers
                             "reason": "no file in the store"})
             continue
         items.append({"sop_instance_uid": it["sop_instance_uid"], "path": str(store / it["file_path"]),
-                      "class": it["class_name"], "split": it["split"]})
+                      "class": it["class_name"], "split": it["split"], "patient_key": it.get("patient_key")})
+    val_fraction = float((job.params or {}).get("val_fraction") or 0)
+    if val_fraction > 0 and not any(it["split"] == "val" for it in items):
+        hold_out_validation(items, val_fraction, int((job.params or {}).get("seed") or 0))
+    for it in items:
+        it.pop("patient_key", None)  # grouping only; pseudonyms need not sit in the run dir
     rd = run_dir(settings, job.id).resolve()
-    params = {k: v for k, v in (job.params or {}).items() if k != "depth_ladder"}
+    params = {k: v for k, v in (job.params or {}).items() if k not in ("depth_ladder", "val_fraction")}
     if params.get("weights"):
         params["weights"] = str((settings.data_dir / "weights" / params["weights"]).resolve())
     spec = {
@@ -324,3 +385,27 @@ def build_spec(session: Session, settings: Settings, job: TrainingJob, code_vers
                  "ruleset_version": cohort.ruleset_version, "code_version": code_version},
     }
     return spec, missing
+
+
+def hold_out_validation(items: list[dict], fraction: float, seed: int) -> int:
+    """Move a seeded `fraction` of each class's training patients to split "val" (in place).
+
+    By patient (all of a patient's images move together), per class so every class is monitored;
+    a class keeps at least 3 training patients, so tiny classes give none. Returns images moved.
+    """
+    by_class: dict[str, dict[str, list[dict]]] = {}
+    for it in items:
+        if it["split"] == "train":
+            key = it.get("patient_key") or it["sop_instance_uid"]
+            by_class.setdefault(it["class"], {}).setdefault(key, []).append(it)
+    rng = random.Random(seed)
+    moved = 0
+    for cls in sorted(by_class):
+        patients = sorted(by_class[cls])
+        n = len(patients)
+        k = min(max(int(n * fraction), 1 if n >= 5 else 0), n - 3) if n > 3 else 0
+        for key in rng.sample(patients, k):
+            for it in by_class[cls][key]:
+                it["split"] = "val"
+                moved += 1
+    return moved

@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EXPERIMENTS = ("rotate90", "scale10", "depth_ladder")
+MAX_EPOCHS = 500
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024  # below 32 px the ResNets' five halvings leave nothing
+MAX_BATCH_SIZE = 4096
 # the study's depth experiment: one job per preset (models/ maps each to an architecture)
 DEPTH_PRESETS = (4, 19, 34, 64)
 
@@ -37,14 +40,22 @@ class TrainingParams(BaseModel):
 
     model: str = Field("resnet18", pattern=r"^[a-z][a-z0-9_.]{1,63}$", description="timm model name")
     depth: Literal[4, 19, 34, 64] | None = Field(None, description="study depth preset; overrides model")
-    epochs: int = Field(30, ge=1, le=1000)
-    image_size: int = Field(256, ge=16, le=2048, description="input height in pixels (aspect kept, padded)")
-    batch_size: int | None = Field(None, ge=1, le=65536)
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="the study: 30; a CPU try-out: 2-10")
+    image_size: int = Field(256, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE,
+                            description="input height in pixels (aspect kept, padded); the study: 256, CPU: 64-96")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="default 256 on CUDA, 32 on CPU")
     lr: float | None = Field(None, gt=0, le=10)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     augment: Augment = Field(default_factory=Augment, description="augmentation (training side only)")
-    experiments: list[str] = Field(default_factory=lambda: ["rotate90", "scale10"],
-                                   description="subset of rotate90, scale10, depth_ladder")
+    experiments: list[str] = Field(
+        default_factory=list, json_schema_extra={"default": []},
+        description="extra evaluations, none by default: rotate90 and scale10 (the study's 90° rotation and "
+                    "10 % size tests on the test set), depth_ladder (one job per depth preset 4/19/34/64)")
+    val_fraction: float = Field(
+        0.1, ge=0, le=0.5,
+        description="patients of each class held out of the cohort's train split (seeded) for the per-epoch "
+                    "val_accuracy; 0 = none (val_accuracy is then null). The test split is only used once, "
+                    "after the last epoch. Ignored when the cohort has its own val split")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     compile: bool = False
     weights: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(pt|pth|safetensors)$",

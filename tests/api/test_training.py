@@ -12,9 +12,14 @@ from app.db.models import Cohort, TrainedModel, TrainingJob
 from app.training.testing import write_tiny_dicom
 
 
-def _cohort(ctx) -> int:
+def _cohort(ctx, classes: dict | None = None) -> int:
+    """A cohort row whose summary has {class: (train, test)} (default A and B, 5/2 each)."""
+    classes = classes if classes is not None else {"A": (5, 2), "B": (5, 2)}
+    summary = {"classes": [{"name": n, "available": tr + te, "selected": tr + te, "train": tr, "test": te}
+                           for n, (tr, te) in classes.items()]}
     with session_scope(ctx.sessions) as s:
-        c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": "A"}, {"name": "B"}]})
+        c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": n} for n in classes]},
+                   summary=summary)
         s.add(c)
         s.flush()
         return c.id
@@ -54,12 +59,14 @@ def test_queue_list_get_and_cancel(client, ctx):
     r = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "model": "resnet18", "epochs": 3,
                                                    "image_size": 64, "augment": {"rotation": [10, 20]}})
     assert r.status_code == 202
-    assert r.json() == {"id": r.json()["id"], "status": "queued"}
+    no_worker = "queued — no worker is running: start `radcohort worker`"
+    assert r.json() == {"id": r.json()["id"], "status": "queued", "note": no_worker}
     jid = r.json()["id"]
     job = client.get(f"/api/v1/training-jobs/{jid}").json()
     assert job["status"] == "queued" and job["epochs"] == 3 and job["epoch"] == 0 and job["history"] == []
     assert job["params"]["augment"] == {"rotation": [10.0, 20.0]}
-    assert job["params"]["experiments"] == ["rotate90", "scale10"]
+    assert job["params"]["experiments"] == []  # none unless asked for
+    assert job["params"]["val_fraction"] == 0.1 and job["note"] == no_worker
     for key in ("device", "images_per_second", "loss", "train_accuracy", "val_accuracy", "eta_seconds", "error",
                 "model_id", "cohort_id"):
         assert key in job
@@ -141,3 +148,57 @@ def test_api_side_never_imports_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "data")],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_bad_requests_are_refused_at_submission_with_the_allowed_values(client, ctx):
+    """What the worker would fail on late: an unknown model, a cohort with one class; no job is queued."""
+    cid = _cohort(ctx)
+    r = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "model": "resnet81"})
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "model"] and "resnet18" in err["msg"] and "no worker is running" in err["msg"]
+    assert "resnet10t" in err["ctx"]["allowed"] and err["ctx"]["source"] == "built-in"
+    one = _cohort(ctx, {"A": (5, 2), "B": (5, 0)})
+    r = client.post("/api/v1/training-jobs", json={"cohort_id": one, "model": "resnet10t"})
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "cohort_id"] and "1 with test images" in err["msg"] and "B 5/0" in err["msg"]
+    r = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "epochs": 100000, "image_size": 4096,
+                                                   "batch_size": 10**6, "val_fraction": 0.9})
+    assert r.status_code == 422
+    assert {tuple(e["loc"][1:]) for e in r.json()["detail"]} == {("epochs",), ("image_size",), ("batch_size",),
+                                                                  ("val_fraction",)}
+    assert client.get("/api/v1/training-jobs").json()["total"] == 0
+    # the default of experiments is visible in the schema
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TrainingJobCreate"]["properties"]
+    assert schema["experiments"]["default"] == [] and schema["val_fraction"]["default"] == 0.1
+
+
+def test_live_workers_publish_models_and_health_says_so(client, ctx):
+    from app.training import workers
+
+    health = client.get("/health").json()["workers"]
+    assert health["alive"] == 0 and "radcohort worker" in health["note"]
+    with session_scope(ctx.sessions) as s:
+        workers.register(s, "host:1:abc", "host", 1, {"queues": ["training"], "models": ["resnet10t", "tinynet_x"],
+                                                      "device": "cpu"})
+    health = client.get("/health").json()["workers"]
+    assert health["alive"] == 1 and health["queues"] == ["training"] and health["note"] is None
+    assert health["items"][0]["models"] == 2 and health["items"][0]["device"] == "cpu"
+    archs = client.get("/api/v1/architectures").json()
+    assert archs == {"total": 2, "items": ["resnet10t", "tinynet_x"], "source": "workers"}
+    cid = _cohort(ctx)
+    r = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "model": "tinynet_x"})
+    assert r.status_code == 202 and "note" not in r.json()
+    r = client.post("/api/v1/training-jobs", json={"cohort_id": cid, "model": "resnet18"})
+    assert r.status_code == 422 and "live workers" in r.json()["detail"][0]["msg"]
+    # a worker whose heartbeat is old is not alive
+    from datetime import timedelta
+
+    from app.db.models import WorkerProcess
+
+    with session_scope(ctx.sessions) as s:
+        s.get(WorkerProcess, "host:1:abc").heartbeat_at = workers.utcnow() - timedelta(seconds=300)
+    assert client.get("/health").json()["workers"]["alive"] == 0
+    job = client.get(f"/api/v1/training-jobs/{r.json()['detail'] and 1}").json()
+    assert job["status"] == "queued" and job["note"] == workers.NO_WORKER_NOTE

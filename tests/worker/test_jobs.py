@@ -18,7 +18,8 @@ from app.training.params import TrainingJobCreate
 
 def _cohort(ctx) -> int:
     with session_scope(ctx.sessions) as s:
-        c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": "A"}, {"name": "B"}]})
+        c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": "A"}, {"name": "B"}]},
+                   summary={"classes": [{"name": n, "train": 4, "test": 1} for n in "AB"]})
         s.add(c)
         s.flush()
         return c.id

@@ -193,3 +193,42 @@ def test_worker_that_lost_its_claim_stops_its_run(ctx):
     assert [(o.job_id, o.status) for o in outcomes] == [(jid, "lost")]
     assert _job(ctx, jid).worker_id == "someone-else" and _job(ctx, jid).status == "running"
     assert _marked_pids(ctx, jid) == []
+
+
+def test_worker_publishes_itself_prints_epochs_and_holds_out_validation(ctx):
+    """The workers row lives while the worker runs (with its registry); the console gets every epoch; the
+    per-epoch val_accuracy comes from patients held out of train, the test split stays as the cohort has it."""
+    from app.training import workers
+
+    with session_scope(ctx.sessions) as s:
+        cid = make_tiny_cohort(s, ctx.settings, per_class=12, size=32, split=(0.8, 0.0, 0.2))
+        jid = jobs.create_jobs(s, TrainingJobCreate(cohort_id=cid, **{**TINY, "epochs": 2, "val_fraction": 0.2}),
+                               "test")[0].id
+    lines: list[str] = []
+    worker = Worker(ctx, poll=0.2, tick=0.3, say=lines.append)
+    t, out = _in_thread(worker)
+
+    def published():
+        with session_scope(ctx.sessions) as s:
+            return [workers.view(w) for w in workers.alive(s)]
+
+    (row,) = _wait(published, 60, "the worker's row")
+    assert row["id"] == worker.worker_id and row["queues"] == ["training"] and row["models"] > 100
+    with session_scope(ctx.sessions) as s:
+        names, source = workers.offered_models(s)
+    assert source == "workers" and {"resnet10t", "radcohort_cnn4", "vgg19_bn"} <= set(names)
+    t.join(300)
+    assert [(o.job_id, o.status) for o in out] == [(jid, "completed")]
+    assert published() == []  # a worker that exits takes its row with it
+    assert any(f"training job {jid}: epoch 2/2" in line and "val acc" in line for line in lines), lines
+    assert any(line.startswith(f"training job {jid}: completed: overall accuracy") for line in lines), lines
+    spec = json.loads((jobs.run_dir(ctx.settings, jid) / "spec.json").read_text())
+    with session_scope(ctx.sessions) as s:
+        frozen = {m.sop_instance_uid: m.split for m in s.scalars(select(CohortMember).where(CohortMember.cohort_id == cid))}
+    for cls in ("CLeft", "CRight"):
+        mine = [it for it in spec["items"] if it["class"] == cls]
+        assert sum(it["split"] == "val" for it in mine) == 2  # 20 % of 10 training patients
+        assert all(frozen[it["sop_instance_uid"]] == ("test" if it["split"] == "test" else "train") for it in mine)
+    assert "val_fraction" not in spec["params"] and all("patient_key" not in it for it in spec["items"])
+    job = _job(ctx, jid)
+    assert all(h["val_accuracy"] is not None for h in job.history)

@@ -6,13 +6,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse, PlainTextResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.api.deps import ActorDep, SessionDep, SettingsDep
 from app.errors import Conflict, NotFound
-from app.training import artifacts, jobs
+from app.training import artifacts, jobs, workers
 from app.training.params import TrainingJobCreate
 
 router = APIRouter(tags=["training"])
@@ -24,6 +24,7 @@ class JobQueued(BaseModel):
     id: int
     status: Status
     jobs: list[int] | None = None  # every job queued by a depth_ladder request (id is the first)
+    note: str | None = None  # e.g. that no worker is running
 
 
 class JobOut(BaseModel):
@@ -47,6 +48,7 @@ class JobOut(BaseModel):
     cancel_requested: bool
     attempts: int
     model_id: int | None
+    note: str | None = None
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
@@ -60,6 +62,7 @@ class JobList(BaseModel):
 
 def _out(session, job, settings=None) -> JobOut:
     view = jobs.job_view(job, jobs.model_ids(session, [job.id]).get(job.id))
+    view["note"] = jobs.note(session, job)
     if settings is not None and job.status == "completed":
         view["artifacts"] = artifacts.list_artifacts(jobs.run_dir(settings, job.id))
     return JobOut(**view)
@@ -72,12 +75,37 @@ def _completed_run_dir(session, settings, job_id: int, what: str) -> Path:
     return jobs.run_dir(settings, job_id)
 
 
-@router.post("/training-jobs", status_code=202, response_model=JobQueued, response_model_exclude_none=True)
+@router.post("/training-jobs", status_code=202, response_model=JobQueued, response_model_exclude_none=True,
+             responses={404: {"description": "unknown cohort"},
+                        422: {"description": "invalid parameters, a model no worker offers (the allowed values "
+                                             "in the detail), or a cohort with fewer than 2 trainable classes"}})
 def create_training_job(body: TrainingJobCreate, session: SessionDep, actor: ActorDep):
-    """Queue a job for a frozen cohort; `experiments: ["depth_ladder"]` queues one job per depth preset."""
-    created = jobs.create_jobs(session, body, actor)
+    """Queue a job for a frozen cohort; `experiments: ["depth_ladder"]` queues one job per depth preset.
+    `note` says when no worker is running (the job then waits until one starts)."""
+    try:
+        created = jobs.create_jobs(session, body, actor)
+    except jobs.RequestInvalid as exc:
+        raise HTTPException(status_code=422, detail=exc.errors) from exc
     first = created[0]
-    return JobQueued(id=first.id, status=first.status, jobs=[j.id for j in created] if len(created) > 1 else None)
+    return JobQueued(id=first.id, status=first.status, jobs=[j.id for j in created] if len(created) > 1 else None,
+                     note=jobs.note(session, first))
+
+
+class ArchitectureList(BaseModel):
+    total: int
+    items: list[str]
+    source: Literal["workers", "built-in"] = Field(
+        ..., description="workers: the union of the live workers' registries; built-in: no worker is running")
+
+
+@router.get("/architectures", response_model=ArchitectureList)
+def list_architectures(session: SessionDep, q: str | None = Query(None, description="substring filter"),
+                       limit: int = Query(100, ge=1, le=10000), offset: int = Query(0, ge=0)):
+    """Model names a training job may ask for (`model`), as the live workers offer them."""
+    names, source = workers.offered_models(session)
+    if q:
+        names = [n for n in names if q.lower() in n]
+    return ArchitectureList(total=len(names), items=names[offset:offset + limit], source=source)
 
 
 @router.get("/training-jobs", response_model=JobList)
