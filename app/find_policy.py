@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 from pydicom import Dataset
 
-from app.dicom.queries import PATIENT_IDENTIFIERS, result_to_dict
+from app.dicom.queries import PATIENT_IDENTIFIERS, UNIQUE_KEY, result_to_dict
+from app.privacy import patient_key
 
 # matching keys that single out a patient (or a request that belongs to one)
 IDENTIFYING_KEYS = PATIENT_IDENTIFIERS | frozenset({
@@ -51,11 +52,26 @@ def refusal_detail(keys: list[str], loc_prefix: tuple[str, ...] = ("body", "quer
             for k in keys]
 
 
+def answer_rows(results: list[Dataset], level: str, pseudonym_key: bytes) -> list[dict[str, object]]:
+    """The answers of one C-FIND without identifying attributes, each once: a PACS that repeats a
+    row (pynetdicom's qrscp answers once per instance at every level) is shown each entity once."""
+    unique = UNIQUE_KEY[level.upper()]
+    seen: set[object] = set()
+    out = []
+    for ds in results:
+        row = answer_row(ds, pseudonym_key)
+        k = row.get("patient_key") if unique == "PatientID" else row.get(unique)
+        if k:
+            if k in seen:
+                continue
+            seen.add(k)
+        out.append(row)
+    return out
+
+
 def answer_row(ds: Dataset, pseudonym_key: bytes) -> dict[str, object]:
     """One C-FIND answer without identifying attributes; `patient_key` (the cohort manifests' HMAC
     pseudonym) when the PACS returned a PatientID."""
-    from app.cohorts.service import patient_key
-
     item = result_to_dict(ds, withhold=WITHHELD)
     pid = str(ds.get("PatientID", "") or "")
     if pid:

@@ -10,11 +10,20 @@ was sent.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import sys
 
 REDACTED = "<redacted>"
+
+
+def patient_key(key: bytes, patient_id: str, issuer: str | None = "") -> str:
+    """HMAC-SHA256 pseudonym of a patient (issuer-qualified ID); never reversible without the key.
+    The one pseudonym of the deployment: manifests, find answers and conflicts all use it."""
+    msg = f"{issuer or ''}\x1f{patient_id}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 # Attributes that identify a patient (PS3.15 Annex E, the ones a Q/R identifier or a header dump
 # commonly carries). Group 0010 is redacted whole but for these descriptive, non-identifying ones.

@@ -143,7 +143,7 @@ def register(cli: typer.Typer) -> None:
         from app.db.base import session_scope
         from app.dicom.scu import DicomClient
         from app.errors import RadcohortError
-        from app.find_policy import answer_row, identifying_match_keys
+        from app.find_policy import answer_rows, identifying_match_keys
 
         q = _parse_query(query)
         keys = identifying_match_keys(q)
@@ -162,7 +162,7 @@ def register(cli: typer.Typer) -> None:
             _fail(exc.message)
         finally:
             ctx.close()
-        rows = [answer_row(ds, key) for ds in res.results]
+        rows = answer_rows(res.results, level, key)
         if as_json:
             for item in rows:
                 typer.echo(json.dumps(item, ensure_ascii=False))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import io
 import time
 from collections import Counter
@@ -21,14 +19,9 @@ from app.db.models import Cohort, CohortMember
 from app.errors import InvalidInput, NotFound, RadcohortError
 from app.labels.engine import RuleSet
 from app.labels.service import get_rules
+from app.privacy import patient_key
 
 MANIFEST_COLUMNS = ("sop_instance_uid", "class", "split", "patient_key")
-
-
-def patient_key(key: bytes, patient_id: str, issuer: str | None = "") -> str:
-    """HMAC-SHA256 pseudonym of a patient (issuer-qualified ID); never reversible without the key."""
-    msg = f"{issuer or ''}\x1f{patient_id}".encode()
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
 def _insert_members(session: Session, rows: list[dict]) -> None:

@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from app.cohorts.service import patient_key
+from app.privacy import patient_key
 from app.db.models import AuditEvent, Instance, Patient, StoreConflict, Study
 from app.dicom.scp import STATUS_CONFLICT, StorageSCP
 from app.dicom.store import part10_sha256

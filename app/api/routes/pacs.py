@@ -13,7 +13,7 @@ from sqlalchemy import event
 from app import audit
 from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep, has_scope
 from app.db.base import session_scope
-from app.find_policy import IDENTIFIED_SCOPE, WITHHELD, answer_row, identifying_match_keys, refusal_detail
+from app.find_policy import IDENTIFIED_SCOPE, WITHHELD, answer_rows, identifying_match_keys, refusal_detail
 from app.policy import service as policy
 from app.policy.schema import NodePatch, NodeSettingsOut, ProbeOut
 from app.probe.schemas import ProbeJobOut
@@ -96,7 +96,7 @@ def find(name: str, body: FindIn, request: Request, session: SessionDep, setting
             audit.record(s, actor, "pacs.find_identified", name, level=body.level, keys=identifying)
     res = _gateway(name, node, lambda: DicomClient(settings, node).find(body.level, body.query, root=body.root))
     key = settings.get_pseudonym_key()
-    results = [answer_row(ds, key) for ds in res.results]
+    results = answer_rows(res.results, body.level, key)
     return FindOut(results=results, count=len(results), capped=res.capped, withheld=sorted(WITHHELD))
 
 
