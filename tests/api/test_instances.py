@@ -138,3 +138,14 @@ def test_token_required_when_configured(tmp_path):
             assert client.get("/api/v1/stats", headers={"Authorization": "Bearer t0k"}).status_code == 200
     finally:
         c.close()
+
+
+def test_unknown_query_parameter_is_422_listing_the_accepted_ones(client, indexed):
+    """`?body_part=KNEE` used to return all 10 instances: a typo must not look like an empty filter."""
+    r = client.get("/api/v1/instances", params={"body_part": "KNEE", "limit": 5})
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["query", "body_part"] and "label_body_part" in err["msg"]
+    assert {"label_body_part", "modality", "limit", "offset"} <= set(err["ctx"]["accepted"])
+    r = client.get("/api/v1/instances", params={"label_body_part": "KNEE"})
+    assert r.status_code == 200 and 0 < r.json()["total"] < 10

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from app.api.deps import SessionDep
@@ -119,7 +120,25 @@ def _filters(
     )
 
 
-@router.get("/instances", response_model=InstancePage, summary="Browse indexed instances")
+ACCEPTED = tuple(inspect.signature(_filters).parameters) + ("limit", "offset")
+
+
+def _known_parameters(request: Request) -> None:
+    """An unknown filter must not silently return everything (`?body_part=KNEE` meant label_body_part)."""
+    unknown = sorted(set(request.query_params) - set(ACCEPTED))
+    if unknown:
+        raise HTTPException(status_code=422, detail=[
+            {"loc": ["query", name], "type": "unknown_parameter",
+             "msg": f"unknown query parameter {name!r}"
+                    + (f" (a label filter is label_{name})" if f"label_{name}" in ACCEPTED else "")
+                    + f"; accepted: {', '.join(ACCEPTED)}",
+             "ctx": {"accepted": list(ACCEPTED)}} for name in unknown])
+
+
+@router.get("/instances", response_model=InstancePage, summary="Browse indexed instances",
+            dependencies=[Depends(_known_parameters)],
+            responses={422: {"description": "a bad value, or an unknown query parameter (the accepted ones in "
+                                            "the detail)"}})
 def list_instances(
     session: SessionDep,
     f: Annotated[InstanceFilter, Depends(_filters)],
