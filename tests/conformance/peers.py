@@ -10,9 +10,10 @@ Kinds:
   uncompressed only);
 - ``dcmqrscp-strict``: ``-XF -XM --require-find`` (hierarchical identifiers enforced, MOVE/GET
   contexts refused unless a FIND context is proposed with them);
-- ``dcmqrscp-compressed``: an outgoing association profile (``-xf``) that proposes, per storage
-  class, one presentation context per transfer syntax (JPEG 2000, JPEG lossless, JPEG-LS, RLE,
-  uncompressed), so what it holds compressed is sent as stored;
+- ``dcmqrscp-compressed``: an archive that stores each SOP class in one compressed syntax (CR/DX
+  as JPEG 2000 lossless, SC/US as JPEG lossless; converted losslessly on load) and, through an
+  association profile (``-xf``), proposes that syntax first when it sends (C-MOVE) and accepts only
+  it on C-GET: what it holds is sent as stored;
 - ``qrscp``: pynetdicom's bundled ``qrscp`` app (sends as stored; one C-FIND row per instance).
 """
 
@@ -293,8 +294,8 @@ class DcmqrscpPeer(Peer):
         return self
 
     def load(self, files) -> None:
-        """Copy into the storage area and index with dcmqridx (which, unlike a C-STORE to
-        dcmqrscp, takes compressed instances)."""
+        """Copy into the storage area (dcmqrscp-compressed: in the class's archive syntax) and index
+        with dcmqridx (which, unlike a C-STORE to dcmqrscp, takes compressed instances)."""
         dst = []
         for p in files:
             p = Path(p)
