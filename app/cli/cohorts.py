@@ -28,6 +28,21 @@ def _command_context() -> Iterator:
         ctx.close()
 
 
+def cohort_table(out: dict) -> str:
+    """The class counts, the exclusions and the warnings of a cohort answer, as a small table."""
+    head = f"cohort {out['id']}" if out.get("id") else "preview (nothing saved)"
+    lines = [f"{head}: taxonomy {out['taxonomy']}, {out['size']} images, seed {out['seed']}",
+             f"{'class':<10} {'available':>9} {'selected':>8} {'train':>6} {'val':>5} {'test':>5}"]
+    for c in out.get("classes") or []:
+        lines.append(f"{c['name']:<10} {c.get('available', 0):>9} {c.get('selected', 0):>8} {c.get('train', 0):>6} "
+                     f"{c.get('val', 0):>5} {c.get('test', 0):>5}")
+    excluded = {k: v for k, v in (out.get("excluded") or {}).items() if v}
+    if excluded:
+        lines.append("excluded: " + ", ".join(f"{k} {v}" for k, v in sorted(excluded.items())))
+    lines += [f"warning: {w}" for w in out.get("warnings") or []]
+    return "\n".join(lines)
+
+
 def register(cli: typer.Typer) -> None:
     labels = typer.Typer(help="header labels (rules file, relabel)", no_args_is_help=True)
     cohort = typer.Typer(help="cohorts: build snapshots, export manifests, plan PACS pulls", no_args_is_help=True)
@@ -54,7 +69,8 @@ def register(cli: typer.Typer) -> None:
                train: float = typer.Option(0.8), val: float = typer.Option(0.0), test: float = typer.Option(0.2),
                seed: int = typer.Option(0, min=0), preview: bool = typer.Option(False, "--preview"),
                include_conflicts: bool = typer.Option(False, "--include-conflicts"),
-               match_name_birthdate: bool = typer.Option(False, "--match-name-birthdate")) -> None:
+               match_name_birthdate: bool = typer.Option(False, "--match-name-birthdate"),
+               as_json: bool = typer.Option(False, "--json", help="print the full answer as JSON")) -> None:
         """Build (or --preview) a cohort snapshot; prints the class counts and the exclusion report."""
         from pydantic import ValidationError
 
@@ -68,12 +84,15 @@ def register(cli: typer.Typer) -> None:
             body = CohortIn(taxonomy=taxonomy, per_class=per_class, split=split, seed=seed, preview=preview,
                             include_conflicts=include_conflicts, match_name_birthdate=match_name_birthdate)
         except ValidationError as exc:
-            raise typer.BadParameter(str(exc)) from exc
+            from app.cli.train import error_lines
+
+            typer.echo(error_lines(exc), err=True)
+            raise typer.Exit(2) from exc
         with _command_context() as ctx, session_scope(ctx.sessions) as s:
             settings = ctx.settings
             out = create_cohort(s, body.model_dump(), pseudonym_key=settings.get_pseudonym_key(),
                                 store_dir=settings.store_dir, actor="cli", rules=get_rules(settings.label_rules))
-        typer.echo(json.dumps(out, default=str, indent=1))
+        typer.echo(json.dumps(out, default=str, indent=1) if as_json else cohort_table(out))
 
     @cohort.command("manifest")
     def manifest(cohort_id: int, out: Path = typer.Option(None, help="file to write (default: stdout)"),

@@ -23,7 +23,13 @@ def test_cli_cohort_flow(ctx, monkeypatch, tmp_path):
     r = run(cli, ["labels", "relabel"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["changed"] == 0  # labelled at insert already
-    r = run(cli, ["cohort", "create", "--per-class", "5", "--seed", "4"])
+    r = run(cli, ["cohort", "create", "--per-class", "5", "--seed", "4", "--preview"])
+    assert r.exit_code == 0, r.output
+    table = r.output.splitlines()  # the class counts, as its help says, not the JSON
+    assert table[0].startswith("preview (nothing saved): taxonomy xr10, 20 images")
+    assert table[1].split() == ["class", "available", "selected", "train", "val", "test"]
+    assert any(line.split()[0] == "LtK" and line.split()[2] == "5" for line in table[2:]), r.output
+    r = run(cli, ["cohort", "create", "--per-class", "5", "--seed", "4", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output[r.output.index("{"):])
     assert out["size"] == 20  # LtK, RtK, C20F, C60M x 5
@@ -42,7 +48,8 @@ def test_cli_cohort_flow(ctx, monkeypatch, tmp_path):
     assert pq.read_table(pq_file).to_pylist() == rows
     assert run(cli, ["cohort", "manifest", str(out["id"]), "--format", "parquet"]).exit_code == 2  # binary: --out
     r = run(cli, ["cohort", "create", "--train", "0.5", "--test", "0.2"])
-    assert r.exit_code != 0
+    assert r.exit_code == 2 and "split: Value error, split fractions must sum to 1" in r.output
+    assert "pydantic" not in r.output and "http" not in r.output
     r = run(cli, ["cohort", "plan-pull", "--taxonomy", "xr5", "--study-dates", "20150101-20151231"])
     assert r.exit_code == 0
     first = json.loads(r.output.splitlines()[0])
