@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from sqlalchemy import func, select, update
 
@@ -33,79 +33,24 @@ log = logging.getLogger("radcohort.policy")
 class GovernedClient:
     """A DIMSE or DICOMweb client whose finds hold an association slot and honour a known cap.
 
-    With a known cap, an image-level listing over a StudyDate range is first sized: one
-    study-level C-FIND (StudyDate, NumberOfStudyRelatedInstances) tells how many instances fall
-    on each day, and the range is cut into consecutive sub-ranges of at most 80 % of the cap, so
-    the PACS is not asked capped queries that a bisection would only throw away. When the study
-    level is capped too, or counts are missing, the listing falls back to bisection.
+    A PACS that truncates at its cap and still says Success is caught by the known cap (policy, or
+    the probe): an answer of that size counts as capped, so the hierarchical listing
+    (app.retrievals.expected) splits the study level by date and reports a capped series.
     """
-
-    FILL = 0.8
 
     def __init__(self, inner, gate: Governor, caps: dict[str, int | None]):
         self.inner, self.gate = inner, gate
         self.caps = caps
-        self.cap = caps.get("IMAGE")  # sizes image-level listings
         self.capped_answers = 0
-        self.sized_ranges = 0
-
-    def _find(self, level, query, **kw) -> FindResult:
-        with self.gate.association():
-            res = self.inner.find(level, query, **kw)
-        cap = self.caps.get("IMAGE" if str(level).upper() == "IMAGE" else "OTHER")
-        if cap and not res.capped and len(res.results) >= cap:
-            res.capped = True  # a PACS that truncates at its cap and still says Success
-        self.capped_answers += bool(res.capped)
-        return res
 
     def find(self, level, query=None, **kw) -> FindResult:
-        q = dict(query or {})
-        ranges = self._size_ranges(q) if level == "IMAGE" and self.cap else None
-        if not ranges or len(ranges) < 2:
-            return self._find(level, q, **kw)
-        self.sized_ranges += len(ranges)
-        out: list = []
-        capped = False
-        for lo, hi in ranges:
-            res = self._find(level, {**q, "StudyDate": f"{lo}-{hi}"}, **kw)
-            out.extend(res.results)
-            capped = capped or res.capped
-        return FindResult(out, 0xFE00 if capped else 0x0000, capped=capped)
-
-    def _size_ranges(self, q: dict) -> list[tuple[str, str]] | None:
-        from app.dicom.queries import PATIENT_KEYS, STUDY_KEYS
-        from app.retrievals.expected import _s, date_bounds
-
-        value = q.get("StudyDate") or ""
-        if "-" not in value or q.get("StudyInstanceUID") or q.get("SeriesInstanceUID"):
-            return None
-        lo, hi = date_bounds(value)
-        if lo >= hi:
-            return None
-        sq = {k: v for k, v in q.items() if (k in PATIENT_KEYS or k in STUDY_KEYS) and v}
-        try:
-            res = self._find("STUDY", sq, return_keys=("StudyDate", "NumberOfStudyRelatedInstances"))
-        except Exception:  # noqa: BLE001 - sizing is an optimisation: fall back to bisection
-            log.info("study-level sizing query failed; bisecting instead", exc_info=True)
-            return None
-        per_day: dict[str, int] = {}
-        for ds in res.results:
-            day, n = str(ds.get("StudyDate", "") or ""), ds.get("NumberOfStudyRelatedInstances", None)
-            if res.capped or len(day) != 8 or n in (None, ""):
-                return None
-            per_day[day] = per_day.get(day, 0) + int(n)
-        budget = max(1, int(self.cap * self.FILL))
-        ranges: list[tuple[str, str]] = []
-        start, total = _s(lo), 0
-        days = sorted(per_day)
-        for i, day in enumerate(days):
-            if total and total + per_day[day] > budget:
-                prev = _s(date_bounds(day)[0] - timedelta(days=1))
-                ranges.append((start, prev))
-                start, total = day, 0
-            total += per_day[day]
-        ranges.append((start, _s(hi)))
-        return ranges
+        with self.gate.association():
+            res = self.inner.find(level, dict(query or {}), **kw)
+        cap = self.caps.get("IMAGE" if str(level).upper() == "IMAGE" else "OTHER")
+        if cap and not res.capped and len(res.results) >= cap:
+            res.capped = True
+        self.capped_answers += bool(res.capped)
+        return res
 
 
 def _unit(level: str, study: str, series: str | None, sops: list[str]) -> Unit:
@@ -332,7 +277,6 @@ class GovernedRunner(RetrievalRunner):
             client = getattr(self, "_client", None)
             if isinstance(client, GovernedClient):
                 rep["capped_finds"] = client.capped_answers
-                rep["cap_sized_ranges"] = client.sized_ranges
             if self.method_reason:
                 rep["method_reason"] = self.method_reason
         return rep
