@@ -6,7 +6,9 @@ C-MOVE (sub-operations to a known destination), and can be told to misbehave:
 - ``rows_without_uids``: extra C-FIND rows that lack SOP/Series Instance UIDs;
 - ``no_counts``: pending C-MOVE responses carry no sub-operation counts;
 - ``abort_study``: a C-MOVE that includes this study sends its first instance, then the peer
-  aborts the association (every time).
+  aborts the association (every time);
+- ``stop_at``: SOP Instance UIDs that cannot be sent: a C-MOVE that includes one tries it first and
+  ends there with 0xC000 (as Orthanc does when one sub-operation fails), nothing sent.
 It counts the C-MOVE requests it receives (``moves``), so a test can say "nothing more was asked".
 """
 
@@ -18,6 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -28,6 +31,15 @@ from pynetdicom.sop_class import (
 from app.devtools.orthanc import free_port
 
 PENDING = 0xFF00
+
+
+def _values(value) -> list[str]:
+    """A matching value as a list: a UID list arrives as a MultiValue (or a backslash string)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v) for v in value if str(v)]
+    return [v for v in str(value).split("\\") if v]
 
 
 def _date_match(want: str, have: str) -> bool:
@@ -48,6 +60,7 @@ class BadPacs:
     rows_without_uids: int = 0
     no_counts: bool = False
     abort_study: str | None = None
+    stop_at: frozenset = frozenset()
     host: str = "127.0.0.1"
     kind: str = "badpacs"
     port: int = field(default_factory=free_port)
@@ -70,8 +83,8 @@ class BadPacs:
         for ds in self.datasets:
             ok = True
             for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-                want = str(ident.get(key, "") or "")
-                if want and str(ds.get(key)) not in want.split("\\"):
+                want = _values(ident.get(key, ""))
+                if want and str(ds.get(key)) not in want:
                     ok = False
             if not _date_match(str(ident.get("StudyDate", "") or ""), str(ds.get("StudyDate", ""))):
                 ok = False
@@ -140,6 +153,10 @@ class BadPacs:
         matches = self._match(event.identifier)
         yield dest[0], dest[1]
         yield len(matches)
+        failing = [ds for ds in matches if str(ds.SOPInstanceUID) in self.stop_at]
+        if failing:
+            yield 0xC000, None  # "unable to process": the whole move, at its first sub-operation
+            return
         aborting = bool(self.abort_study) and any(str(ds.StudyInstanceUID) == self.abort_study for ds in matches)
         if aborting:  # the aborting study's instances first, so one of them arrives before the abort
             matches.sort(key=lambda ds: str(ds.StudyInstanceUID) != self.abort_study)

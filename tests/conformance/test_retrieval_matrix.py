@@ -324,9 +324,9 @@ def badpacs(rig, tmp_path):
     """badpacs(studies_dates, **faults) -> (BadPacs registered as node 'pacs', generated studies)."""
     started: list[BadPacs] = []
 
-    def make(dates: list[str], instances_per_series: int = 2, **faults):
+    def make(dates: list[str], instances_per_series: int = 2, extra: list | None = None, **faults):
         studies = make_studies(tmp_path / "gen", dates, instances_per_series=instances_per_series)
-        datasets = [dcmread(p) for p in sorted((tmp_path / "gen").iterdir())]
+        datasets = list(extra or []) + [dcmread(p) for p in sorted((tmp_path / "gen").iterdir())]
         bp = BadPacs(datasets, {rig.settings.ae_title: ("127.0.0.1", rig.settings.scp_port)}, **faults).start()
         started.append(bp)
         add_node(rig, bp)
@@ -388,3 +388,22 @@ def test_pacs_closing_the_association_mid_move(rig, badpacs):
     assert r.status == "partial", summary(r)
     unit_ids = {studies[0].study_uid, *studies[0].series}
     assert any(u in (r.error or "") for u in unit_ids), f"the error does not name the aborted unit: {summary(r)}"
+
+
+@pytest.mark.scenario("g-stop-at-first-failure", peer="badpacs")
+def test_a_pacs_that_stops_a_move_at_its_first_failure(rig, badpacs):
+    """Orthanc's way, made deterministic: one instance that cannot be sent (its own series in the
+    first study) ends every C-MOVE that includes it with 0xC000 before anything is sent. The other
+    series and studies must still arrive; only that instance fails, with the PACS's status."""
+    ctx = rig
+    first_study = generate_uid()
+    bad = make_cr(patient_id="P0", study_uid=first_study, study_date="20190501", accession="A0")
+    bp, studies = badpacs(["20190502", "20190503"], extra=[bad], stop_at=frozenset({str(bad.SOPInstanceUID)}))
+    good_first = make_cr(patient_id="P0", study_uid=first_study, study_date="20190501", accession="A0", seed=99)
+    bp.datasets.insert(1, good_first)  # the first study: the unsendable series, then a good one
+    r = retrieve(ctx, {"StudyDate": "20190501-20190531"})
+    got = set(indexed(ctx))
+    want = files_of(studies) | {str(good_first.SOPInstanceUID)}
+    assert want <= got, f"{len(want - got)} sendable instance(s) not fetched: {summary(r)}"
+    assert r.status == "partial" and r.failed_uids == [str(bad.SOPInstanceUID)], summary(r)
+    assert "0XC000" in (r.error or "").upper(), f"the PACS's status is not in the error: {summary(r)}"
