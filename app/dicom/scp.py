@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import queue
+import selectors
 import tempfile
 import socket
 import ssl
@@ -405,7 +406,7 @@ class IndexBatcher:
                 d.setdefault("existing_source_node", existing[4])
                 owner = existing[2:4]
             if self.pseudonym_key is not None:
-                from app.cohorts.service import patient_key
+                from app.privacy import patient_key
 
                 if pid is not None:
                     d["patient_key"] = patient_key(self.pseudonym_key, pid, issuer)
@@ -616,6 +617,9 @@ class StorageSCP:
             self._node_cache[key] = (now, name)
         return name
 
+    def _node_allowed(self, calling: str, host: str) -> bool:
+        return self.node_for(calling, host) is not None
+
     def _on_requested(self, event) -> None:
         assoc = event.assoc
         calling = assoc.requestor.primitive.calling_ae_title
@@ -748,6 +752,7 @@ class StorageSCP:
             self._server = ae.make_server(address, evt_handlers=self._handlers(), server_class=_TimedServer)
             self._server.tls_context = tls
             self._server.admission = self.admission
+            self._server.node_check = self._node_allowed
             ae._servers.append(self._server)  # as start_server does: shutdown() removes it
             threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True).start()
         else:
@@ -756,6 +761,7 @@ class StorageSCP:
             self._server.server_address = address
             self._server.tls_context = tls
             self._server.admission = self.admission
+            self._server.node_check = self._node_allowed
             threading.Thread(target=_serve_handoffs, args=(self._server, channel), name="scp-handoff",
                              daemon=True).start()
         log.info("Storage SCP %s listening on %s:%d%s", self.settings.ae_title, self.settings.scp_host, self.port,
@@ -813,29 +819,41 @@ class Admission:
     refused, so silent sockets can never keep a registered sender out (it sends its request at once).
     """
 
+    # a real sender sends its A-ASSOCIATE-RQ right after connecting: only a connection that has been
+    # silent this long is closed for a newer one from its address (a burst of 32 senders from one
+    # host all got through; without it 13 of them were closed before their request arrived)
+    grace = 1.0
+
     def __init__(self, max_associations: int, max_pending: int, max_pending_per_peer: int):
         self.max_associations, self.max_pending, self.max_per_peer = max_associations, max_pending, max_pending_per_peer
         self._lock = threading.Lock()
-        self._pending: OrderedDict = OrderedDict()  # socket -> [address, Association | None]
+        self._pending: OrderedDict = OrderedDict()  # socket -> [address, Association | None, accepted at]
         self._accepted: set = set()
         self.evicted = 0
 
     def admit(self, sock, address: str) -> None:
-        """A new connection (before any thread): closes the oldest pending ones over the limits."""
+        """A new connection: closes the oldest waiting ones over the limits (per address: only those
+        silent for `grace`; over `max_pending` in all: the oldest, whatever its age)."""
         victims = []
+        now = time.monotonic()
         with self._lock:
             for k in [k for k in self._pending if k.fileno() == -1]:
                 del self._pending[k]
             same = [k for k, v in self._pending.items() if v[0] == address]
-            while len(same) >= self.max_per_peer:
+            while len(same) >= self.max_per_peer and now - self._pending[same[0]][2] >= self.grace:
                 victims.append((same[0], self._pending.pop(same.pop(0))))
             while len(self._pending) >= self.max_pending:
                 victims.append(self._pending.popitem(last=False))
-            self._pending[sock] = [address, None]
+            self._pending[sock] = [address, None, now]
             self.evicted += len(victims)
-        for k, (addr, assoc) in victims:
+        for k, (addr, assoc, _t) in victims:
             log.warning("connection from %s closed: too many connections before the AE check", addr)
             _drop(k, assoc)
+
+    def forget(self, sock) -> None:
+        """The gate closed or handed over a waiting connection."""
+        with self._lock:
+            self._pending.pop(sock, None)
 
     def opened(self, assoc) -> None:
         with self._lock:
@@ -884,12 +902,206 @@ def _drop(sock, assoc) -> None:
         assoc.dul.to_user_queue.put(None)
 
 
+_RJ_CALLING_AE = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x01, 0x01, 0x03])  # A-ASSOCIATE-RJ: permanent, calling AE unknown
+_MAX_RQ = 65536  # an A-ASSOCIATE-RQ with 128 presentation contexts is about 10 KB
+
+
+class _Gate:
+    """One thread holds every new plain-TCP connection until its A-ASSOCIATE-RQ is complete.
+
+    pynetdicom gives each connection an association thread and a DUL thread that polls its socket
+    from the first byte: 256 silent sockets kept a few hundred threads busy and slowed the accept
+    loop until connects from registered senders queued in the kernel. Here a waiting connection
+    costs a socket: the request is *peeked* (MSG_PEEK, left in the kernel buffer for pynetdicom
+    to read), the calling AE title checked (unknown: A-ASSOCIATE-RJ without any thread), and only
+    then is the connection handed to pynetdicom. Deadline: the handshake timeout.
+    """
+
+    def __init__(self, server: "_TimedServer", timeout: float):
+        self.server, self.timeout = server, timeout
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._new: list = []
+        self._held: dict = {}  # socket -> (address tuple, deadline)
+        self._later: dict = {}  # socket -> when to look again (partial request: no busy loop)
+        self._closing: dict = {}  # rejected socket -> when to close it if the peer has not
+        self._rejects: dict = {}  # socket of an unknown calling AE -> when to send its A-ASSOCIATE-RJ
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="scp-gate", daemon=True)
+        self._thread.start()
+
+    def add(self, sock, address) -> None:
+        with self._lock:
+            self._new.append((sock, address))
+        self._wake_w.send(b"x")
+
+    def held(self) -> int:
+        return len(self._held)
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self._thread.join(5)
+
+    def _send_reject(self, sock) -> None:
+        try:
+            # read the request first: closing with unread data would send a reset, not our answer
+            socket.socket.recv(sock, _MAX_RQ + 6, socket.MSG_DONTWAIT)
+            socket.socket.sendall(sock, _RJ_CALLING_AE)
+            self.sel.register(sock, selectors.EVENT_READ)
+        except (OSError, ValueError):
+            sock.close()
+            return
+        # as the DICOM state machine does (Sta13): let the requestor close first, briefly
+        self._closing[sock] = time.monotonic() + 2.0
+
+    def _close_rejected(self, sock) -> None:
+        self._closing.pop(sock, None)
+        try:
+            self.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+
+    def _forget(self, sock, close: bool = True) -> None:
+        self._held.pop(sock, None)
+        self._later.pop(sock, None)
+        try:
+            self.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        if self.server.admission is not None:
+            self.server.admission.forget(sock)
+        if close:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        while not self._stop:
+            now = time.monotonic()
+            with self._lock:
+                new, self._new = self._new, []
+            for sock, address in new:
+                try:
+                    self.sel.register(sock, selectors.EVENT_READ)
+                    self._held[sock] = (address, now + self.timeout)
+                except (ValueError, OSError):  # closed (evicted) before we saw it
+                    self._forget(sock)
+            for sock, when in list(self._later.items()):
+                if when <= now:
+                    del self._later[sock]
+                    try:
+                        self.sel.register(sock, selectors.EVENT_READ)
+                    except (ValueError, OSError):
+                        self._forget(sock)
+            wait = min([d for _, d in self._held.values()] + list(self._later.values()) + list(self._closing.values())
+                       + list(self._rejects.values()) + [now + 0.5]) - now
+            for key, _ in self.sel.select(max(0.0, wait)):
+                if key.fileobj is self._wake_r:
+                    try:
+                        self._wake_r.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                self._look(key.fileobj)
+            now = time.monotonic()
+            for sock, (address, deadline) in list(self._held.items()):
+                if deadline <= now:
+                    log.warning("connection from %s closed: no A-ASSOCIATE-RQ within %.0f s", address[0], self.timeout)
+                    self._forget(sock)
+            for sock, due in list(self._rejects.items()):
+                if due <= now:
+                    del self._rejects[sock]
+                    self._send_reject(sock)
+            for sock, deadline in list(self._closing.items()):
+                if deadline <= now:
+                    self._close_rejected(sock)
+        for sock in list(self._held):
+            self._forget(sock)
+        for sock in list(self._closing):
+            self._close_rejected(sock)
+        for sock in list(self._rejects):
+            sock.close()
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _look(self, sock) -> None:
+        if sock in self._closing:  # rejected: wait for the peer's close (or the timer)
+            try:
+                if socket.socket.recv(sock, 4096, socket.MSG_DONTWAIT):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            self._close_rejected(sock)
+            return
+        address = self._held.get(sock, (("?", 0), 0))[0]
+        try:
+            head = socket.socket.recv(sock, _MAX_RQ + 6, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._forget(sock)
+            return
+        if not head:  # closed by the peer (or evicted): its place is free at once
+            self._forget(sock)
+            return
+        if head[0] != 0x01 or (len(head) >= 6 and int.from_bytes(head[2:6], "big") > _MAX_RQ):
+            log.warning("connection from %s closed: not an A-ASSOCIATE-RQ", address[0])
+            self._forget(sock)
+            return
+        if len(head) < 6 or len(head) < 6 + int.from_bytes(head[2:6], "big") or len(head) < 42:
+            self.sel.unregister(sock)  # partial: look again shortly instead of spinning on it
+            self._later[sock] = time.monotonic() + 0.05
+            return
+        self._forget(sock, close=False)
+        calling = head[26:42].decode("ascii", "replace").strip(" \x00")
+        check = self.server.node_check
+        try:
+            allowed = check is None or check(calling, str(address[0]))
+        except Exception as exc:  # noqa: BLE001 - fail closed when the DB cannot answer
+            log.error("association from %r refused: node lookup failed (%s)", calling, type(exc).__name__)
+            allowed = False
+        if not allowed:
+            log.warning("association from %r at %s rejected: not a configured PACS node", calling, address[0])
+            # answered 50 ms later: a pynetdicom requestor that gets the rejection within microseconds
+            # of its request can take the closed connection for a failed connect (and abort)
+            self._rejects[sock] = time.monotonic() + 0.05
+            return
+        try:
+            ThreadedAssociationServer.process_request(self.server, sock, address)
+        except Exception as exc:  # noqa: BLE001 - e.g. no thread can be started: drop this one
+            log.error("connection from %s dropped: %s", address[0], type(exc).__name__)
+            sock.close()
+
+
 class _TimedServer(ThreadedAssociationServer):
     """Accepted sockets time out after the network timeout: pynetdicom leaves them blocking, so a peer
-    that stops in the middle of a PDU would hold its association thread (and a slot) forever."""
+    that stops in the middle of a PDU would hold its association thread (and a slot) forever.
+
+    Plain TCP connections first wait in the _Gate (no thread) until their A-ASSOCIATE-RQ is in;
+    TLS connections go to their thread at once (the handshake runs there, under the handshake timeout)."""
 
     tls_context: ssl.SSLContext | None = None
     admission: Admission | None = None
+    node_check: Callable[[str, str], bool] | None = None
+    _gate: _Gate | None = None
+    request_queue_size = 128  # socketserver's listen backlog is 5: a burst of connects waited for SYN retries
+
+    def server_close(self) -> None:
+        if self._gate is not None:
+            self._gate.close()
+        super().server_close()
 
     def process_request(self, request, client_address):
         limit = self.ae.maximum_pdu_size
@@ -904,6 +1116,11 @@ class _TimedServer(ThreadedAssociationServer):
             request.pdu_limit = 2 * max(limit, 65536) if limit else 0
         if self.admission is not None:
             self.admission.admit(request, str(client_address[0]))
+        if tls is None:
+            if self._gate is None:
+                self._gate = _Gate(self, self.ae.acse_timeout or 5.0)
+            self._gate.add(request, client_address)
+            return
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
