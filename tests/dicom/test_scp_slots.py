@@ -190,16 +190,23 @@ def test_unknown_calling_ae_does_not_take_a_slot(ctx, scp):
 
 
 def test_memory_with_many_idle_connections_stays_small(ctx, scp):
-    """256 idle sockets from 32 addresses: the SCP's resident memory (this process) stays within a few MB."""
-    rss0 = _rss_mb()
+    """256 idle sockets from 32 addresses: accepted at once (listen backlog), no thread each (they wait
+    in the gate), the SCP's resident memory (this process) stays within a few MB."""
+    rss0, threads0 = _rss_mb(), threading.active_count()
+    t0 = time.monotonic()
     socks = [_connect(scp.port, f"127.0.1.{1 + i % 32}") for i in range(256)]
+    connected = time.monotonic() - t0
     time.sleep(0.5)
     held = _rss_mb() - rss0  # resident now, with every socket open (VmRSS, not a lifetime peak)
-    pending = scp.admission.counts()["pending"]
+    pending, threads = scp.admission.counts()["pending"], threading.active_count() - threads0
+    t0 = time.monotonic()
     assert send(scp.port, [make_cr()]) == [0]
-    print(f"\n256 idle sockets: RSS +{held:.1f} MB while open, pending {pending}, "
-          f"threads {threading.active_count()}")
-    assert held < 64
+    latency = time.monotonic() - t0
+    print(f"\n256 idle sockets: connected in {connected:.1f} s, RSS +{held:.1f} MB while open, "
+          f"threads +{threads}, pending {pending}, a store {latency * 1000:.0f} ms")
+    assert connected < 10  # with socketserver's backlog of 5 they took 40 s (SYN retries)
+    assert threads <= 4  # one gate thread, not two pynetdicom threads per connection
+    assert held < 32
     assert pending <= 32 * ctx.settings.scp_max_pending_per_peer
     for s in socks:
         s.close()
