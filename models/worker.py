@@ -152,6 +152,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self._caps: dict | None = None
+        self._said: set[int] = set()
         self._beat_at = 0.0
 
     # ------------------------------------------------------------ loop
@@ -249,7 +250,8 @@ class Worker:
 
     # ------------------------------------------------------------ one job
     def _run_job(self, job) -> Outcome:
-        rd = jobs.run_dir(self.settings, job.id)
+        # absolute: the run's child works in the project root, not where a relative DATA_DIR (./data) points
+        rd = jobs.run_dir(self.settings, job.id).resolve()
         rd.mkdir(parents=True, exist_ok=True)
         mark = str(rd.resolve())
         if kill_marked(mark):  # a previous worker of this job died and left its ranks behind
@@ -324,7 +326,8 @@ class Worker:
         for ev in events:
             if ev.get("event") == "epoch":
                 self.say(epoch_text(job.id, ev))
-            elif ev.get("event") == "preprocess" and ev.get("done") == ev.get("total"):
+            elif ev.get("event") == "preprocess" and ev.get("done") == ev.get("total") and job.id not in self._said:
+                self._said.add(job.id)  # the cache reports "all done" twice when everything was cached
                 self.say(f"training job {job.id}: preprocessed {ev.get('total')} images")
         self._publish()
         try:
@@ -353,7 +356,7 @@ class Worker:
                     arch = card.get("architecture") or card.get("model") or params.get("model", "?")
                     model = jobs.complete_job(
                         s, job.id, self.worker_id, metrics=metrics, card=card, architecture=str(arch)[:64],
-                        classes=spec["classes"], model_path=str((rd / "model.pt").relative_to(self.settings.data_dir)))
+                        classes=spec["classes"], model_path=str((rd / "model.pt").relative_to(self.settings.data_dir.resolve())))
                     return Outcome(job.id, "completed" if model is not None else "lost")
                 error = "training exited 0 without metrics.json and model.pt"
             else:

@@ -115,7 +115,9 @@ def run_prediction(run_dir: Path, dicom_path: Path, timeout: float = DEFAULT_TIM
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                                       os.environ.get("PYTHONPATH")]))}
     try:
-        proc = subprocess.run([sys.executable, "-m", "models.predict_cli", str(run_dir), str(dicom_path)],
+        # absolute paths: the child works in the project root, a relative DATA_DIR (./data) is not there
+        proc = subprocess.run([sys.executable, "-m", "models.predict_cli", str(Path(run_dir).resolve()),
+                               str(Path(dicom_path).resolve())],
                               capture_output=True, text=True, timeout=timeout, env=env, cwd=PROJECT_ROOT)
     except subprocess.TimeoutExpired:
         raise PredictionTimeout(f"prediction took longer than {timeout:.0f} s") from None
