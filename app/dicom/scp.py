@@ -580,7 +580,7 @@ class StorageSCP:
         self._labeler = labeler
         self.batcher = IndexBatcher(ctx.sessions, self._labeler, pseudonym_key=self.settings.get_pseudonym_key())
         self._server = None
-        self._node_cache: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._node_cache: dict[str, tuple[float, dict]] = {}
         self._cache_lock = threading.Lock()
         s = self.settings
         self.admission = Admission(s.scp_max_associations, s.scp_max_pending, s.scp_max_pending_per_peer)
@@ -595,27 +595,30 @@ class StorageSCP:
 
     # --- node lookup ----------------------------------------------------------
     def node_for(self, ae_title: str, host: str) -> str | None:
-        """Name of the PacsNode this peer is (None if unknown). Cached for 2 s."""
-        key = (ae_title.strip(), host)
+        """Name of the PacsNode this peer is (None if unknown).
+
+        One query reads every node, cached for 2 s: calling AE titles an attacker makes up neither
+        query the database each nor grow a cache. Raises when the database cannot answer."""
         now = time.monotonic()
         with self._cache_lock:
-            hit = self._node_cache.get(key)
-            if hit and now - hit[0] < 2.0:
-                return hit[1]
-        from sqlalchemy import select
+            snap = self._node_cache.get("nodes")
+        if snap is None or now - snap[0] >= 2.0:
+            from sqlalchemy import select
 
-        from app.db.models import PacsNode
+            from app.db.models import PacsNode
 
-        with self.ctx.sessions() as s:
-            rows = s.execute(select(PacsNode.name, PacsNode.host).where(PacsNode.ae_title == key[0])).all()
-        name = None
-        for n, h in rows:
+            with self.ctx.sessions() as s:
+                rows = s.execute(select(PacsNode.ae_title, PacsNode.name, PacsNode.host)).all()
+            nodes: dict[str, list[tuple[str, str]]] = {}
+            for aet, name, h in rows:
+                nodes.setdefault(aet.strip(), []).append((name, h))
+            snap = (now, nodes)
+            with self._cache_lock:
+                self._node_cache["nodes"] = snap
+        for name, h in snap[1].get(ae_title.strip(), []):
             if not self.settings.scp_check_host or _same_host(h, host):
-                name = n
-                break
-        with self._cache_lock:
-            self._node_cache[key] = (now, name)
-        return name
+                return name
+        return None
 
     def _node_allowed(self, calling: str, host: str) -> bool:
         return self.node_for(calling, host) is not None

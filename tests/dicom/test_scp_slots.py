@@ -230,3 +230,27 @@ def test_a_burst_of_32_registered_senders_from_one_address_all_get_through(ctx, 
         t.join(60)
     assert results.count([0]) == 32, results
     assert scp.admission.counts()["evicted"] == 0 and count(ctx) == 32
+
+
+def test_made_up_calling_ae_titles_do_not_query_the_database_each(ctx, scp):
+    """The node check reads the node table at most once per 2 s, whatever AE titles arrive."""
+    from sqlalchemy import event
+
+    queries: list[str] = []
+
+    def seen(conn, cursor, statement, *args):
+        if "pacs_nodes" in statement:
+            queries.append(statement)
+
+    event.listen(ctx.engine, "before_cursor_execute", seen)
+    try:
+        t0 = time.monotonic()
+        for i in range(40):
+            ae = AE(f"MADEUP{i}")
+            ae.add_requested_context(CR_STORAGE, EXPLICIT_LE)
+            assert ae.associate("127.0.0.1", scp.port, ae_title="RADCOHORT").is_rejected
+        took = time.monotonic() - t0
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", seen)
+    assert len(queries) <= took / 2.0 + 1, (len(queries), took)
+    assert send(scp.port, [make_cr()]) == [0]
