@@ -63,6 +63,9 @@ class CohortIn(BaseModel):
             out[side] = float(f)
         if not out or abs(sum(out.values()) - 1) > 1e-6:
             raise ValueError("split fractions must sum to 1")
+        if not out.get("test"):
+            raise ValueError("a split needs a test share above 0 (e.g. {\"train\": 0.8, \"test\": 0.2}): "
+                             "without test images a model cannot be evaluated")
         return out
 
 
@@ -89,6 +92,8 @@ class CohortOut(BaseModel):
     excluded: dict[str, int] = Field(..., description="reason -> number of instances")
     params: dict[str, Any] = Field(default_factory=dict, description="the request as given")
     timings: dict[str, float] | None = None
+    warnings: list[str] = Field(default_factory=list, description="classes with no images, quotas not filled, "
+                                                                  "classes without test images")
 
 
 class CohortDetail(CohortOut):

@@ -9,14 +9,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app import audit
 from app.cohorts.builder import BuildResult, CohortSpec, build
 from app.cohorts.taxonomies import get_taxonomy
 from app.db.models import Cohort, CohortMember
-from app.errors import InvalidInput, NotFound, RadcohortError
+from app.errors import Conflict, InvalidInput, NotFound, RadcohortError
 from app.labels.engine import RuleSet
 from app.labels.service import get_rules
 from app.privacy import patient_key
@@ -52,7 +52,32 @@ def _rounded(timings: dict) -> dict:
 def _view(c: Cohort) -> dict:
     return {"id": c.id, "taxonomy": c.taxonomy_name, "ruleset_version": c.ruleset_version, "seed": c.seed,
             "size": c.size, "created_at": c.created_at, "preview": False,
-            "classes": c.summary.get("classes", []), "excluded": c.excluded, "params": c.params}
+            "classes": c.summary.get("classes", []), "excluded": c.excluded, "params": c.params,
+            "warnings": c.summary.get("warnings", [])}
+
+
+def cohort_warnings(classes: list[dict], excluded: dict, per_class: int | None) -> list[str]:
+    """What a user should know before training on this cohort: empty classes, unfilled quotas, no test images."""
+    out = []
+    empty = [c["name"] for c in classes if not c.get("selected")]
+    if empty:
+        why = []
+        if excluded.get("patient_in_two_classes"):
+            why.append(f"{excluded['patient_in_two_classes']} instances of patients who fall in two classes were "
+                       "excluded (overlapping classes?)")
+        incomplete = sum(c.get("incomplete_label", 0) for c in classes if c["name"] in empty)
+        if incomplete:
+            why.append(f"{incomplete} images lack a label these classes need")
+        out.append(f"no images for class(es) {', '.join(empty)}" + (f": {'; '.join(why)}" if why else ""))
+    if per_class:
+        short = [f"{c['name']} {c.get('selected', 0)}" for c in classes if 0 < c.get("selected", 0) < per_class]
+        if short:
+            out.append(f"quota of {per_class} per class not filled (all eligible images taken): {', '.join(short)}")
+    untested = [c["name"] for c in classes if c.get("selected") and not c.get("test")]
+    if untested:
+        out.append(f"no test image for {', '.join(untested)} (too few images for the split): these classes "
+                   "are not evaluated")
+    return out
 
 
 def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: bytes,
@@ -68,12 +93,13 @@ def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: by
     ruleset = rules or get_rules()
     result: BuildResult = build(session, taxonomy, spec, store_dir=store_dir, vocabulary=ruleset.vocabulary,
                                 details=not params.get("preview"))
+    warnings = cohort_warnings(result.classes, result.excluded, spec.per_class)
     if params.get("preview"):
         # a preview reads no members: it names the rule set in force (what a relabel brings the index to)
         return {"id": None, "taxonomy": taxonomy["name"], "preview": True, "seed": spec.seed,
                 "ruleset_version": ruleset.version,
                 "size": len(result.members), "classes": result.classes, "excluded": result.excluded,
-                "params": params, "timings": _rounded(result.timings)}
+                "params": params, "timings": _rounded(result.timings), "warnings": warnings}
     if not result.members:
         raise InvalidInput("no instance qualifies for any class, nothing saved; "
                            "preview the cohort to see the exclusion report")
@@ -84,7 +110,7 @@ def create_cohort(session: Session, params: dict[str, Any], *, pseudonym_key: by
                        "classes": taxonomy["classes"]}
     cohort = Cohort(taxonomy_name=taxonomy["name"], taxonomy=frozen_taxonomy, ruleset_version=ruleset_version,
                     seed=spec.seed, params=params, size=len(result.members), excluded=result.excluded,
-                    summary={"classes": result.classes,
+                    summary={"classes": result.classes, "warnings": warnings,
                              "ruleset_versions": {str(k): v for k, v in versions.items()}})
     session.add(cohort)
     session.flush()
@@ -112,9 +138,29 @@ def get_cohort(session: Session, cohort_id: int) -> dict:
     return {**_view(c), "taxonomy_definition": c.taxonomy}
 
 
-def list_cohorts(session: Session, limit: int = 100, offset: int = 0) -> list[dict]:
+def list_cohorts(session: Session, limit: int = 100, offset: int = 0) -> tuple[int, list[dict]]:
+    """(total, newest first page)."""
+    total = session.scalar(select(func.count()).select_from(Cohort)) or 0
     q = select(Cohort).order_by(Cohort.id.desc()).limit(limit).offset(offset)
-    return [_view(c) for c in session.scalars(q)]
+    return total, [_view(c) for c in session.scalars(q)]
+
+
+def delete_cohort(session: Session, cohort_id: int, actor: str = "cli") -> None:
+    """Delete a cohort and its members; Conflict while training jobs were run on it (their ids named)."""
+    from app.db.models import TrainingJob
+
+    _get(session, cohort_id)
+    used = list(session.scalars(select(TrainingJob.id).where(TrainingJob.cohort_id == cohort_id)
+                                .order_by(TrainingJob.id).limit(21)))
+    if used:
+        more = " and more" if len(used) > 20 else ""
+        raise Conflict(f"cohort {cohort_id} was used by training job(s) {', '.join(map(str, used[:20]))}{more}: "
+                       "it stays as the record of what they trained and tested on")
+    # one statement for the members (no per-row ORM work), then the snapshot itself
+    session.execute(delete(CohortMember).where(CohortMember.cohort_id == cohort_id))
+    session.execute(delete(Cohort).where(Cohort.id == cohort_id))
+    audit.record(session, actor, "cohort.delete", target=f"cohort:{cohort_id}")
+    session.flush()
 
 
 def _members(session: Session, cohort_id: int):

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import Taxonomy
+from app.db.models import Cohort, Taxonomy
 from app.errors import Conflict, InvalidInput, NotFound
 from app.labels.engine import RuleSet
 
@@ -185,3 +185,19 @@ def matches(where: dict, labels: dict) -> bool:
         elif have != want:
             return False
     return True
+
+
+def delete_taxonomy(session: Session, name: str) -> None:
+    """Delete a user taxonomy; Conflict for a preset or one that cohorts were built from."""
+    if name in presets():
+        raise Conflict(f"taxonomy '{name}' is a preset; presets cannot be deleted")
+    row = session.scalar(select(Taxonomy).where(Taxonomy.name == name))
+    if row is None:
+        raise NotFound(f"taxonomy '{name}' not found")
+    used = list(session.scalars(select(Cohort.id).where(Cohort.taxonomy_name == name).order_by(Cohort.id).limit(21)))
+    if used:
+        more = " and more" if len(used) > 20 else ""
+        raise Conflict(f"taxonomy '{name}' is used by cohort(s) {', '.join(map(str, used[:20]))}{more}: "
+                       "delete those first")
+    session.delete(row)
+    session.flush()

@@ -64,6 +64,19 @@ def list_models(session: Session, *, limit: int = 100, offset: int = 0) -> tuple
     return total, list(session.scalars(q))
 
 
+def delete_model(session: Session, settings, model_id: int) -> None:
+    """Forget a model and remove its checkpoint; the job keeps its metrics, report and charts.
+
+    Nothing in the database refers to a model, so it can always go (no 409)."""
+    model = get_model(session, model_id)
+    path = (settings.data_dir / model.path).resolve()
+    session.delete(model)
+    session.flush()
+    # only a file inside the data directory, whatever the row says
+    if path.is_file() and settings.data_dir.resolve() in path.parents:
+        path.unlink()
+
+
 def model_view(model: TrainedModel) -> dict:
     return {"id": model.id, "job_id": model.job_id, "architecture": model.architecture,
             "classes": model.classes, "card": model.card, "created_at": model.created_at}

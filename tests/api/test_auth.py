@@ -87,7 +87,7 @@ def test_audit_actor_names_the_token_without_revealing_it(guarded):
                      headers=_auth(PLAIN))
     assert r.status_code == 201, r.text
     audit = guarded.get("/api/v1/audit", headers=_auth(PLAIN))
-    actors = {e["target"]: e["actor"] for e in audit.json() if e["action"] == "pacs_node.create"}
+    actors = {e["target"]: e["actor"] for e in audit.json()["items"] if e["action"] == "pacs_node.create"}
     assert actors["n1"] == "token:reader"
     assert actors["n2"].startswith("token:") and len(actors["n2"]) == len("token:") + 12
     assert PLAIN not in audit.text and READER not in audit.text

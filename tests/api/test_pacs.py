@@ -21,7 +21,7 @@ def test_node_crud_and_audit(client):
     assert client.delete("/api/v1/pacs-nodes/pacs").status_code == 204
     assert client.delete("/api/v1/pacs-nodes/pacs").status_code == 404
     assert client.get("/api/v1/pacs-nodes").json() == []
-    actions = [e["action"] for e in client.get("/api/v1/audit").json()]
+    actions = [e["action"] for e in client.get("/api/v1/audit").json()["items"]]
     assert "pacs_node.create" in actions and "pacs_node.delete" in actions
 
 

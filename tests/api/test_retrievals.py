@@ -42,7 +42,7 @@ def test_retrieval_runs_in_background_and_reports_exactly(client, ctx, pacs_node
     assert len(items) == 3
     inst = client.get("/api/v1/instances", params={"limit": 100}).json()
     assert inst["total"] == 12 == len({u for st in studies for u in st.sop_uids})
-    assert any(e["action"] == "retrieval.create" for e in client.get("/api/v1/audit").json())
+    assert any(e["action"] == "retrieval.create" for e in client.get("/api/v1/audit").json()["items"])
 
 
 def test_retrieval_without_our_scp_fails_then_retry_completes(client, ctx, pacs_node):

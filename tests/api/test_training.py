@@ -93,7 +93,7 @@ def test_queue_list_get_and_cancel(client, ctx):
     r = client.post(f"/api/v1/training-jobs/{jid}/cancel")
     assert r.status_code == 409 and "already cancelled" in r.json()["detail"]
     assert client.get("/api/v1/training-jobs", params={"status": "cancelled"}).json()["total"] == 1
-    actions = [e["action"] for e in client.get("/api/v1/audit").json()]
+    actions = [e["action"] for e in client.get("/api/v1/audit").json()["items"]]
     assert actions.count("training_job.create") == 5 and actions.count("training_job.cancel") == 1
 
 

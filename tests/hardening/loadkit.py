@@ -324,7 +324,7 @@ def api_under_jobs(base: str, node: str, dates: list[str], cohort_bodies: list[d
 
     def reader(k: int):
         paths = ["/api/v1/instances?limit=50&offset=%d", "/api/v1/stats", "/api/v1/retrievals", "/api/v1/cohorts",
-                 "/api/v1/instances?body_part=CHEST&limit=20&offset=%d", "/api/v1/audit?limit=20"]
+                 "/api/v1/instances?label_body_part=CHEST&limit=20&offset=%d", "/api/v1/audit?limit=20"]
         with httpx.Client(base_url=base, timeout=120) as c:
             i = k
             while not done.is_set():

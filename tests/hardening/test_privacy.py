@@ -174,7 +174,7 @@ def test_no_patient_identifiers_anywhere_and_audit_names_actors(tmp_path, caplog
         r = alice("POST", f"/api/v1/models/{mid}/predict",
                   files={"file": ("q.dcm", io.BytesIO(src.read_bytes()), "application/dicom")})
         assert r.status_code == 200, r.text
-        audit = alice("GET", "/api/v1/audit?limit=1000").json()
+        audit = alice("GET", "/api/v1/audit?limit=1000").json()["items"]
         alice("GET", "/api/v1/training-jobs")
         alice("GET", "/api/v1/cohorts")
         alice("GET", "/api/v1/retrievals")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import BaseModel
 
 from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep
 from app.cohorts import pull_runner, service
@@ -22,7 +23,8 @@ PARQUET = "application/vnd.apache.parquet"
 def create_cohort(body: CohortIn, response: Response, session: SessionDep, settings: SettingsDep,
                   actor: ActorDep):
     """Build a cohort: one image per patient, patients in two classes excluded, seeded quotas,
-    patient-level split. `preview: true` returns the counts (200) without saving."""
+    patient-level split. `preview: true` returns the counts (200) without saving. `warnings` names classes
+    that got no images, quotas not filled and classes without test images."""
     try:
         out = service.create_cohort(session, body.model_dump(), pseudonym_key=settings.get_pseudonym_key(),
                                     store_dir=settings.store_dir, actor=actor,
@@ -52,10 +54,25 @@ def get_pull(pull_id: int, ctx: CtxDep):
     return pull_runner.get_pulls(ctx).get(pull_id)
 
 
-@router.get("", response_model=list[CohortOut])
+class CohortList(BaseModel):
+    total: int
+    items: list[CohortOut]
+
+
+@router.get("", response_model=CohortList)
 def list_cohorts(session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
     """Newest first."""
-    return service.list_cohorts(session, limit=limit, offset=offset)
+    total, items = service.list_cohorts(session, limit=limit, offset=offset)
+    return CohortList(total=total, items=items)
+
+
+@router.delete("/{cohort_id}", status_code=204, response_class=Response,
+               responses={404: {"description": "unknown cohort"},
+                          409: {"description": "training jobs used it (their ids in the detail)"}})
+def delete_cohort(cohort_id: int, session: SessionDep, actor: ActorDep):
+    """Delete a cohort no training job used (the snapshot and its member list)."""
+    service.delete_cohort(session, cohort_id, actor)
+    return Response(status_code=204)
 
 
 @router.get("/{cohort_id}", response_model=CohortDetail, responses={404: {"description": "unknown cohort"}})

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import BaseModel
 
 from app.api.deps import ActorDep, SessionDep, SettingsDep
 from app.audit import record
@@ -13,10 +14,26 @@ from app.labels.service import get_rules
 router = APIRouter(prefix="/taxonomies", tags=["taxonomies"])
 
 
-@router.get("", response_model=list[TaxonomyOut])
-def list_taxonomies(session: SessionDep):
+class TaxonomyList(BaseModel):
+    total: int
+    items: list[TaxonomyOut]
+
+
+@router.get("", response_model=TaxonomyList)
+def list_taxonomies(session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
     """The presets first, then user taxonomies by name."""
-    return taxonomies.list_taxonomies(session)
+    rows = taxonomies.list_taxonomies(session)
+    return TaxonomyList(total=len(rows), items=rows[offset:offset + limit])
+
+
+@router.delete("/{name}", status_code=204, response_class=Response,
+               responses={404: {"description": "unknown taxonomy"},
+                          409: {"description": "a preset, or cohorts were built from it (their ids in the detail)"}})
+def delete_taxonomy(name: str, session: SessionDep, actor: ActorDep):
+    """Delete a user taxonomy no cohort was built from; presets cannot be deleted."""
+    taxonomies.delete_taxonomy(session, name)
+    record(session, actor, "taxonomy.delete", target=f"taxonomy:{name}")
+    return Response(status_code=204)
 
 
 @router.get("/{name}", response_model=TaxonomyOut, responses={404: {"description": "unknown taxonomy"}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from pydantic import BaseModel, Field
 
 from app import audit
@@ -44,6 +44,16 @@ def list_models(session: SessionDep, limit: int = Query(100, ge=1, le=1000), off
 @router.get("/models/{model_id}", response_model=ModelOut)
 def get_model(model_id: int, session: SessionDep):
     return ModelOut(**predict.model_view(predict.get_model(session, model_id)))
+
+
+@router.delete("/models/{model_id}", status_code=204, response_class=Response,
+               responses={404: {"description": "unknown model"}})
+def delete_model(model_id: int, session: SessionDep, ctx: CtxDep, actor: ActorDep):
+    """Delete a model and its checkpoint (nothing depends on a model); its training job keeps its metrics
+    and report."""
+    predict.delete_model(session, ctx.settings, model_id)
+    audit.record(session, actor, "model.delete", f"model:{model_id}")
+    return Response(status_code=204)
 
 
 @router.post("/models/{model_id}/predict", response_model=Prediction, response_model_by_alias=True,
