@@ -272,9 +272,25 @@ def _check_pixel_data(fp: BinaryIO, ds: Dataset, implicit: bool, little: bool, l
                 raise PixelDataMismatch(f"Pixel Data holds {length} bytes, the image description {want}")
         fp.seek(start + size + length)
     # what follows the pixel data: whole elements in ascending order (e.g. trailing padding), nothing else
-    while (hdr := _element_header(fp, implicit, little)) is not None:
+    while True:
+        at = fp.tell()
+        hdr = _element_header(fp, implicit, little)
+        if hdr is None:
+            return
         tag, length, _vr, size = hdr
-        if tag <= last or length == 0xFFFFFFFF or fp.tell() + length > end or tag >> 16 == 0xFFFE:
+        if tag <= last or tag >> 16 == 0xFFFE:
+            raise ValueError("trailing data after the dataset")
+        if length == 0xFFFFFFFF:  # a sequence of undefined length (e.g. Digital Signatures): pydicom parses the rest
+            fp.seek(at)
+            rest = read_dataset(fp, implicit, little)
+            for raw in rest._dict.values():
+                value = getattr(raw, "value", None)
+                if isinstance(value, bytes) and raw.length not in (None, 0xFFFFFFFF) and len(value) != raw.length:
+                    raise ValueError("trailing data after the dataset")
+            if fp.tell() != end or any(t <= last for t in rest._dict):
+                raise ValueError("trailing data after the dataset")
+            return
+        if fp.tell() + length > end:
             raise ValueError("trailing data after the dataset")
         last = tag
         fp.seek(length, io.SEEK_CUR)

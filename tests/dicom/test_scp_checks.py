@@ -99,6 +99,20 @@ def test_trailing_padding_element_is_accepted(tmp_path, ctx, scp):
     assert count(ctx) == 1
 
 
+def test_a_digital_signatures_sequence_after_the_pixel_data_is_accepted(tmp_path, ctx, scp):
+    """(FFFA,FFFA) SQ of undefined length after the Pixel Data is valid DICOM, not trailing garbage."""
+    ds = make_cr()
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HH", 0x0400, 0x0005) + b"US\x02\x00\x01\x00" \
+        + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    sq = struct.pack("<HH", 0xFFFA, 0xFFFA) + b"SQ\x00\x00" + struct.pack("<I", 0xFFFFFFFF) + item \
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    assert _send(scp.port, [_part10(tmp_path / "sig.dcm", ds, _encoded(ds) + sq)]) == [0]
+    # the same sequence cut short is not
+    cut = make_cr()
+    assert _send(scp.port, [_part10(tmp_path / "sig2.dcm", cut, _encoded(cut) + sq[:-8])]) == [STATUS_MALFORMED]
+    assert count(ctx) == 1
+
+
 @pytest.mark.parametrize("rows,cols,frames,pixels", [
     (65535, 65535, None, 1024),  # the issue's case: a huge image declared, 1 KB sent
     (64, 64, None, 64 * 64 * 2 - 512),  # a little short of 64 x 64 x 16 bit
