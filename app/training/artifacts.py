@@ -117,3 +117,11 @@ def list_artifacts(run_dir: Path) -> list[str]:
 
 def media_type(name: str) -> str:
     return MEDIA_TYPES.get(name.rsplit(".", 1)[-1], "application/octet-stream")
+
+
+def link_images(markdown: str, names: list[str]) -> str:
+    """Point the report's image links (`](confusion.png)`, next to report.md on disk) at `artifacts/NAME`,
+    so they resolve from GET /api/v1/training-jobs/{id}/report to the artifact route."""
+    for name in names:
+        markdown = markdown.replace(f"]({name})", f"](artifacts/{name})")
+    return markdown

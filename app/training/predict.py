@@ -155,3 +155,52 @@ def _last_json(stdout: str) -> dict | None:
         if isinstance(value, dict):
             return value
     return None
+
+
+# what the models here are trained on: projection radiographs
+XRAY_MODALITIES = ("CR", "DX", "DR")
+
+
+def model_body_parts(session: Session, model: TrainedModel) -> set[str]:
+    """Body parts the model's classes are defined on (from the frozen taxonomy of its cohort); empty when
+    its classes do not constrain the body part."""
+    from app.db.models import Cohort
+
+    cohort = session.get(Cohort, (model.card or {}).get("cohort_id") or -1)
+    classes = ((cohort.taxonomy if cohort is not None else None) or {}).get("classes") or []
+    parts: set[str] = set()
+    for c in classes:
+        where = c.get("where") if isinstance(c, dict) else None
+        value = (where or {}).get("body_part")
+        if value is None:
+            return set()  # a class that takes any body part: nothing to check
+        parts.update([value] if isinstance(value, str) else value)
+    return parts
+
+
+def domain_check(session: Session, model: TrainedModel, dicom_path: Path, rules) -> dict:
+    """{"in_domain", "warning", "domain": {"modality", "body_part"}} for an uploaded image, from its header
+    and the label rules: a CT slice or an ankle is classified anyway, but flagged."""
+    import pydicom
+
+    from app.index.extract import extract_record
+    from app.labels.engine import compute_labels
+
+    try:
+        ds = pydicom.dcmread(dicom_path, stop_before_pixels=True, force=True)
+        rec = extract_record(ds)
+    except Exception:  # noqa: BLE001 - an unreadable header is the prediction's to refuse, with its detail
+        return {"in_domain": None, "warning": "the header could not be read: domain not checked", "domain": {}}
+    modality = (rec.get("modality") or "").upper() or None
+    body_part = compute_labels(rec, rules).body_part
+    problems = []
+    if modality not in XRAY_MODALITIES:
+        problems.append(f"modality {modality or 'missing'} is not a radiograph ({', '.join(XRAY_MODALITIES)})")
+    parts = model_body_parts(session, model)
+    if parts and body_part not in parts:
+        problems.append(f"body part {body_part or 'unknown'} is not one the model has a class for "
+                        f"({', '.join(sorted(parts))})")
+    warning = None
+    if problems:
+        warning = "outside the model's domain: " + "; ".join(problems) + ". The class below is a guess."
+    return {"in_domain": not problems, "warning": warning, "domain": {"modality": modality, "body_part": body_part}}

@@ -202,3 +202,16 @@ def test_live_workers_publish_models_and_health_says_so(client, ctx):
     assert client.get("/health").json()["workers"]["alive"] == 0
     job = client.get(f"/api/v1/training-jobs/{r.json()['detail'] and 1}").json()
     assert job["status"] == "queued" and job["note"] == workers.NO_WORKER_NOTE
+
+
+def test_delete_model_removes_its_checkpoint_and_keeps_the_job(client, ctx):
+    mid = _model(ctx)
+    model = client.get(f"/api/v1/models/{mid}").json()
+    ckpt = ctx.settings.runs_dir / f"job-{model['job_id']}" / "model.pt"
+    assert ckpt.is_file()
+    assert client.delete(f"/api/v1/models/{mid}").status_code == 204
+    assert not ckpt.exists() and client.get(f"/api/v1/models/{mid}").status_code == 404
+    job = client.get(f"/api/v1/training-jobs/{model['job_id']}").json()
+    assert job["status"] == "completed" and job["model_id"] is None
+    assert client.delete(f"/api/v1/models/{mid}").status_code == 404
+    assert "model.delete" in [e["action"] for e in client.get("/api/v1/audit").json()["items"]]

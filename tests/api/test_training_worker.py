@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 
@@ -61,6 +63,12 @@ def test_api_follows_a_worker_run_to_a_model_that_predicts(client, ctx, tmp_path
     assert metrics["confusion_matrix"]["labels"] == ["CLeft", "CRight"]
     report = client.get(f"/api/v1/training-jobs/{jid}/report")
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/markdown")
+    # every image link resolves from the report's own URL (a browser or Markdown viewer reading the API)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.text)
+    assert links and all(link.startswith("artifacts/") for link in links), links
+    for link in links:
+        img = client.get(urljoin(f"/api/v1/training-jobs/{jid}/report", link))
+        assert img.status_code == 200 and img.content[:4] == b"\x89PNG", link
     pngs = [a for a in job["artifacts"] if a.endswith(".png")]
     assert pngs and "spec.json" not in job["artifacts"]
     art = client.get(f"/api/v1/training-jobs/{jid}/artifacts/{pngs[0]}")
@@ -73,11 +81,27 @@ def test_api_follows_a_worker_run_to_a_model_that_predicts(client, ctx, tmp_path
     assert models["items"][0]["card"]["cohort_id"] == cid
     dicom = tmp_path / "q.dcm"
     write_tiny_dicom(dicom, "right", size=32, seed=99)
+    import pydicom
+
+    knee = pydicom.dcmread(dicom)
+    knee.BodyPartExamined = "KNEE"  # the tiny cohort's classes are knees
+    knee.save_as(dicom)
     r = client.post(f"/api/v1/models/{job['model_id']}/predict",
                     files={"file": ("q.dcm", io.BytesIO(dicom.read_bytes()), "application/dicom")})
     assert r.status_code == 200, r.text
     pred = r.json()
     assert pred["class"] in ("CLeft", "CRight") and set(pred["probabilities"]) == {"CLeft", "CRight"}
+    assert pred["in_domain"] is True and pred["warning"] is None and pred["domain"]["modality"] == "CR"
+    # a CT slice of the same picture is classified, but flagged as outside the model's domain
+    ct = pydicom.dcmread(dicom)
+    ct.Modality, ct.BodyPartExamined = "CT", "HEAD"
+    ct.save_as(tmp_path / "ct.dcm")
+    r = client.post(f"/api/v1/models/{job['model_id']}/predict",
+                    files={"file": ("ct.dcm", io.BytesIO((tmp_path / "ct.dcm").read_bytes()), "application/dicom")})
+    assert r.status_code == 200, r.text
+    flagged = r.json()
+    assert flagged["in_domain"] is False and "modality CT is not a radiograph" in flagged["warning"]
+    assert "is not one the model has a class for (KNEE)" in flagged["warning"]
     assert abs(sum(pred["probabilities"].values()) - 1) < 1e-4
     assert pred["confidence"] == pytest.approx(max(pred["probabilities"].values()))
     r = client.post(f"/api/v1/models/{job['model_id']}/predict",

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from app import audit
 from app.api.deps import ActorDep, CtxDep, SessionDep
+from app.labels.service import get_rules
 from app.training import predict
 
 router = APIRouter(tags=["models"])
@@ -32,6 +33,11 @@ class Prediction(BaseModel):
     class_: str = Field(..., alias="class", serialization_alias="class")
     confidence: float = Field(..., description="softmax probability of the predicted class (0..1)")
     probabilities: dict[str, float] = Field(..., description="every class; they sum to 1")
+    in_domain: bool | None = Field(None, description="false when the image is not a radiograph (CR, DX, DR) or "
+                                                     "shows a body part the model has no class for; null when "
+                                                     "its header could not be read")
+    warning: str | None = Field(None, description="why the image is outside the model's domain")
+    domain: dict = Field(default_factory=dict, description="the upload's modality and body-part label")
 
 
 @router.get("/models", response_model=ModelList)
@@ -61,7 +67,9 @@ def delete_model(model_id: int, session: SessionDep, ctx: CtxDep, actor: ActorDe
                         415: {"description": "not a DICOM file"}, 422: {"description": "malformed DICOM"}})
 def predict_upload(model_id: int, request: Request, session: SessionDep, ctx: CtxDep, actor: ActorDep,
                    file: UploadFile = File(..., description="one DICOM Part 10 file")):
-    """Classify one uploaded DICOM image (run in a subprocess; the API never loads torch)."""
+    """Classify one uploaded DICOM image (run in a subprocess; the API never loads torch). An image outside
+    the model's domain (not CR/DX/DR, or a body part none of its classes covers) is still classified but
+    answered with `in_domain: false` and a `warning`, so a caller can tell a guess from a prediction."""
     model = predict.get_model(session, model_id)
     settings = ctx.settings
     limit = ctx.extras.get("predict_max_upload_bytes") or predict.max_upload_bytes(settings)
@@ -71,5 +79,7 @@ def predict_upload(model_id: int, request: Request, session: SessionDep, ctx: Ct
     with predict.spooled_upload(file.file, settings.data_dir / "tmp", limit) as path:
         result = predict.run_prediction((settings.data_dir / model.path).parent, path,
                                         timeout=predict.timeout_seconds(settings))
-    audit.record(session, actor, "model.predict", f"model:{model_id}", predicted=result["class"])
+        result.update(predict.domain_check(session, model, path, get_rules(settings.label_rules)))
+    audit.record(session, actor, "model.predict", f"model:{model_id}", predicted=result["class"],
+                 in_domain=result["in_domain"])
     return Prediction.model_validate(result)

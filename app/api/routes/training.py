@@ -160,12 +160,14 @@ def get_training_metrics(job_id: int, session: SessionDep) -> dict:
 @router.get("/training-jobs/{job_id}/report", response_class=PlainTextResponse,
             responses={200: {"content": {"text/markdown": {}}}})
 def get_training_report(job_id: int, session: SessionDep, settings: SettingsDep):
-    """The run's Markdown report; its images are under `artifacts/{name}`."""
+    """The run's Markdown report. Its image links point at `artifacts/{name}`, which resolves from this
+    URL to the artifact route (on disk they point next to report.md)."""
     rd = _completed_run_dir(session, settings, job_id, "report")
     path = rd / "report.md"
     if not path.is_file():
         raise NotFound(f"training job {job_id} has no report")
-    return PlainTextResponse(path.read_text(errors="replace"), media_type="text/markdown; charset=utf-8")
+    text = artifacts.link_images(path.read_text(errors="replace"), artifacts.list_artifacts(rd))
+    return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
 
 
 @router.get("/training-jobs/{job_id}/artifacts/{name}", response_class=FileResponse,
