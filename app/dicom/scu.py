@@ -283,9 +283,12 @@ class DicomClient:
                 assoc.release()
 
     def _lost(self, op: str) -> RetriableDicomError:
-        return RetriableDicomError(
-            f"{op} on {self.node}: no response (timeout, or the association was aborted — "
-            f"is our AE '{self.settings.ae_title}' allowed to query/retrieve on the PACS?)")
+        # a PACS that does not let our AE query (Orthanc) aborts the association at once; in the
+        # middle of a retrieve an abort means something else
+        hint = (f" — is our AE '{self.settings.ae_title}' allowed to query/retrieve on the PACS?"
+                if op in ("C-FIND", "C-ECHO") else "")
+        return RetriableDicomError(f"{op} on {self.node}: no response (timeout, or the association was "
+                                   f"aborted){hint}")
 
     # ------------------------------------------------------------------ C-ECHO
     def echo(self) -> float:

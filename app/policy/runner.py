@@ -206,7 +206,7 @@ class GovernedRunner(RetrievalRunner):
                                              node, method, piece)
             except PermanentDicomError as exc:
                 self.gate.after_unit(ok=False)
-                if piece.level == "STUDY" and getattr(exc, "status", None) != 0xA801:
+                if piece.level == "STUDY" and not piece.batched and getattr(exc, "status", None) != 0xA801:
                     self._remember_study_refusal(node)  # the runner now retries per series
                 raise
             except Exception:

@@ -358,7 +358,9 @@ class RetrievalRunner:
                 status = getattr(exc, "status", None)
                 self._count(st, getattr(exc, "result", None))
                 self._wait_arrivals(unit, st, None, grace=0.0)  # what came before the refusal
-                refusals += 1
+                smaller = _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived})
+                # only a retrieve that cannot be split counts: a batch and its pieces are one piece of data
+                refusals += not smaller
                 # a destination the PACS does not know (a single UID: a list may be what it could not
                 # parse), or every retrieve refused with nothing arriving: stop asking
                 if (status == MOVE_DESTINATION_UNKNOWN and not unit.batched) or \
@@ -370,7 +372,6 @@ class RetrievalRunner:
                     return
                 # a UID list some PACS cannot parse (0xA801 from pynetdicom's qrscp, 0xA900, 0xC000,
                 # 0xC413): per study, then per series, before the unit is declared failed
-                smaller = _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived})
                 if smaller:
                     if unit.batched:
                         self._remember(node, "uid_lists_refused")
@@ -392,6 +393,11 @@ class RetrievalRunner:
                     # row): the PACS is gone; what did not arrive stays missing for a rerun
                     st.errors.append(f"PACS unreachable during {unit.describe()}: {exc.message}")
                     return
+                if unit.batched:  # one study of the batch may be what breaks it: the others, one by one
+                    smaller = _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived})
+                    queue[:0] = smaller
+                    self._notify(units=self.progress.units + len(smaller) - 1)
+                    continue
                 # a status the retry layer gave up on (0xA7xx out of resources), or an association
                 # aborted mid-retrieve: this unit failed, what arrived is kept, the job goes on
                 st.errors.append(f"{unit.describe()}: {exc.message}")
@@ -492,7 +498,8 @@ class RetrievalRunner:
             from app.dicom.store import DicomStore
             from app.index.extract import extract_record
 
-            self._batcher = IndexBatcher(self.ctx.sessions, load_labeler(self.ctx.sessions)).start()
+            self._batcher = IndexBatcher(self.ctx.sessions, load_labeler(self.ctx.sessions),
+                                         pseudonym_key=self.ctx.settings.get_pseudonym_key()).start()
             batcher, name = self._batcher, node.name
             timeout = max(60.0, self.ctx.settings.dicom_timeout)
 
@@ -501,7 +508,9 @@ class RetrievalRunner:
                                      transfer_syntax_uid=stored.transfer_syntax_uid, source_node=name)
                 batcher.submit(rec).result(timeout=timeout)
 
-            self._store_handler = make_store_handler(DicomStore(self.ctx.settings.store_dir), sink)
+            # the C-GET peer is the node itself: a conflicting copy is recorded as coming from it
+            self._store_handler = make_store_handler(DicomStore(self.ctx.settings.store_dir), sink,
+                                                     lambda _ae, _host: name, conflicts=batcher.record_conflict)
         return self._store_handler
 
     @staticmethod

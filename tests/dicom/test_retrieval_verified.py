@@ -227,3 +227,24 @@ def test_instances_brought_before_a_takeover_are_received_not_skipped(ctx, ortha
             time.sleep(0.1)
         r = run_retrieval(ctx, rid)
     assert (r.status, r.expected, r.skipped, r.received) == ("completed", 4, 2, 2), (r.status, r.error)
+
+
+def test_a_forged_copy_is_reported_as_a_conflict_over_c_get_too(ctx, orthanc, tmp_path):
+    from pydicom import dcmread
+
+    from app.db.models import PacsNode, StoreConflict
+
+    studies, scp = _orthanc_rig(ctx, orthanc, tmp_path)
+    with ctx.sessions() as s:
+        s.scalar(select(PacsNode).where(PacsNode.name == "pacs")).retrieve_method = "get"
+        s.commit()
+    with scp:
+        forged = dcmread(sorted((tmp_path / "gen").iterdir())[0])
+        forged.PixelData = bytes(len(forged.PixelData))
+        assert _send_as_modality(scp.port, forged) == 0
+        r = _run(ctx, {"StudyDate": "20120101"})
+    assert (r.status, r.received, r.failed_uids) == ("partial", 1, [str(forged.SOPInstanceUID)]), r.error
+    with ctx.sessions() as s:
+        rows = s.execute(select(StoreConflict.sop_instance_uid, StoreConflict.source_node,
+                                StoreConflict.reason)).all()
+    assert rows == [(str(forged.SOPInstanceUID), "pacs", "sop_content")]
