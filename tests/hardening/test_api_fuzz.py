@@ -103,6 +103,18 @@ def fuzz_app(tmp_path, db_url):
     ctx.close()
 
 
+def _restore_model(app, model_id: int, existing: dict) -> None:
+    """DELETE /models/{id} removed the real model and its file: put both back for later operations."""
+    done = existing["job_id"][1]
+    settings = app.state.ctx.settings
+    rd = settings.runs_dir / f"job-{done}"
+    (rd / "model.pt").write_bytes(b"not really a model")
+    with app.state.ctx.sessions() as sess:
+        sess.add(TrainedModel(id=model_id, job_id=done, architecture="resnet10t", classes=["LtK", "RtK"],
+                              path=f"runs/job-{done}/model.pt", card={"cohort_id": existing["cohort_id"][0]}))
+        sess.commit()
+
+
 def _real_values(existing: dict, path: str, names: list[str]) -> list[dict]:
     """Path parameter sets made of real objects for one operation (several when there are several)."""
     choices = []
@@ -194,6 +206,9 @@ def test_no_5xx_and_every_4xx_has_a_detail(fuzz_app):
                     with app.state.ctx.sessions() as sess:
                         sess.add(PacsNode(name="pacs", ae_title="PACS", host="127.0.0.1", port=1))
                         sess.commit()
+                if case.method == "DELETE" and response.status_code == 204 and op.path.endswith("/models/{model_id}"):
+                    # generated ids hit the real model too: put it back whichever call deleted it
+                    _restore_model(app, existing["model_id"][0], existing)
 
             try:
                 run()
