@@ -103,5 +103,7 @@ def health(ctx) -> dict | None:
     for r in rows:
         for k in ("started_at", "heartbeat_at"):
             r[k] = r[k].isoformat() if r[k] else None
+        for k in ("id", "hostname", "pid"):  # /health is open even with tokens set: no host names
+            r.pop(k)
     return {"alive": len(rows), "queues": queues, "items": rows,
             "note": None if rows else "no worker is running: queued training jobs wait; start `radcohort worker`"}

@@ -185,6 +185,7 @@ def test_live_workers_publish_models_and_health_says_so(client, ctx):
     health = client.get("/health").json()["workers"]
     assert health["alive"] == 1 and health["queues"] == ["training"] and health["note"] is None
     assert health["items"][0]["models"] == 2 and health["items"][0]["device"] == "cpu"
+    assert "hostname" not in health["items"][0] and "host" not in str(health)  # /health needs no token
     archs = client.get("/api/v1/architectures").json()
     assert archs == {"total": 2, "items": ["resnet10t", "tinynet_x"], "source": "workers"}
     cid = _cohort(ctx)
