@@ -67,6 +67,7 @@ def test_queue_list_get_and_cancel(client, ctx):
     assert job["params"]["augment"] == {"rotation": [10.0, 20.0]}
     assert job["params"]["experiments"] == []  # none unless asked for
     assert job["params"]["val_fraction"] == 0.1 and job["note"] == no_worker
+    assert client.get("/api/v1/training-jobs").json()["items"][0]["note"] == no_worker
     for key in ("device", "images_per_second", "loss", "train_accuracy", "val_accuracy", "eta_seconds", "error",
                 "model_id", "cohort_id"):
         assert key in job

@@ -114,7 +114,9 @@ def list_training_jobs(session: SessionDep, status: Status | None = None, cohort
     """Newest first."""
     total, items = jobs.list_jobs(session, status=status, cohort_id=cohort_id, limit=limit, offset=offset)
     ids = jobs.model_ids(session, [j.id for j in items])
-    return JobList(total=total, items=[JobOut(**jobs.job_view(j, ids.get(j.id))) for j in items])
+    idle = None if any(j.status == "queued" for j in items) and workers.any_alive(session) else workers.NO_WORKER_NOTE
+    return JobList(total=total, items=[JobOut(**{**jobs.job_view(j, ids.get(j.id)),
+                                                 "note": idle if j.status == "queued" else None}) for j in items])
 
 
 @router.get("/training-jobs/{job_id}", response_model=JobOut)
