@@ -74,7 +74,11 @@ def test_pynetdicom_and_pydicom_dumps_keep_tags_lose_identifiers():
 def test_every_logger_level_and_exception_is_redacted(caplog):
     install_log_redaction()
     caplog.set_level(logging.DEBUG)
-    for name in ("pynetdicom.association", "uvicorn.error", "radcohort.scp", "some.third.party"):
+    names = ("pynetdicom.association", "uvicorn.error", "radcohort.scp", "some.third.party")
+    for name in names:  # a CLI run or a logging config earlier in this process may have quietened them
+        caplog.set_level(logging.DEBUG, logger=name)
+        logging.getLogger(name).disabled = False
+    for name in names:
         logging.getLogger(name).debug("identifier:\n%s", "\n".join(pretty_dataset(_dataset())))
     try:
         raise ValueError(f"bad value for PatientName='{_dataset().PatientName}'")
@@ -141,7 +145,8 @@ def test_debug_logs_of_find_retrieve_cohort_training_predict_hold_no_identifier(
     assert found.count("patient_key") == len(PATIENTS) * 2, found
     got = run("retrieve", "pacs", "-q", "StudyDate=20150101-20151231", "-q", "Modality=CR", "--with-scp")
     assert f"completed — expected {len(PATIENTS) * 2}, received {len(PATIENTS) * 2}" in got, got
-    cohort = run("cohort", "create", "--taxonomy", "xr10", "--train", "0.5", "--test", "0.5", "--seed", "1")
+    cohort = run("cohort", "create", "--taxonomy", "xr10", "--train", "0.5", "--test", "0.5", "--seed", "1",
+                 "--json")
     cid = json.loads(cohort)["id"]
 
     logs = tmp_path / "serve.log"
