@@ -277,7 +277,8 @@ def test_database_cut_gives_503_then_works_and_loses_no_job(tmp_path, pg_databas
     s = make_settings(tmp_path, url, dicom_timeout=5.0)
     ctx = sender_ctx(s, "sender", SENDER)  # migrated through the proxy
     with ctx.sessions() as sess:
-        c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": "A"}, {"name": "B"}]})
+        c = Cohort(taxonomy_name="t", taxonomy={"name": "t", "classes": [{"name": "A"}, {"name": "B"}]},
+                   summary={"classes": [{"name": "A", "train": 1, "test": 1}, {"name": "B", "train": 1, "test": 1}]})
         sess.add(c)
         sess.commit()
         cid = c.id
