@@ -172,8 +172,14 @@ def _members(session: Session, cohort_id: int):
 
 
 def cohort_items(session: Session, cohort_id: int) -> list[dict]:
-    """The frozen member list for training: sop_instance_uid, class_name, split, file_path (store-relative),
-    patient_key (the pseudonym, to keep a patient's images together in a validation hold-out)."""
+    """The frozen member list for training: sop_instance_uid, class_name, split, file_path (store-relative)."""
+    return [{"sop_instance_uid": uid, "class_name": cls, "split": split, "file_path": path}
+            for uid, cls, split, _key, path in _members(session, cohort_id)]
+
+
+def training_items(session: Session, cohort_id: int) -> list[dict]:
+    """cohort_items plus patient_key (the pseudonym), to keep a patient's images together when the worker
+    holds a validation split out of train."""
     return [{"sop_instance_uid": uid, "class_name": cls, "split": split, "file_path": path, "patient_key": key}
             for uid, cls, split, key, path in _members(session, cohort_id)]
 

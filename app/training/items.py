@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.cohorts.service import cohort_items as _cohort_items
+from app.cohorts.service import training_items
 from app.db.models import Cohort
 
 
 def cohort_items(session: Session, cohort_id: int) -> list[dict]:
-    """[{sop_instance_uid, class_name, split, file_path (relative to the store)}] of a frozen cohort."""
-    return list(_cohort_items(session, cohort_id))
+    """[{sop_instance_uid, class_name, split, file_path (relative to the store), patient_key}] of a frozen
+    cohort (patient_key groups a patient's images for the validation hold-out; it never reaches spec.json)."""
+    return training_items(session, cohort_id)
 
 
 def cohort_classes(cohort: Cohort) -> list[str]:
