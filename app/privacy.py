@@ -92,7 +92,22 @@ def _redacting_factory(*args, **kwargs) -> logging.LogRecord:
         message = record.getMessage()
     except Exception:  # noqa: BLE001 - a bad format string must still be logged, just as logging would
         message = f"{record.msg!r} {record.args!r}"
-    record.msg, record.args = redact_text(message), None
+    redacted = redact_text(message)
+    if redacted != message:
+        # keep the record's shape where the arguments alone carried the identifier: some formatters
+        # read the arguments themselves (uvicorn's access log unpacks them)
+        if isinstance(record.args, tuple) and record.args:
+            safe = tuple(redact_text(a) if isinstance(a, str) else a for a in record.args)
+            try:
+                same = (str(record.msg) % safe) == redacted
+            except Exception:  # noqa: BLE001
+                same = False
+            if same:
+                record.args = safe
+            else:
+                record.msg, record.args = redacted, ()
+        else:
+            record.msg, record.args = redacted, ()
     if record.exc_info and record.exc_info[0] is not None:
         # formatted now, so that no handler formats the raw exception (its text can hold a name)
         record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))

@@ -193,4 +193,21 @@ def test_debug_logs_of_find_retrieve_cohort_training_predict_hold_no_identifier(
     everything = "\n".join(t for _, t in texts)
     # the scan is not vacuous: identifiers passed through the logs (redacted), and the store holds them
     assert "pynetdicom" in everything and REDACTED in everything and "DEBUG" in everything
+    assert "--- Logging error ---" not in everything  # every formatter still gets the record it expects
     assert leaks_in(src.read_bytes().decode(errors="replace"))
+
+
+def test_uvicorn_access_lines_keep_their_arguments_and_lose_identifiers(caplog):
+    # uvicorn's access formatter unpacks record.args: a record must keep its tuple of arguments
+    from uvicorn.logging import AccessFormatter
+
+    install_log_redaction()
+    caplog.set_level(logging.INFO, logger="uvicorn.access")
+    logging.getLogger("uvicorn.access").disabled = False
+    log = logging.getLogger("uvicorn.access")
+    log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", "/api/v1/instances?limit=5", "1.1", 200)
+    log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", "/x?PatientID=PID-SATO-1166", "1.1", 200)
+    fmt = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False)
+    lines = [fmt.format(r) for r in caplog.records if r.name == "uvicorn.access"]
+    assert lines == ['127.0.0.1:5 - "GET /api/v1/instances?limit=5 HTTP/1.1" 200 OK',
+                     f'127.0.0.1:5 - "GET /x?PatientID={REDACTED} HTTP/1.1" 200 OK']
