@@ -132,7 +132,18 @@ STATUS_NOT_IMAGE = 0xA900  # Storage "Data Set does not match SOP Class": the pi
 # to its user instead of counting the instance as cleanly stored. The conflicts table says what happened.
 STATUS_CONFLICT = 0xB000
 
+# what a refusal means, in the words a retrieval report shows its user
+REFUSAL_MEANING = {
+    STATUS_WRITE_FAILED: "out of resources: the store could not write it (disk space or I/O)",
+    STATUS_SINK_FAILED: "stored but not indexed (database unavailable)",
+    STATUS_NOT_IMAGE: "pixel data do not match the image the header declares",
+    STATUS_MALFORMED: "the dataset cannot be parsed under the negotiated transfer syntax",
+    STATUS_INVALID_UID: "an invalid Study, Series or SOP Instance UID",
+    STATUS_UID_MISMATCH: "the dataset's SOP Instance UID differs from the request's",
+}
+
 Sink = Callable[[StoredFile, Dataset], None]
+RefusalRecorder = Callable[[str, int, str], None]  # (sop instance uid, status, calling AE)
 NodeFor = Callable[[str, str], "str | None"]
 ConflictRecorder = Callable[[dict], None]
 
@@ -153,7 +164,8 @@ def storage_presentation_contexts():
 
 
 def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None = None, *,
-                       conflicts: ConflictRecorder | None = None, min_free_bytes: int = 0):
+                       conflicts: ConflictRecorder | None = None, min_free_bytes: int = 0,
+                       refused: RefusalRecorder | None = None):
     """An EVT_C_STORE handler: header parse -> atomic raw write -> sink -> status.
 
     The sink gets the StoredFile and the header Dataset (no pixel data) with
@@ -161,9 +173,22 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
     an attribute for the sink). The sink must raise to fail the store, or raise StoreConflict to
     have the copy kept aside. Nothing is hashed on the way to Success: only a conflict is.
     `conflicts` records a conflict (else the StoreConflict's recorder; else it is only logged).
+    `refused` records a failure status we answered, so that a retrieval can tell its user that our
+    own SCP refused an instance (the PACS only reports a failed sub-operation).
     """
 
     def handle_store(event) -> int:
+        status = _handle_store(event)
+        if refused is not None and status not in (STATUS_SUCCESS, STATUS_CONFLICT):
+            assoc = event.assoc
+            peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+            try:
+                refused(_safe(event.request.AffectedSOPInstanceUID), status, str(peer.ae_title).strip()[:16])
+            except Exception as exc:  # noqa: BLE001 - the status stands whether or not it is on record
+                log.error("C-STORE refusal not recorded: %s", type(exc).__name__)
+        return status
+
+    def _handle_store(event) -> int:
         req = event.request
         ts = str(event.context.transfer_syntax)
         chunked = getattr(req, "_dataset_path", None)
@@ -276,6 +301,21 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
         return STATUS_SUCCESS
 
     return handle_store
+
+
+def refusal_recorder(sessions) -> RefusalRecorder:
+    """Refusals go to the audit log (`dicom.refused`, target the SOP Instance UID): rare, security
+    relevant, and where a retrieval looks for them."""
+
+    def record(sop: str, status: int, calling_ae: str) -> None:
+        from app import audit
+
+        with sessions() as s:
+            audit.record(s, "scp", "dicom.refused", sop, status=f"0x{status:04X}", calling_ae=calling_ae,
+                         meaning=REFUSAL_MEANING.get(status, ""))
+            s.commit()
+
+    return record
 
 
 def _same_fs(a: Path, b: Path) -> bool:
@@ -714,7 +754,8 @@ class StorageSCP:
             (evt.EVT_ABORTED, lambda event: discard_partial_receive(event.assoc)),
             (evt.EVT_C_STORE, make_store_handler(self.store, self._sink, self.node_for,
                                                  conflicts=self.batcher.record_conflict,
-                                                 min_free_bytes=self.settings.scp_min_free_mb * 2**20)),
+                                                 min_free_bytes=self.settings.scp_min_free_mb * 2**20,
+                                                 refused=refusal_recorder(self.ctx.sessions))),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
         ]
 

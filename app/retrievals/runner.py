@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from sqlalchemy import delete, insert, select, update
 
 from app.context import AppContext
-from app.db.models import Instance, PacsNode, Retrieval, RetrievalItem, StoreConflict
+from app.db.models import AuditEvent, Instance, PacsNode, Retrieval, RetrievalItem, StoreConflict
 from app.dicom.queries import key_level, validate_query
 from app.dicom.scu import MOVE_DESTINATION_UNKNOWN, DicomClient, RetrieveResult
 from app.errors import DicomError, PermanentDicomError, RetriableDicomError
@@ -382,7 +382,7 @@ class RetrievalRunner:
                     continue
                 self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
                 st.errors.append(f"{unit.describe()}: {exc.message}")
-                st.failed.update({sop: exc.message for sop in unit.sops if sop not in st.arrived})
+                self._fail_unit(unit, st, exc.message)
             except RetriableDicomError as exc:
                 self._count(st, getattr(exc, "result", None))
                 before = len(st.arrived)
@@ -401,7 +401,7 @@ class RetrievalRunner:
                 # a status the retry layer gave up on (0xA7xx out of resources), or an association
                 # aborted mid-retrieve: this unit failed, what arrived is kept, the job goes on
                 st.errors.append(f"{unit.describe()}: {exc.message}")
-                st.failed.update({sop: exc.message for sop in unit.sops if sop not in st.arrived})
+                self._fail_unit(unit, st, exc.message)
             else:
                 refusals = 0
                 self._count(st, res)
@@ -429,11 +429,40 @@ class RetrievalRunner:
             return 0
         why = f"{SUBOP_FAILED}: {res.failure}"
         named = [u for u in (res.failed_uids or unit.sops) if u in st.expected and u not in st.arrived]
-        st.failed.update({u: why for u in named})
-        if named:
-            st.errors.append(f"{prefix}{unit.describe()}: {len(named)} instance(s) failed at the PACS, "
+        ours = self._refused_by_us(named)
+        st.failed.update({u: why for u in named if u not in ours})
+        st.failed.update({u: f"refused by our Storage SCP: {ours[u]}" for u in ours})
+        if len(named) > len(ours):
+            st.errors.append(f"{prefix}{unit.describe()}: {len(named) - len(ours)} instance(s) failed at the PACS, "
                              f"{res.failure}")
+        for meaning in sorted(set(ours.values())):
+            n = sum(1 for v in ours.values() if v == meaning)
+            st.errors.append(f"{prefix}{unit.describe()}: {n} instance(s) refused by our own Storage SCP, not the "
+                             f"PACS ({meaning}; the PACS answered {res.failure})")
         return len(named)
+
+    def _fail_unit(self, unit: Unit, st: _State, why: str) -> None:
+        """Every instance of a failed unit that did not arrive failed, for `why`, or because our own
+        Storage SCP refused it (a PACS like Orthanc then stops the whole retrieve with 0xC000)."""
+        left = [u for u in unit.sops if u not in st.arrived]
+        ours = self._refused_by_us(left)
+        st.failed.update({u: f"refused by our Storage SCP: {ours[u]}" if u in ours else why for u in left})
+        for meaning in sorted(set(ours.values())):
+            n = sum(1 for v in ours.values() if v == meaning)
+            st.errors.append(f"{unit.describe()}: {n} instance(s) refused by our own Storage SCP, not the PACS "
+                             f"({meaning})")
+
+    def _refused_by_us(self, sops: list[str]) -> dict[str, str]:
+        """Which of these instances our Storage SCP refused during this run (audit `dicom.refused`)."""
+        if not sops:
+            return {}
+        with self.ctx.sessions() as s:
+            since = s.scalar(select(Retrieval.started_at).where(Retrieval.id == self.id))
+            q = select(AuditEvent.target, AuditEvent.details).where(AuditEvent.action == "dicom.refused",
+                                                                    AuditEvent.target.in_(sops[:_CHUNK]))
+            if since is not None:
+                q = q.where(AuditEvent.at >= since)
+            return {t: f"{d.get('status')} {d.get('meaning', '')}".strip() for t, d in s.execute(q)}
 
     def _retry_failed_by_get(self, client, node: PacsNode, st: _State) -> None:
         """Instances whose C-MOVE sub-operation failed (often a transfer syntax the PACS could not
@@ -494,7 +523,7 @@ class RetrievalRunner:
     def _get_handler(self, node: PacsNode):
         """C-GET arrivals go through the Storage SCP's own handler into the same store and index."""
         if self._store_handler is None:
-            from app.dicom.scp import IndexBatcher, load_labeler, make_store_handler
+            from app.dicom.scp import IndexBatcher, load_labeler, make_store_handler, refusal_recorder
             from app.dicom.store import DicomStore
             from app.index.extract import extract_record
 
@@ -510,7 +539,8 @@ class RetrievalRunner:
 
             # the C-GET peer is the node itself: a conflicting copy is recorded as coming from it
             self._store_handler = make_store_handler(DicomStore(self.ctx.settings.store_dir), sink,
-                                                     lambda _ae, _host: name, conflicts=batcher.record_conflict)
+                                                     lambda _ae, _host: name, conflicts=batcher.record_conflict,
+                                                     refused=refusal_recorder(self.ctx.sessions))
         return self._store_handler
 
     @staticmethod

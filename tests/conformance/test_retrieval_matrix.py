@@ -181,6 +181,8 @@ def test_a_failing_instance_does_not_stop_the_job(peer, rig, tmp_path, matrix):
     assert r.status == "partial" and r.expected == 8, summary(r)
     assert bad.SOPInstanceUID in (r.failed_uids or []), f"refused instance not reported failed: {summary(r)}"
     assert item_states(ctx, r.id)[str(bad.SOPInstanceUID)] == "failed"
+    # the PACS only says a sub-operation failed: the report says it was our own SCP, and why
+    assert "refused by our own Storage SCP, not the PACS (0xA900" in (r.error or ""), summary(r)
     assert_names_pacs_status(r)
     if peer.sends_compressed:
         assert j2k in got, f"JPEG 2000 instance did not arrive from {peer.kind}: {summary(r)}"
