@@ -15,12 +15,13 @@ def test_node_crud_and_audit(client):
     assert r.status_code == 201, r.text
     assert r.json()["name"] == "pacs" and r.json()["retrieve_method"] == "move"
     assert client.post("/api/v1/pacs-nodes", json=NODE).status_code == 409
-    assert [n["name"] for n in client.get("/api/v1/pacs-nodes").json()] == ["pacs"]
+    page = client.get("/api/v1/pacs-nodes").json()
+    assert page["total"] == 1 and [n["name"] for n in page["items"]] == ["pacs"]
     assert client.get("/api/v1/pacs-nodes/pacs").json()["port"] == 4242
     assert client.get("/api/v1/pacs-nodes/nope").status_code == 404
     assert client.delete("/api/v1/pacs-nodes/pacs").status_code == 204
     assert client.delete("/api/v1/pacs-nodes/pacs").status_code == 404
-    assert client.get("/api/v1/pacs-nodes").json() == []
+    assert client.get("/api/v1/pacs-nodes").json() == {"total": 0, "items": []}
     actions = [e["action"] for e in client.get("/api/v1/audit").json()["items"]]
     assert "pacs_node.create" in actions and "pacs_node.delete" in actions
 

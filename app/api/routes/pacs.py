@@ -8,6 +8,7 @@ use; matching on one needs the `find-identified` scope (app.find_policy).
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
+from pydantic import BaseModel
 from sqlalchemy import event
 
 from app import audit
@@ -53,9 +54,16 @@ def create_node(body: NodeIn, session: SessionDep, actor: ActorDep, ctx: CtxDep,
     return NodeOut.of(node)
 
 
-@router.get("", response_model=list[NodeOut])
-def list_nodes(session: SessionDep):
-    return [NodeOut.of(n) for n in nodes.list_nodes(session)]
+class NodeList(BaseModel):
+    total: int
+    items: list[NodeOut]
+
+
+@router.get("", response_model=NodeList)
+def list_nodes(session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+    """By name; the same {total, items} page as every list."""
+    all_nodes = nodes.list_nodes(session)
+    return NodeList(total=len(all_nodes), items=[NodeOut.of(n) for n in all_nodes[offset:offset + limit]])
 
 
 @router.get("/{name}", response_model=NodeOut, responses={404: _ERRORS[404]})
