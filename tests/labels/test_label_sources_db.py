@@ -229,3 +229,17 @@ def test_coverage_api_and_cli(ctx, client, monkeypatch, tmp_path):
     assert r.exit_code == 0 and _last_json(r.output)["missing"] == 8  # no files here
     with ctx.sessions() as s:
         assert s.scalar(select(sa.func.count()).select_from(Patient)) == 8
+
+
+def test_species_label_is_in_the_instance_listing(ctx, client):
+    dog = _cr(body_part="CHEST", study_description="CANINE LATERAL THORAX", series_description="", patient_id="D1")
+    dog.PatientSpeciesDescription = "Canine"
+    human = _cr(body_part="CHEST", study_description="CHEST PA", series_description="", patient_id="H1")
+    with ctx.sessions() as s:
+        ingest(s, [extract_record(d, file_path=f"v/{i}.dcm") for i, d in enumerate((dog, human))],
+               labeler=make_labeler(s))
+        s.commit()
+    items = {i["sop_instance_uid"]: i["labels"] for i in client.get("/api/v1/instances").json()["items"]}
+    assert items[str(dog.SOPInstanceUID)]["species"] and items[str(dog.SOPInstanceUID)]["body_part"] is None
+    assert items[str(human.SOPInstanceUID)]["species"] is None
+    assert items[str(human.SOPInstanceUID)]["body_part"] == "CHEST"

@@ -28,6 +28,8 @@ class Labels(BaseModel):
     sex: str | None = None
     age_years: float | None = None
     age_band: str | None = None
+    species: str | None = Field(None, description="set only when the header names a non-human patient "
+                                                  "(such an instance gets no human body part)")
     sources: dict = Field(default_factory=dict, description="label -> the tag or rule it came from")
     conflicts: list = Field(default_factory=list, description="labels whose sources disagree")
     has_conflict: bool = False
