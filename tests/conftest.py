@@ -5,8 +5,12 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -234,3 +238,41 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     "install what they need (.ci/common.sh) or add them there with a reason")
         for nid, why in bad:
             terminalreporter.write_line(f"  {nid}: {why}")
+
+
+@contextmanager
+def listening_process(argv: list[str], env: dict, port: int, *, cwd: Path, what: str, timeout: float = 60.0):
+    """Run `argv` (a radcohort server) until it listens on `port`; yield the Popen; stop it after."""
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"{what} exited: " + proc.stdout.read().decode(errors="replace")[-3000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"{what} did not listen within {timeout:g} s"
+                time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def tmpfs_mounted(mnt: Path, size: str):
+    """A real tmpfs of `size` at `mnt` (a disk that fills up for real); needs root."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): needs root/CAP_SYS_ADMIN")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

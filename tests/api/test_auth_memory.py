@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from app.devtools.orthanc import free_port
+from tests.conftest import listening_process
 
 RADCOHORT = str(Path(sys.executable).with_name("radcohort"))
 TOKEN = "mem-test-token"
@@ -111,26 +111,8 @@ def server(tmp_path):
            "RADCOHORT_DATA_DIR": str(tmp_path / "data"), "RADCOHORT_API_PORT": str(port),
            "RADCOHORT_SCP_PORT": str(free_port()), "RADCOHORT_API_TOKENS": TOKEN,
            "RADCOHORT_PSEUDONYM_KEY": "k", "RADCOHORT_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([RADCOHORT, "serve"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "radcohort serve did not listen within 60 s"
-                time.sleep(0.2)
+    with listening_process([RADCOHORT, "serve"], env, port, cwd=tmp_path, what="radcohort serve") as proc:
         yield proc.pid, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

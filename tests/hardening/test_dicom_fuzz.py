@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from app.db.models import Instance, PacsNode
 from app.dicom.scp import (STATUS_INVALID_UID, STATUS_MALFORMED, STATUS_NOT_IMAGE, STATUS_SINK_FAILED,
                            STATUS_SUCCESS, STATUS_UID_MISMATCH, STATUS_WRITE_FAILED, StorageSCP)
+from tests.conftest import listening_process
 from tests.dicom.helpers import CR_STORAGE, make_cr
 
 SENDER = "FUZZER"
@@ -333,7 +333,6 @@ def _status_kb(pid: int, key: str) -> int:
 def scp_process(ctx, tmp_path):
     """`radcohort scp` in its own process (its memory is measured apart from pytest's), knowing SENDER."""
     import os
-    import subprocess
     import sys
 
     with ctx.sessions() as s:
@@ -342,26 +341,9 @@ def scp_process(ctx, tmp_path):
     st = ctx.settings
     env = {**os.environ, "RADCOHORT_DATABASE_URL": st.database_url, "RADCOHORT_DATA_DIR": str(st.data_dir),
            "RADCOHORT_SCP_PORT": str(st.scp_port), "RADCOHORT_PSEUDONYM_KEY": "k", "RADCOHORT_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("radcohort")), "scp"], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "radcohort scp exited"
-            try:
-                socket.create_connection(("127.0.0.1", st.scp_port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "radcohort scp did not listen within 60 s"
-                time.sleep(0.2)
+    with listening_process([str(Path(sys.executable).with_name("radcohort")), "scp"], env, st.scp_port,
+                           cwd=tmp_path, what="radcohort scp") as proc:
         yield proc.pid, st.scp_port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_pdu_far_over_our_maximum_closes_the_connection_without_buffering_it(ctx, scp_process):

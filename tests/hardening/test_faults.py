@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from app.db.models import Instance, Retrieval
 from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED, StorageSCP
 from app.dicom.store import parse_header
-from tests.conftest import make_settings
+from tests.conftest import make_settings, tmpfs_mounted
 from tests.dicom.helpers import CR_STORAGE, make_cr, wait_retrieval
 from tests.hardening.loadkit import dcmtk, sender_ctx
 
@@ -151,15 +151,8 @@ def test_scp_sigkilled_mid_transfer_leaves_no_partial_file_and_reindexes_nothing
 # ----------------------------------------------------------------------------- disk full
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "data" / "store"
-    mnt.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): needs root/CAP_SYS_ADMIN")
-    try:
+    with tmpfs_mounted(tmp_path / "data" / "store", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_answers_out_of_resources_never_success_and_recovers(tmp_path, tiny_tmpfs):

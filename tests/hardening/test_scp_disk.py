@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from sqlalchemy import func, select
 
 from app.db.models import Instance
 from app.dicom.scp import STATUS_WRITE_FAILED, StorageSCP
-from tests.conftest import make_settings
+from tests.conftest import make_settings, tmpfs_mounted
 from tests.dicom.helpers import CR_STORAGE, make_cr
 from tests.hardening.loadkit import sender_ctx
 
@@ -73,15 +72,8 @@ def chunked_flag(monkeypatch):
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "data" / "store"
-    mnt.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): needs root/CAP_SYS_ADMIN")
-    try:
+    with tmpfs_mounted(tmp_path / "data" / "store", "3m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_during_a_chunked_receive_is_0xA700_not_an_abort(tmp_path, tiny_tmpfs, chunked_flag):
