@@ -242,12 +242,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 @contextmanager
 def listening_process(argv: list[str], env: dict, port: int, *, cwd: Path, what: str, timeout: float = 60.0):
-    """Run `argv` (a radcohort server) until it listens on `port`; yield the Popen; stop it after."""
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    """Run `argv` (a radcohort server) until it listens on `port`; yield the Popen; stop it after.
+    Its output goes to a file in `cwd` (a pipe nobody reads would block a chatty server)."""
+    out = cwd / f"{what.replace(' ', '-')}-{port}.log"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
-            assert proc.poll() is None, f"{what} exited: " + proc.stdout.read().decode(errors="replace")[-3000:]
+            assert proc.poll() is None, f"{what} exited: " + out.read_text(errors="replace")[-3000:]
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
