@@ -306,3 +306,54 @@ class StoreConflict(Base):
     existing_patient_key: Mapped[str | None] = mapped_column(String(64))
     existing_source_node: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+# ---------------------------------------------------------------- worklists and exports (issue #17)
+class Worklist(Base):
+    """An uploaded list of study requests (CSV/XLSX), resolved by C-FIND and retrieved as one job."""
+
+    __tablename__ = "worklists"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    filename: Mapped[str | None] = mapped_column(String(255))
+    key_type: Mapped[str] = mapped_column(String(32))  # AccessionNumber | PatientID | StudyInstanceUID
+    status: Mapped[str] = mapped_column(String(16), default="uploaded")  # uploaded|resolving|resolved|failed
+    node_name: Mapped[str | None] = mapped_column(String(64))
+    row_count: Mapped[int] = mapped_column(Integer, default=0)
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)  # status -> count, file-level errors
+    retrieval_id: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorklistRow(Base):
+    """One request of a worklist; `key` may identify a patient (shown only to find-identified tokens)."""
+
+    __tablename__ = "worklist_rows"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worklist_id: Mapped[int] = mapped_column(ForeignKey("worklists.id", ondelete="CASCADE"), index=True)
+    row: Mapped[int] = mapped_column(Integer)  # line in the uploaded file (header = 1)
+    key: Mapped[str | None] = mapped_column(String(255))
+    filters: Mapped[dict] = mapped_column(JSON, default=dict)  # StudyDate / ModalitiesInStudy / StudyDescription
+    status: Mapped[str] = mapped_column(String(16))  # pending|found|not_found|ambiguous|invalid|refused
+    studies: Mapped[list] = mapped_column(JSON, default=list)  # StudyInstanceUIDs it resolved to
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Export(Base):
+    """A de-identified DICOM or image-dataset export of a frozen cohort, built in the background."""
+
+    __tablename__ = "exports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"), index=True)
+    format: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    report: Mapped[dict] = mapped_column(JSON, default=dict)  # exported, excluded/flagged counts, card
+    archive_path: Mapped[str | None] = mapped_column(String(512))  # relative to DATA_DIR
+    actor: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
