@@ -22,7 +22,8 @@ TyperOption.display_type_rich = _flag_without_type
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="radcohort: PACS -> labels -> cohorts -> CNN")
 
 # modules under app/cli, each with `register(cli)`
-COMMAND_MODULES = ["db", "pacs", "synth", "worker", "demo", "server", "cohorts", "labels", "sandbox", "train"]
+COMMAND_MODULES = ["db", "pacs", "synth", "worker", "demo", "server", "cohorts", "labels", "sandbox", "train",
+                   "exports", "worklists"]
 
 
 def _version(value: bool) -> None:

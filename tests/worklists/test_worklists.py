@@ -199,3 +199,27 @@ def test_unreachable_node_marks_rows_refused(api, app_ctx):
     assert [rows[i]["status"] for i in (2, 3, 4)] == ["refused", "refused", "invalid"]
     assert rows[2]["detail"].startswith("PACS: ")
     assert api.post(f"/api/v1/worklists/{wl['id']}/retrieve", headers=HP).status_code == 422
+
+
+def test_cli_upload_show(app_ctx, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    for k, v in {"RADCOHORT_DATABASE_URL": app_ctx.settings.database_url,
+                 "RADCOHORT_DATA_DIR": str(app_ctx.settings.data_dir)}.items():
+        monkeypatch.setenv(k, v)
+    f = tmp_path / "w.csv"
+    f.write_text("PatientID,StudyDate\nSECRET9,20200101\nSECRET8,2020-02-30\n")
+    res = CliRunner().invoke(cli, ["worklist", "upload", str(f)])
+    assert res.exit_code == 2 and "--identified" in res.output
+    res = CliRunner().invoke(cli, ["worklist", "upload", str(f), "--identified"])
+    assert res.exit_code == 0, res.output
+    assert "2 rows by PatientID, 1 invalid" in res.output and "row 3: date" in res.output
+    wid = res.output.split()[1].rstrip(":")
+    res = CliRunner().invoke(cli, ["worklist", "show", wid])
+    assert res.exit_code == 0 and "SECRET9" not in res.output and "invalid" in res.output
+    res = CliRunner().invoke(cli, ["worklist", "show", wid, "--identified"])
+    assert "SECRET9" in res.output
+    res = CliRunner().invoke(cli, ["worklist", "retrieve", wid])
+    assert res.exit_code == 2 and "resolve it" in res.output
