@@ -5,7 +5,10 @@
 
 Baseline: `pydicom.dcmread(path, stop_before_pixels=True)` over the same files (page cache warm).
 Ours: `app.index.ingest.index_directory` (parse + extract + labels + bulk upsert, committed in
-batches). Target: at least 0.5x the bare parse rate.
+batches; on PostgreSQL the instance rows go in by COPY). A bare loop runs right before every run
+of ours (on a fresh database each time); both sides take their best run (`--repeat` per row), so a
+burst of other work on a shared machine does not land on one side only.
+Target: at least 0.7x the bare parse rate, with labels, on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--rows", type=int, default=1275)
     ap.add_argument("--cols", type=int, default=1020)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row; the best one counts")
     ap.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
                     help="PostgreSQL admin URL ('' to skip)")
     args = ap.parse_args()
@@ -64,10 +68,8 @@ def main() -> None:
         make_instances(work / "src", args.n, max(1, args.n // 50), rows=args.rows, cols=args.cols)
         files = sorted((work / "src").glob("*.dcm"))
         bare(files)  # warm the page cache
-        base = min(bare(files) for _ in range(2))
-        print(f"{args.n} files of {files[0].stat().st_size / 1e6:.2f} MB")
-        print(f"{'run':40s} {'s':>7s} {'files/s':>9s} {'x bare parse':>12s}")
-        print(f"{'bare dcmread(stop_before_pixels=True)':40s} {base:7.2f} {args.n / base:9.0f} {1.0:12.2f}")
+        bares = [bare(files) for _ in range(max(1, args.repeat))]
+        rows = []
         targets = [("SQLite", f"sqlite:///{work}/idx.db")]
         if args.pg:
             targets.append(("PostgreSQL", args.pg))
@@ -83,14 +85,26 @@ def main() -> None:
                 _drop_db(db)
         for name, url in targets:
             for labels in (False, True):
-                db = _fresh_db(url) if url.startswith("postgresql") else url.replace("idx.db", f"idx{int(labels)}.db")
-                try:
-                    dt, n = ours(work / f"{name}-{labels}", work / "src", db, labels)
-                finally:
-                    _drop_db(db)
-                assert n == args.n, f"indexed {n} of {args.n}"
-                label = f"index_directory -> {name}{' + labels' if labels else ''}"
-                print(f"{label:40s} {dt:7.2f} {args.n / dt:9.0f} {base / dt:12.2f}")
+                best = None
+                for k in range(max(1, args.repeat)):
+                    db = (_fresh_db(url) if url.startswith("postgresql")
+                          else url.replace("idx.db", f"idx{int(labels)}-{k}.db"))
+                    bares.append(bare(files))
+                    try:
+                        dt, n = ours(work / f"{name}-{labels}-{k}", work / "src", db, labels)
+                    finally:
+                        _drop_db(db)
+                    assert n == args.n, f"indexed {n} of {args.n}"
+                    best = dt if best is None else min(best, dt)
+                dt = best
+                rows.append((f"index_directory -> {name}{' + labels' if labels else ''}", dt))
+        base = min(bares)
+        print(f"{args.n} files of {files[0].stat().st_size / 1e6:.2f} MB; bare loop best of {len(bares)} "
+              f"(slowest {max(bares):.2f} s)")
+        print(f"{'run':40s} {'s':>7s} {'files/s':>9s} {'x bare parse':>12s}")
+        print(f"{'bare dcmread(stop_before_pixels=True)':40s} {base:7.2f} {args.n / base:9.0f} {1.0:12.2f}")
+        for label, dt in rows:
+            print(f"{label:40s} {dt:7.2f} {args.n / dt:9.0f} {base / dt:12.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

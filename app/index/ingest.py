@@ -8,6 +8,7 @@ PostgreSQL. Callers commit (the SCP batcher, the CLI); this module only executes
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import String, select, tuple_
+from sqlalchemy import JSON, String, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.db.models import Instance, Patient, Series, Study
@@ -140,6 +141,36 @@ def _ensure(session: Session, table, key_cols: tuple[str, ...], rows: dict[tuple
     return ids
 
 
+_I_INS = _I_COLS + ("series_pk", "study_pk", "patient_pk")
+_I_JSON = tuple(c.name for c in Instance.__table__.columns if isinstance(c.type, JSON))
+_COPY_INS = ", ".join(_I_INS)
+
+
+def _pg_copy_instances(session: Session, rows: list[dict]) -> set[str]:
+    """PostgreSQL: COPY the rows into a session-temporary table, then one INSERT ... SELECT ... ON CONFLICT
+    DO NOTHING RETURNING (a multi-row INSERT through SQLAlchemy spent ~40 % of its time in psycopg
+    parsing the 8,000-placeholder statement). Same semantics: the SOP Instance UIDs actually inserted."""
+    cur = session.connection().connection.dbapi_connection.cursor()
+    try:
+        # kept for the connection's life (rows deleted at commit); emptied below for a second call in one transaction
+        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS ingest_instances ON COMMIT DELETE ROWS AS "
+                    f"SELECT {_COPY_INS} FROM instances WITH NO DATA")
+        json_idx = [i for i, c in enumerate(_I_INS) if c in _I_JSON]
+        with cur.copy(f"COPY ingest_instances ({_COPY_INS}) FROM STDIN") as copy:
+            for r in rows:
+                vals = [r.get(c) for c in _I_INS]
+                for i in json_idx:  # JSON text as SQLAlchemy's JSON type writes it (None -> JSON null)
+                    vals[i] = json.dumps(vals[i])
+                copy.write_row(vals)
+        cur.execute(f"INSERT INTO instances ({_COPY_INS}) SELECT {_COPY_INS} FROM ingest_instances "
+                    f"ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING sop_instance_uid")
+        inserted = {u for (u,) in cur.fetchall()}
+        cur.execute("DELETE FROM ingest_instances")
+    finally:
+        cur.close()
+    return inserted
+
+
 def ingest(session: Session, records: list[dict], labeler: Labeler | None = None,
            cache: IngestCache | None = None) -> IngestResult:
     """Upsert records (from extract_record); idempotent on SOPInstanceUID. Flushes, never commits.
@@ -236,9 +267,14 @@ def ingest(session: Session, records: list[dict], labeler: Labeler | None = None
                 log.warning("labeler failed for %s: %s", r["sop_instance_uid"], type(exc).__name__)
         row["has_conflict"] = bool(row.get("has_conflict"))
         inst_rows.append(_clip(it.name, row))
-    stmt = _insert(session, it).on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(
-        it.c.sop_instance_uid)
-    inserted = set(session.scalars(stmt, inst_rows).all()) if inst_rows else set()  # all conflicts: no rows
+    if not inst_rows:  # all conflicts: no rows
+        inserted = set()
+    elif session.get_bind().dialect.name == "postgresql":
+        inserted = _pg_copy_instances(session, inst_rows)
+    else:
+        stmt = _insert(session, it).on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(
+            it.c.sop_instance_uid)
+        inserted = set(session.scalars(stmt, inst_rows).all())
     result.inserted_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] in inserted]
     # already indexed (or a concurrent writer won): the row exists, which is what idempotence means
     result.existing_uids = [r["sop_instance_uid"] for r in new if r["sop_instance_uid"] not in inserted]

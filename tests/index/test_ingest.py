@@ -89,6 +89,31 @@ def test_ingest_bulk_is_idempotent(any_ctx):
     assert inst.file_path == "f1-1" and inst.modality == "CR" and inst.has_conflict is False
 
 
+def test_ingest_twice_in_one_transaction_and_after_a_rollback(any_ctx):
+    # PostgreSQL stages instance rows in a per-connection temporary table (COPY): two calls in one
+    # transaction, and a batch after a rolled-back one on the same pooled connection, count as on SQLite
+    recs = _records(2, 4)
+    with any_ctx.sessions() as s:
+        r1 = ingest(s, recs[:5])
+        r2 = ingest(s, recs[3:])
+        s.commit()
+    assert (r1.inserted, r1.existing) == (5, 0)
+    assert sorted(r2.inserted_uids) == sorted(r["sop_instance_uid"] for r in recs[5:])
+    assert sorted(r2.existing_uids) == sorted(r["sop_instance_uid"] for r in recs[3:5])
+    assert counts(any_ctx) == (2, 2, 8, 8)
+    extra = _records(1, 2)
+    with any_ctx.sessions() as s:
+        assert ingest(s, extra).inserted == 2
+        s.rollback()
+    with any_ctx.sessions() as s:
+        r3 = ingest(s, extra + recs[:1])
+        s.commit()
+        # without a labeler the JSON label columns hold JSON null on both backends (as SQLAlchemy writes it)
+        nulls = s.scalar(select(func.count()).select_from(Instance).where(Instance.label_sources.is_(None)))
+    assert (r3.inserted, r3.existing) == (2, 1) and counts(any_ctx) == (2, 3, 10, 10)  # P0 again, a new study
+    assert nulls == 0
+
+
 def test_ingest_applies_labeler_and_survives_its_failures(any_ctx):
     recs = _records(1, 3)
 
