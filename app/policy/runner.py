@@ -157,6 +157,11 @@ class GovernedRunner(RetrievalRunner):
         if self.gate is not None:
             self.gate.check_control()
 
+    def _lanes(self, node) -> int:
+        """Concurrent retrieves of this job: the node's association limit (policy max_associations,
+        shared with every other job on the node through the gate's slots)."""
+        return self.gate.limits.max_associations if self.gate is not None else 1
+
     # --------------------------------------------------------------- per unit
     def _pieces(self, unit: Unit, method: str) -> list[Unit]:
         """Cut a unit at study/series boundaries (when windows need them, and for WADO-RS), and to
@@ -251,6 +256,10 @@ class GovernedRunner(RetrievalRunner):
         return res
 
     def _dicomweb_sink(self, node):
+        with self._handler_lock:  # the job's lanes share one sink and one index batcher
+            return self._make_dicomweb_sink(node)
+
+    def _make_dicomweb_sink(self, node):
         if self._dw_sink is None:
             from app.dicom.scp import IndexBatcher, load_labeler
             from app.dicom.store import DicomStore

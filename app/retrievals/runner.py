@@ -9,8 +9,11 @@ API, a progress bar) sees the job move.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -80,6 +83,17 @@ class Progress:
     to_fetch: int = 0
     units_done: int = 0
     units: int = 0
+
+
+@dataclass
+class _Attempt:
+    """What one lane brought back: the unit, the PACS's final answer or the error it raised, and
+    whether any of the unit's instances arrived meanwhile."""
+
+    unit: Unit
+    result: RetrieveResult | None
+    error: Exception | None
+    progressed: bool
 
 
 @dataclass
@@ -225,6 +239,7 @@ class RetrievalRunner:
         self.progress = Progress(retrieval_id)
         self._batcher = None
         self._store_handler = None
+        self._handler_lock = threading.Lock()
         self._expected: dict[str, ExpectedInstance] = {}
 
     # --------------------------------------------------------------- persistence helpers
@@ -343,84 +358,122 @@ class RetrievalRunner:
                 s.execute(insert(RetrievalItem), rows[i:i + _CHUNK])
             s.commit()
 
+    def _lanes(self, node: PacsNode) -> int:
+        """How many retrieves of this job run at once (the governed runner: the node's policy)."""
+        return 1
+
+    def _attempt(self, client, node: PacsNode, method: str, unit: Unit, st: _State) -> _Attempt:
+        """One retrieve and the wait for its arrivals (a lane's work: network and polling only; the
+        job's bookkeeping stays with the dispatching thread)."""
+        before = sum(1 for u in unit.sops if u in st.arrived)
+        try:
+            res = self._fetch(client, node, method, unit)
+        except DicomError as exc:
+            self._wait_arrivals(unit, st, None, grace=0.0 if isinstance(exc, PermanentDicomError)
+                                else min(2.0, self.ctx.settings.arrival_timeout))
+            return _Attempt(unit, None, exc, sum(1 for u in unit.sops if u in st.arrived) > before)
+        self._wait_arrivals(unit, st, res)
+        return _Attempt(unit, res, None, True)
+
     def _fetch_all(self, client: DicomClient, node: PacsNode, method: str, units: list[Unit], st: _State) -> None:
-        """Every unit in turn; what one unit's failure costs is that unit's instances, never the job
-        (only a PACS that cannot be reached, or a destination it does not know, stops it)."""
-        queue = list(units)
+        """Every unit, over up to `_lanes()` concurrent retrieves (associations); what one unit's failure
+        costs is that unit's instances, never the job (only a PACS that cannot be reached, or a
+        destination it does not know, stops it). Outcomes are handled one at a time, in this thread."""
+        queue: deque[Unit] = deque(units)
+        lanes = max(1, self._lanes(node))
+        pending: dict = {}
         done = 0
         refusals = 0
-        while queue:
-            unit = queue.pop(0)
-            self._check_control()
-            try:
-                res = self._fetch(client, node, method, unit)
-            except PermanentDicomError as exc:
-                status = getattr(exc, "status", None)
-                self._count(st, getattr(exc, "result", None))
-                self._wait_arrivals(unit, st, None, grace=0.0)  # what came before the refusal
-                smaller = _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived})
-                # only a retrieve that cannot be split counts: a batch and its pieces are one piece of data
-                refusals += not smaller
-                # a destination the PACS does not know (a single UID: a list may be what it could not
-                # parse), or every retrieve refused with nothing arriving: stop asking
-                if (status == MOVE_DESTINATION_UNKNOWN and not unit.batched) or \
-                        (refusals >= MAX_REFUSALS and not st.arrived):
-                    st.errors.append(exc.message if refusals < MAX_REFUSALS else
-                                     f"the PACS refused {refusals} retrieves in a row, stopping: {exc.message}")
-                    for u in [unit, *queue]:
-                        st.failed.update({sop: exc.message for sop in u.sops if sop not in st.arrived})
-                    return
-                # a UID list some PACS cannot parse (0xA801 from pynetdicom's qrscp, 0xA900, 0xC000,
-                # 0xC413): per study, then per series, before the unit is declared failed
-                if smaller:
-                    if unit.batched:
-                        self._remember(node, "uid_lists_refused")
-                    log.info("retrieval %s: %s refused (%s); retrying per %s", self.id, unit.describe(),
-                             exc.message, smaller[0].level.lower())
-                    queue[:0] = smaller
-                    self._notify(units=self.progress.units + len(smaller) - 1)
-                    continue
-                self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
-                st.errors.append(f"{unit.describe()}: {exc.message}")
-                self._fail_unit(unit, st, exc.message)
-            except RetriableDicomError as exc:
-                self._count(st, getattr(exc, "result", None))
-                before = len(st.arrived)
-                self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
-                refusals = refusals + 1 if len(st.arrived) == before else 0
-                if getattr(exc, "unreachable", False) or refusals >= MAX_REFUSALS:
-                    # no association at all after the retry layer gave up (or every unit lost in a
-                    # row): the PACS is gone; what did not arrive stays missing for a rerun
-                    st.errors.append(f"PACS unreachable during {unit.describe()}: {exc.message}")
-                    return
-                if unit.batched:  # one study of the batch may be what breaks it: the others, one by one
-                    smaller = _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived})
-                    queue[:0] = smaller
-                    self._notify(units=self.progress.units + len(smaller) - 1)
-                    continue
-                # a status the retry layer gave up on (0xA7xx out of resources), or an association
-                # aborted mid-retrieve: this unit failed, what arrived is kept, the job goes on
-                st.errors.append(f"{unit.describe()}: {exc.message}")
-                self._fail_unit(unit, st, exc.message)
-            else:
-                refusals = 0
-                self._count(st, res)
-                self._wait_arrivals(unit, st, res)
-                self._settle_verified(unit, res, st, node)
-                self._record_subop_failures(unit, res, st)
-                short = {u for u in unit.sops if u not in st.arrived and u not in st.failed}
-                if short and unit.batched:
-                    # a PACS that ignores UID lists: ask again for what did not come, one by one
-                    smaller = _split(unit, st.expected, only=short)
-                    log.info("retrieval %s: %d instance(s) of a batched %s did not arrive; asking per UID",
-                             self.id, len(short), unit.level.lower())
-                    queue[:0] = smaller
-                    self._notify(units=self.progress.units + len(smaller))
-            done += 1
-            self._update(received=len(st.arrived), report=self._report(st))
-            self._notify(units_done=done, received=len(st.arrived))
+        stop: tuple[str, bool] | None = None  # why no more retrieves are sent, and whether the rest failed
+        with ThreadPoolExecutor(lanes, thread_name_prefix=f"retrieval-{self.id}") as pool:
+            while pending or (queue and stop is None):
+                while queue and stop is None and len(pending) < lanes:
+                    self._check_control()
+                    unit = queue.popleft()
+                    pending[pool.submit(self._attempt, client, node, method, unit, st)] = unit
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    pending.pop(fut)
+                    a = fut.result()  # a Cancelled from a lane's wait ends the job here
+                    follow, refusals, why = self._handle(a, node, st, refusals)
+                    queue.extendleft(reversed(follow))
+                    if follow:
+                        self._notify(units=self.progress.units + len(follow) - (a.error is not None))
+                    stop = stop or why
+                    done += 1
+                    self._update(received=len(st.arrived), report=self._report(st))
+                    self._notify(units_done=done, received=len(st.arrived))
+        if stop is not None:
+            why, fail_rest = stop
+            if fail_rest:  # never asked: a refusal that stopped the job is theirs too
+                for u in queue:
+                    st.failed.update({sop: why for sop in u.sops if sop not in st.arrived})
+            return
         if method == "move":
             self._retry_failed_by_get(client, node, st)
+
+    def _handle(self, a: _Attempt, node: PacsNode, st: _State,
+                refusals: int) -> tuple[list[Unit], int, tuple[str, bool] | None]:
+        """One retrieve's outcome: (units to ask next, consecutive refusals, and when the job must
+        stop: why, and whether what was not asked yet counts as failed (a refusal) or stays missing
+        for a rerun (an unreachable PACS))."""
+        unit, exc = a.unit, a.error
+        if isinstance(exc, PermanentDicomError):
+            status = getattr(exc, "status", None)
+            self._count(st, getattr(exc, "result", None))
+            smaller = _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived})
+            # only a retrieve that cannot be split counts: a batch and its pieces are one piece of data
+            refusals += not smaller
+            # a destination the PACS does not know (a single UID: a list may be what it could not
+            # parse), or every retrieve refused with nothing arriving: stop asking
+            if (status == MOVE_DESTINATION_UNKNOWN and not unit.batched) or \
+                    (refusals >= MAX_REFUSALS and not st.arrived):
+                why = exc.message if refusals < MAX_REFUSALS else \
+                    f"the PACS refused {refusals} retrieves in a row, stopping: {exc.message}"
+                st.errors.append(why)
+                st.failed.update({sop: exc.message for sop in unit.sops if sop not in st.arrived})
+                return [], refusals, (exc.message, True)
+            # a UID list some PACS cannot parse (0xA801 from pynetdicom's qrscp, 0xA900, 0xC000,
+            # 0xC413): per study, then per series, before the unit is declared failed
+            if smaller:
+                if unit.batched:
+                    self._remember(node, "uid_lists_refused")
+                log.info("retrieval %s: %s refused (%s); retrying per %s", self.id, unit.describe(),
+                         exc.message, smaller[0].level.lower())
+                return smaller, refusals, None
+            self._wait_arrivals(unit, st, None, grace=min(2.0, self.ctx.settings.arrival_timeout))
+            st.errors.append(f"{unit.describe()}: {exc.message}")
+            self._fail_unit(unit, st, exc.message)
+            return [], refusals, None
+        if isinstance(exc, RetriableDicomError):
+            self._count(st, getattr(exc, "result", None))
+            refusals = 0 if a.progressed else refusals + 1
+            if getattr(exc, "unreachable", False) or refusals >= MAX_REFUSALS:
+                # no association at all after the retry layer gave up (or every unit lost in a
+                # row): the PACS is gone; what did not arrive stays missing for a rerun
+                why = f"PACS unreachable during {unit.describe()}: {exc.message}"
+                st.errors.append(why)
+                return [], refusals, (why, False)
+            if unit.batched:  # one study of the batch may be what breaks it: the others, one by one
+                return _split(unit, st.expected, only={u for u in unit.sops if u not in st.arrived}), refusals, None
+            # a status the retry layer gave up on (0xA7xx out of resources), or an association
+            # aborted mid-retrieve: this unit failed, what arrived is kept, the job goes on
+            st.errors.append(f"{unit.describe()}: {exc.message}")
+            self._fail_unit(unit, st, exc.message)
+            return [], refusals, None
+        if exc is not None:
+            raise exc
+        res = a.result
+        self._count(st, res)
+        self._settle_verified(unit, res, st, node)
+        self._record_subop_failures(unit, res, st)
+        short = {u for u in unit.sops if u not in st.arrived and u not in st.failed}
+        if short and unit.batched:
+            # a PACS that ignores UID lists: ask again for what did not come, one by one
+            log.info("retrieval %s: %d instance(s) of a batched %s did not arrive; asking per UID",
+                     self.id, len(short), unit.level.lower())
+            return _split(unit, st.expected, only=short), 0, None
+        return [], 0, None
 
     def _record_subop_failures(self, unit: Unit, res: RetrieveResult, st: _State, prefix: str = "") -> int:
         """Failed sub-operations: the instances the PACS names (or, without a list, every one that
@@ -522,6 +575,10 @@ class RetrievalRunner:
 
     def _get_handler(self, node: PacsNode):
         """C-GET arrivals go through the Storage SCP's own handler into the same store and index."""
+        with self._handler_lock:  # lanes of one job share one handler and one index batcher
+            return self._make_get_handler(node)
+
+    def _make_get_handler(self, node: PacsNode):
         if self._store_handler is None:
             from app.dicom.scp import IndexBatcher, load_labeler, make_store_handler, refusal_recorder
             from app.dicom.store import DicomStore

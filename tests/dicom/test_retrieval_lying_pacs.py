@@ -98,8 +98,9 @@ def test_unknown_destination_a801_stops_at_once(ctx, fake_pacs):
     mode["move"] = "unknown"
     r = _run(ctx, port)
     # a refused UID list may be a list the PACS cannot parse (pynetdicom's qrscp answers 0xA801):
-    # asked once per study; 0xA801 for a single study is an unknown destination: no retry, no series
-    assert moves == ["STUDY", "STUDY"]
+    # asked once per study (both at once, over the node's two lanes); 0xA801 for a single study is an
+    # unknown destination: no retry, no series
+    assert moves == ["STUDY", "STUDY", "STUDY"]
     assert (r.status, r.failed, len(r.missing)) == ("failed", 3, 3)
     assert "0xA801" in r.error and "destination" in r.error
 
