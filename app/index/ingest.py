@@ -60,10 +60,9 @@ _LEN = {t.name: _lengths(t) for t in (Patient.__table__, Study.__table__, Series
 
 def _clip(table_name: str, row: dict) -> dict:
     """Truncate text to the column width (PostgreSQL refuses longer values; SQLite would keep them)."""
-    lens = _LEN[table_name]
-    for k, v in row.items():
-        n = lens.get(k)
-        if n and isinstance(v, str) and len(v) > n:
+    for k, n in _LEN[table_name].items():  # the sized text columns only: fewer than the row's keys
+        v = row.get(k)
+        if isinstance(v, str) and len(v) > n:
             row[k] = v[:n]
     return row
 
