@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -21,7 +22,8 @@ class Settings(BaseSettings):
     ae_title: str = Field("RADCOHORT", max_length=16, description="our AE title (calling and SCP)")
     scp_host: str = "127.0.0.1"
     scp_port: int = Field(11112, ge=1, le=65535)
-    scp_processes: int = Field(1, ge=1, le=64, description="Storage SCP receiving processes")
+    scp_processes: int | None = Field(None, ge=1, le=64, description="Storage SCP receiving processes "
+                                      "(default: one per core; associations of one process share a GIL)")
     scp_check_host: bool = Field(False, description="also require the peer host to match the node")
     scp_tls_cert: Path | None = Field(None, description="PEM certificate (chain): the SCP speaks TLS only")
     scp_tls_key: Path | None = Field(None, description="PEM private key of scp_tls_cert")
@@ -59,7 +61,12 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(2.0, gt=0)
     worker_gpus: int | None = Field(None, description="GPUs for one job (torchrun); all when unset")
     predict_max_upload_mb: int = Field(512, ge=1, description="largest DICOM accepted by /predict, in MB")
-    predict_timeout_s: float = Field(300.0, gt=0, description="time limit of one prediction subprocess")
+    predict_timeout_s: float = Field(300.0, gt=0, description="time limit of one prediction (loading the model "
+                                     "included on a cold start, waiting behind other requests included): 504 past it")
+    predict_idle_s: float = Field(600.0, ge=0, description="seconds a model's predictor process stays loaded after "
+                                  "its last prediction (0: a fresh process per request)")
+    predict_max_models: int = Field(4, ge=1, description="models the API keeps loaded at once (one predictor "
+                                    "process each; the least recently used is closed first)")
     log_level: str = "INFO"
 
     @field_validator("ae_title")
@@ -104,6 +111,11 @@ class Settings(BaseSettings):
         from app.tokens import parse_tokens
 
         return parse_tokens(self.api_tokens)
+
+    @property
+    def scp_process_count(self) -> int:
+        """Receiving processes of `serve`/`scp`: as configured, else one per core (at most 8)."""
+        return self.scp_processes or max(1, min(8, os.cpu_count() or 1))
 
     @property
     def store_dir(self) -> Path:

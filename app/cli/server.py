@@ -111,7 +111,7 @@ def register(cli: typer.Typer) -> None:
         overrides = _overrides(ae_title, host, port)
         settings = get_settings(**overrides)
         upgrade(settings.database_url)
-        n = processes or settings.scp_processes
+        n = processes or settings.scp_process_count
         typer.echo(f"Storage SCP {settings.ae_title} on {settings.scp_host}:{settings.scp_port} ({n} process(es))")
         if n > 1:
             procs = ScpProcesses(settings, n, overrides, fsync=fsync, chunked=chunked).start()
@@ -149,7 +149,7 @@ def register(cli: typer.Typer) -> None:
         ctx = AppContext.build(settings)
         server = procs = None
         if not no_scp:
-            n = scp_processes or settings.scp_processes
+            n = scp_processes or settings.scp_process_count
             if n > 1:
                 procs = ScpProcesses(settings, n, chunked=chunked).start()
             else:

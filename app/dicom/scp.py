@@ -36,9 +36,10 @@ import logging
 import os
 import queue
 import selectors
-import tempfile
+import signal
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -1252,7 +1253,8 @@ def _serve_handoffs(server: ThreadedAssociationServer, channel: socket.socket) -
             msg, fds, _flags, _addr = socket.recv_fds(channel, 1024, 1)
         except OSError:
             break
-        if not msg and not fds:  # the dispatcher closed the channel
+        if not msg and not fds:  # the dispatcher closed the channel: its process is gone, so is our work
+            os.kill(os.getpid(), signal.SIGTERM)
             break
         for fd in fds:
             conn = socket.socket(fileno=fd)
