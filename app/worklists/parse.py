@@ -122,10 +122,13 @@ def _table(data: bytes, filename: str | None) -> list[list[str]]:
     except csv.Error:
         dialect = csv.excel
     rows = []
-    for r in csv.reader(io.StringIO(text), dialect):
-        rows.append(r)
-        if len(rows) > MAX_ROWS + 1:
-            break
+    try:
+        for r in csv.reader(io.StringIO(text, newline=""), dialect):
+            rows.append(r)
+            if len(rows) > MAX_ROWS + 1:
+                break
+    except csv.Error as exc:
+        raise FileRefused(f"file: not readable as CSV near line {len(rows) + 1} ({exc})", status_code=422) from exc
     return rows
 
 

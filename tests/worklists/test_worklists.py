@@ -223,3 +223,10 @@ def test_cli_upload_show(app_ctx, tmp_path, monkeypatch):
     assert "SECRET9" in res.output
     res = CliRunner().invoke(cli, ["worklist", "retrieve", wid])
     assert res.exit_code == 2 and "resolve it" in res.output
+
+
+def test_csv_with_stray_carriage_returns_and_broken_quotes(api):
+    r = _up(api, b"StudyInstanceUID\r\n1.2.3\r\n1.2.4\r1.2.5\n")
+    assert r.status_code == 201 and r.json()["rows"] == 3
+    r = _up(api, b'StudyInstanceUID,Description\n1.2.3,"x\r\ny\n')
+    assert r.status_code in (201, 422) and r.json()
