@@ -90,4 +90,22 @@ def register(cli: typer.Typer) -> None:
         finally:
             ctx.close()
 
+    @export.command("delete")
+    def delete(export_id: int) -> None:
+        """Remove an export's archive from the server (shared data should not linger); audited."""
+        from app.context import AppContext
+        from app.db.base import session_scope
+        from app.errors import RadcohortError
+        from app.exports import service
+
+        ctx = AppContext.build(get_settings())
+        try:
+            with session_scope(ctx.sessions) as s:
+                service.delete_archive(s, ctx.settings.data_dir, export_id, ACTOR)
+        except RadcohortError as exc:
+            _fail(exc.message)
+        finally:
+            ctx.close()
+        typer.echo(f"export {export_id}: files removed")
+
     cli.add_typer(export, name="export")

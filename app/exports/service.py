@@ -12,9 +12,10 @@ import csv
 import io
 import json
 import logging
+import os
 import shutil
+import socket
 import tarfile
-import threading
 import time
 import zipfile
 from collections import Counter
@@ -24,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import audit
 from app.cohorts.service import training_items
+from app.db.base import session_scope
 from app.db.models import Cohort, Export
-from app.errors import Conflict, InvalidInput, NotFound, RadcohortError
+from app.errors import Conflict, InvalidInput, NotFound
 
 log = logging.getLogger("radcohort.exports")
 
@@ -84,7 +85,7 @@ def create_export(session: Session, cohort_id: int, params: dict[str, Any], *, a
     if session.get(Cohort, cohort_id) is None:
         raise NotFound(f"cohort {cohort_id} not found")
     exp = Export(cohort_id=cohort_id, format=p["format"], params=p, status="queued", done=0, total=0,
-                 report={}, actor=actor)
+                 report={"runner": _runner()}, actor=actor)
     session.add(exp)
     session.flush()
     audit.record(session, actor, "export.create", target=f"export:{exp.id}", cohort=cohort_id, format=p["format"],
@@ -104,10 +105,35 @@ def view(exp: Export) -> dict:
 
 
 def get_export(session: Session, export_id: int) -> Export:
+    """The export; one whose process died before finishing is marked failed (it cannot resume)."""
     exp = session.get(Export, export_id)
     if exp is None:
         raise NotFound(f"export {export_id} not found")
+    if exp.status in ("queued", "running") and not _alive((exp.report or {}).get("runner")):
+        exp.status, exp.error = "failed", "interrupted: the process running it stopped; start a new export"
+        exp.finished_at = datetime.now(timezone.utc)
+        session.flush()
     return exp
+
+
+def _runner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(runner: str | None) -> bool:
+    """Whether the process `host:pid` still runs (always assumed for another host: we cannot tell)."""
+    if not runner or ":" not in runner:
+        return True
+    host, _, pid = runner.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
 
 
 def archive_for_download(session: Session, data_dir: Path, exp: Export, *, actor: str) -> tuple[Path, str]:
@@ -124,6 +150,17 @@ def archive_for_download(session: Session, data_dir: Path, exp: Export, *, actor
     return path, "application/zip" if path.suffix == ".zip" else "application/x-tar"
 
 
+def delete_archive(session: Session, data_dir: Path, export_id: int, actor: str) -> None:
+    """Remove a finished export's files from the server (the row and its audit trail stay)."""
+    exp = get_export(session, export_id)
+    if exp.status in ("queued", "running"):
+        raise Conflict(f"export {export_id} is {exp.status}")
+    shutil.rmtree(data_dir / "exports" / str(export_id), ignore_errors=True)
+    exp.status, exp.archive_path = "deleted", None
+    audit.record(session, actor, "export.delete", target=f"export:{export_id}", cohort=exp.cohort_id)
+    session.flush()
+
+
 # ---------------------------------------------------------------- running an export
 class _Progress:
     """Writes done/total to the row at most every half second (one short transaction each)."""
@@ -136,15 +173,9 @@ class _Progress:
         if not force and now - self.last < 0.5:
             return
         self.last = now
-        with sessions_scope(self.sessions) as s:
+        with session_scope(self.sessions) as s:
             exp = s.get(Export, self.export_id)
             exp.done, exp.total = done, self.total
-
-
-def sessions_scope(sessions):
-    from app.db.base import session_scope
-
-    return session_scope(sessions)
 
 
 def _resolve(store_dir: Path, file_path: str | None) -> Path | None:
@@ -158,7 +189,7 @@ def run_export(ctx, export_id: int, target: Path | None = None) -> dict:
     """Build export `export_id`: files under a work folder, then the archive (or, with `target`, the
     files written to that folder and no archive). Marks the row running -> done|failed; returns the report."""
     settings = ctx.settings
-    with sessions_scope(ctx.sessions) as s:
+    with session_scope(ctx.sessions) as s:
         exp = s.get(Export, export_id)
         exp.status = "running"
         params, cohort_id = dict(exp.params), exp.cohort_id
@@ -181,9 +212,10 @@ def run_export(ctx, export_id: int, target: Path | None = None) -> dict:
             _pack(work, archive, params["archive"])
             shutil.rmtree(work, ignore_errors=True)
             archive_rel = str(archive.relative_to(settings.data_dir))
-        with sessions_scope(ctx.sessions) as s:
+        with session_scope(ctx.sessions) as s:
             exp = s.get(Export, export_id)
-            exp.status, exp.report, exp.archive_path = "done", report, archive_rel
+            exp.status, exp.archive_path = "done", archive_rel
+            exp.report = {**report, "runner": (exp.report or {}).get("runner")}
             exp.done, exp.total = len(items), len(items)
             exp.finished_at = datetime.now(timezone.utc)
             audit.record(s, exp.actor or "cli", "export.done", target=f"export:{export_id}", cohort=cohort_id,
@@ -192,7 +224,7 @@ def run_export(ctx, export_id: int, target: Path | None = None) -> dict:
     except Exception as exc:
         # the message names the failing step, never a header value (none is put in our messages)
         log.exception("export %s failed", export_id)
-        with sessions_scope(ctx.sessions) as s:
+        with session_scope(ctx.sessions) as s:
             exp = s.get(Export, export_id)
             exp.status, exp.error = "failed", f"{type(exc).__name__}: {exc}"[:500]
             exp.finished_at = datetime.now(timezone.utc)
@@ -445,7 +477,6 @@ class ExportManager:
     def __init__(self, ctx):
         self.ctx = ctx
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export")
-        self._lock = threading.Lock()
 
     def submit(self, export_id: int) -> None:
         self.pool.submit(self._run, export_id)
@@ -458,14 +489,3 @@ class ExportManager:
 
     def shutdown(self, wait: bool = False) -> None:
         self.pool.shutdown(wait=wait, cancel_futures=True)
-
-
-def get_manager(ctx) -> ExportManager:
-    m = ctx.extras.get("exports")
-    if m is None:
-        m = ctx.extras["exports"] = ExportManager(ctx)
-        # exports a stopped process left behind cannot resume (their work folder is partial): say so
-        with sessions_scope(ctx.sessions) as s:
-            for exp in s.scalars(select(Export).where(Export.status.in_(("queued", "running")))):
-                exp.status, exp.error = "failed", "interrupted by a server restart; start a new export"
-    return m

@@ -120,3 +120,27 @@ def test_cli_export_to_a_folder(export_env, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "format" in res.output
     res = CliRunner().invoke(cli, ["export", "list"])
     assert res.exit_code == 0 and "png" in res.output
+    # an archive made by the API, then removed from the server by the operator
+    done, dl = _run(client, cid, format="npy", image_size=16)
+    archive = ctx.settings.data_dir / "exports" / str(done["id"])
+    assert archive.is_dir()
+    res = CliRunner().invoke(cli, ["export", "delete", str(done["id"])])
+    assert res.exit_code == 0, res.output
+    assert not archive.exists()
+    assert client.get(f"/api/v1/exports/{done['id']}/download", headers=H["exporter"]).status_code == 409
+
+
+def test_an_export_whose_process_died_reads_failed(export_env):
+    import socket
+
+    from app.db.models import Export
+
+    client, ctx, cid, _ids, _orig = export_env
+    with ctx.sessions() as s:
+        e = Export(cohort_id=cid, format="png", params={"format": "png"}, status="running", done=3, total=10,
+                   report={"runner": f"{socket.gethostname()}:999999999"}, actor="token:exporter")
+        s.add(e)
+        s.commit()
+        eid = e.id
+    body = client.get(f"/api/v1/exports/{eid}", headers=H["exporter"]).json()
+    assert body["status"] == "failed" and "interrupted" in body["error"]
