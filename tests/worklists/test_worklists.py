@@ -163,6 +163,15 @@ def test_resolve_then_retrieve_against_orthanc(api, app_ctx, orthanc_factory, tm
     assert rows[7]["status"] == "invalid"
     assert body["counts"] == {"ambiguous": 1, "found": 2, "not_found": 2, "invalid": 1}
     assert api.get("/api/v1/instances", headers=HA).json()["total"] == 0
+    # a StudyInstanceUID worklist: rows without filters go by UID list matching, a hundred per C-FIND
+    uid_csv = "StudyInstanceUID,StudyDate\n" + "".join(f"{st.study_uid},\n" for st in s1) + \
+        "1.2.3.999,\n" + f"{s2[0].study_uid},19990101\n{s2[0].study_uid},20150101\n"
+    uw = _up(api, uid_csv, headers=HP).json()
+    assert api.post(f"/api/v1/worklists/{uw['id']}/resolve", json={"node": "pacs"}, headers=HP).status_code == 202
+    ub = _wait(api, uw["id"])
+    urows = {x["row"]: x for x in ub["rows"]}
+    assert [urows[i]["status"] for i in range(2, 8)] == ["found"] * 3 + ["not_found", "not_found", "found"]
+    assert urows[2]["studies"] == [s1[0].study_uid] and urows[7]["studies"] == [s2[0].study_uid]
     with StorageSCP(app_ctx):
         r = api.post(f"/api/v1/worklists/{wl['id']}/retrieve", headers=HA)
         assert r.status_code == 202, r.text
