@@ -104,6 +104,18 @@ def view(exp: Export) -> dict:
             "created_at": exp.created_at, "finished_at": exp.finished_at}
 
 
+def list_exports(session: Session, limit: int, offset: int, *, identified: bool) -> tuple[int, list[dict]]:
+    """(total, newest first page); without `identified`, exports of identified output are left out."""
+    from sqlalchemy import func, select
+
+    q = select(Export)
+    if not identified:
+        q = q.where(Export.format.not_in(sorted(IDENTIFIED_FORMATS)))
+    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = session.scalars(q.order_by(Export.id.desc()).limit(limit).offset(offset))
+    return total, [view(e) for e in rows]
+
+
 def get_export(session: Session, export_id: int) -> Export:
     """The export; one whose process died before finishing is marked failed (it cannot resume)."""
     exp = session.get(Export, export_id)

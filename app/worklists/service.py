@@ -55,6 +55,16 @@ def store(session: Session, parsed: ParsedWorklist, filename: str | None, actor:
             "warnings": parsed.warnings}
 
 
+def list_worklists(session: Session, limit: int, offset: int) -> tuple[int, list[dict]]:
+    """(total, newest first page) with the counts per row status kept in the summary."""
+    total = session.scalar(select(func.count()).select_from(Worklist)) or 0
+    items = [{"id": w.id, "filename": w.filename, "key_type": w.key_type, "status": w.status, "node": w.node_name,
+              "total": w.row_count, "counts": (w.summary or {}).get("counts", {}), "retrieval_id": w.retrieval_id,
+              "created_at": w.created_at}
+             for w in session.scalars(select(Worklist).order_by(Worklist.id.desc()).limit(limit).offset(offset))]
+    return total, items
+
+
 def get_worklist(session: Session, worklist_id: int) -> Worklist:
     wl = session.get(Worklist, worklist_id)
     if wl is None:

@@ -206,3 +206,6 @@ def test_scopes_and_audit(export_env):
     assert created[-1][0] == "token:ident" and created[-1][3]["profile"] == "identified" \
         and created[-1][3]["cohort"] == cid
     assert any(e[1] == "export.download" and e[0] == "token:ident" for e in events)
+    # the list leaves identified exports out for a token that may not read them
+    assert done["id"] not in [e["id"] for e in client.get("/api/v1/exports", headers=H["exporter"]).json()["items"]]
+    assert done["id"] in [e["id"] for e in client.get("/api/v1/exports", headers=H["ident"]).json()["items"]]

@@ -239,3 +239,11 @@ def test_csv_with_stray_carriage_returns_and_broken_quotes(api):
     assert r.status_code == 201 and r.json()["rows"] == 3
     r = _up(api, b'StudyInstanceUID,Description\n1.2.3,"x\r\ny\n')
     assert r.status_code in (201, 422) and r.json()
+
+
+def test_list_worklists(api):
+    a = _up(api, "StudyInstanceUID\n1.2.3\nbad\n", headers=HP).json()
+    b = _up(api, "StudyInstanceUID\n1.2.4\n", headers=HP).json()
+    body = api.get("/api/v1/worklists", headers=HP).json()
+    assert body["total"] == 2 and [i["id"] for i in body["items"]] == [b["id"], a["id"]]
+    assert body["items"][1]["counts"] == {"pending": 1, "invalid": 1}

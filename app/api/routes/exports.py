@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,6 +80,20 @@ def create_export(cohort_id: int, body: ExportIn, request: Request, background: 
     # submitted after the response, when the request's session has committed the row
     background.add_task(lambda: ctx.shared("exports", lambda: service.ExportManager(ctx)).submit(exp.id))
     return out
+
+
+class ExportList(BaseModel):
+    total: int
+    items: list[ExportOut]
+
+
+@router.get("/exports", response_model=ExportList)
+def list_exports(request: Request, session: SessionDep, limit: int = Query(100, ge=1, le=1000),
+                 offset: int = Query(0, ge=0)):
+    """Newest first (identified exports only for tokens with export-identified)."""
+    total, items = service.list_exports(session, limit, offset,
+                                        identified="export-identified" in _scopes(request))
+    return ExportList(total=total, items=items)
 
 
 @router.get("/exports/{export_id}", response_model=ExportOut, responses={404: {"description": "unknown export"}})

@@ -96,6 +96,30 @@ def upload(request: Request, ctx: CtxDep, session: SessionDep, actor: ActorDep,
     return service.store(session, parsed, file.filename, actor)
 
 
+class WorklistSummary(BaseModel):
+    id: int
+    filename: str | None
+    key_type: str
+    status: str
+    node: str | None
+    total: int
+    counts: dict[str, int]
+    retrieval_id: int | None
+    created_at: datetime | None
+
+
+class WorklistList(BaseModel):
+    total: int
+    items: list[WorklistSummary]
+
+
+@router.get("", response_model=WorklistList)
+def list_worklists(session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+    """Newest first, without their rows."""
+    total, items = service.list_worklists(session, limit, offset)
+    return WorklistList(total=total, items=items)
+
+
 @router.get("/{worklist_id}", response_model=WorklistOut, responses={404: {"description": "unknown worklist"}})
 def get_worklist(worklist_id: int, request: Request, session: SessionDep,
                  limit: int | None = Query(None, ge=1, le=100_000), offset: int = Query(0, ge=0)):
