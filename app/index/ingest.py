@@ -2,12 +2,15 @@
 
 Core statements only (no ORM objects per row): one SELECT per level and batch for the keys
 already present, one executemany INSERT ... ON CONFLICT DO NOTHING for the missing ones, then
-one SELECT for their ids. Safe against concurrent writers (other SCP processes) on SQLite and
-PostgreSQL. Callers commit (the SCP batcher, the CLI); this module only executes.
+one SELECT for their ids; instance rows (labels computed in the same loop) go in by one
+INSERT ... ON CONFLICT DO NOTHING RETURNING, fed by COPY on PostgreSQL. Safe against concurrent
+writers (other SCP processes) on SQLite and PostgreSQL. Callers commit (the SCP batcher, the
+CLI); this module only executes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -143,6 +146,9 @@ def _ensure(session: Session, table, key_cols: tuple[str, ...], rows: dict[tuple
 _I_INS = _I_COLS + ("series_pk", "study_pk", "patient_pk")
 _I_JSON = tuple(c.name for c in Instance.__table__.columns if isinstance(c.type, JSON))
 _COPY_INS = ", ".join(_I_INS)
+# the staging table outlives a transaction on a pooled connection: its name follows the column list,
+# so a process whose models gained a column never COPYs into an older one
+_TMP = "ingest_instances_" + hashlib.sha1(_COPY_INS.encode()).hexdigest()[:10]
 
 
 def _pg_copy_instances(session: Session, rows: list[dict]) -> set[str]:
@@ -152,19 +158,19 @@ def _pg_copy_instances(session: Session, rows: list[dict]) -> set[str]:
     cur = session.connection().connection.dbapi_connection.cursor()
     try:
         # kept for the connection's life (rows deleted at commit); emptied below for a second call in one transaction
-        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS ingest_instances ON COMMIT DELETE ROWS AS "
+        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_TMP} ON COMMIT DELETE ROWS AS "
                     f"SELECT {_COPY_INS} FROM instances WITH NO DATA")
         json_idx = [i for i, c in enumerate(_I_INS) if c in _I_JSON]
-        with cur.copy(f"COPY ingest_instances ({_COPY_INS}) FROM STDIN") as copy:
+        with cur.copy(f"COPY {_TMP} ({_COPY_INS}) FROM STDIN") as copy:
             for r in rows:
                 vals = [r.get(c) for c in _I_INS]
                 for i in json_idx:  # JSON text as SQLAlchemy's JSON type writes it (None -> JSON null)
                     vals[i] = json.dumps(vals[i])
                 copy.write_row(vals)
-        cur.execute(f"INSERT INTO instances ({_COPY_INS}) SELECT {_COPY_INS} FROM ingest_instances "
+        cur.execute(f"INSERT INTO instances ({_COPY_INS}) SELECT {_COPY_INS} FROM {_TMP} "
                     f"ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING sop_instance_uid")
         inserted = {u for (u,) in cur.fetchall()}
-        cur.execute("DELETE FROM ingest_instances")
+        cur.execute(f"DELETE FROM {_TMP}")
     finally:
         cur.close()
     return inserted
