@@ -50,9 +50,9 @@ def seed_identifiers(path: Path, i: int) -> list[str]:
 
 
 @pytest.fixture
-def export_env(tmp_path):
-    """(client, ctx, cohort id, identifiers, {sop uid: original path})."""
-    settings = make_settings(tmp_path, api_tokens=TOKENS)
+def export_env(tmp_path, db_url):
+    """(client, ctx, cohort id, identifiers, {sop uid: original path}); SQLite and PostgreSQL."""
+    settings = make_settings(tmp_path, db_url, api_tokens=TOKENS)
     for ctx in _migrated_ctx(settings):
         gen = settings.store_dir / "syn"
         generate(gen, per_class=2, seed=7, taxonomy="xr10", size="64x64", workers=1, syntaxes=["explicit"])

@@ -25,8 +25,8 @@ HA, HP = {"Authorization": f"Bearer {ADMIN}"}, {"Authorization": f"Bearer {PLAIN
 
 
 @pytest.fixture
-def app_ctx(tmp_path):
-    s = make_settings(tmp_path, api_tokens=TOKENS, dicom_timeout=5.0, dicom_retries=0, arrival_timeout=5.0)
+def app_ctx(tmp_path, db_url):
+    s = make_settings(tmp_path, db_url, api_tokens=TOKENS, dicom_timeout=5.0, dicom_retries=0, arrival_timeout=5.0)
     yield from _migrated_ctx(s)
 
 
