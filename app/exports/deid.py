@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-METHOD = "radcohort research export: PS3.15 Annex E Basic Profile (dicognito {version}); " \
-         "Retain Longitudinal Modified Dates; Retain Patient Characteristics; Clean Descriptors"
+# DeidentificationMethod (LO, VM 1-n: each value at most 64 characters)
+METHOD = ("PS3.15 Annex E Basic Application Confidentiality Profile",
+          "Retain Longitudinal Temporal Information Modified Dates",
+          "Retain Patient Characteristics", "Clean Descriptors")
 
 # CID 7050 De-identification Method (DCM codes): the profile and the options applied
 CODES = (
@@ -145,17 +147,16 @@ class Deidentifier:
         ds.PatientBirthDate = ""  # not a patient characteristic Annex E retains (age is)
         if "PatientBirthTime" in ds:
             del ds.PatientBirthTime
-        ds.PatientIdentityRemoved = "YES"
+        # burned-in text may still name the patient: such a (flagged) instance does not claim YES
+        ds.PatientIdentityRemoved = "NO" if flagged else "YES"
         ds.LongitudinalTemporalInformationModified = "MODIFIED"
-        ds.DeidentificationMethod = METHOD.format(version=self.version)[:64]
+        ds.DeidentificationMethod = [*METHOD, f"dicognito {self.version}"[:64]]
         codes = []
         for value, meaning in CODES:
             item = Dataset()
             item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
             codes.append(item)
         ds.DeidentificationMethodCodeSequence = Sequence(codes)
-        if flagged and "BurnedInAnnotation" not in ds:
-            ds.BurnedInAnnotation = "YES" if "burned_in_annotation" in flagged else ""
         return DeidResult(ds, flagged=flagged)
 
 
@@ -173,21 +174,19 @@ def _derive_age(ds: Dataset) -> None:
 
 
 def _identifiers(ds: Dataset) -> list[str]:
-    """The patient's own identifying strings in this dataset (to cut out of descriptions)."""
-    out = []
-    for kw in ("PatientID", "AccessionNumber", "StudyID", "OtherPatientIDs", "InstitutionName"):
-        v = ds.get(kw)
-        if v:
-            out.extend(str(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__")
-                                        and not isinstance(v, str) else [v]))
-    for kw in ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName"):
-        v = ds.get(kw)
-        if v:
-            for name in (v if not isinstance(v, str) and hasattr(v, "__iter__") and not hasattr(v, "components")
-                         else [v]):
-                text = str(name)
-                out.append(text)
-                out.extend(p for p in re.split(r"[\^= ]+", text) if len(p) >= 3)
+    """The patient's own identifying strings in this dataset (to cut out of descriptions), longest first."""
+    out: list[str] = []
+    for kw in ("PatientID", "AccessionNumber", "StudyID", "OtherPatientIDs", "InstitutionName", "PatientName",
+               "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName"):
+        el = ds.get(kw)
+        if el is None:
+            continue
+        values = list(el) if isinstance(el, (list, tuple)) or type(el).__name__ == "MultiValue" else [el]
+        for v in values:
+            text = str(v)
+            out.append(text)
+            if kw.endswith("Name"):
+                out.extend(p for p in re.split(r"[\^= ]+", text))  # each name component on its own
     return sorted({s.strip() for s in out if s and len(s.strip()) >= 3}, key=len, reverse=True)
 
 

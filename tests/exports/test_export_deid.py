@@ -72,6 +72,7 @@ def test_deid_export_leaks_no_seeded_identifier(export_env, tmp_path):
         assert ds.PatientID in cohort_keys and len(ds.PatientID) == 64
         assert not [t for t in ds.keys() if t.is_private]
         assert ds.PatientIdentityRemoved == "YES"
+        assert "PS3.15 Annex E Basic Application Confidentiality Profile" in ds.DeidentificationMethod
         assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
         codes = {c.CodeValue for c in ds.DeidentificationMethodCodeSequence}
         assert codes == {"113100", "113105", "113107", "113108"}
@@ -173,7 +174,10 @@ def test_burned_in_excluded_or_flagged(export_env):
     rows = list(csv.DictReader(io.StringIO(z2.read("flagged.csv").decode())))
     assert sorted(r["reason"] for r in rows) == sorted(["burned_in_annotation"] * yes + ["burned_in_unknown"])
     for r in rows:
-        assert r["file"] in z2.namelist()
+        flagged_ds = pydicom.dcmread(io.BytesIO(z2.read(r["file"])))
+        assert flagged_ds.PatientIdentityRemoved == "NO"  # burned-in text may still name the patient
+    others = [n for n in z2.namelist() if n.endswith(".dcm") and n not in {r["file"] for r in rows}]
+    assert others and all(pydicom.dcmread(io.BytesIO(z2.read(n))).PatientIdentityRemoved == "YES" for n in others)
     card = json.loads(z2.read("dataset_card.json"))
     assert card["flagged"] == done2["flagged"] and card["deidentification"]["burned_in_text"].startswith("flag")
 
