@@ -3,6 +3,11 @@
 
     .venv/bin/python bench/bench_scp.py --n 400          # issue 2's benchmark (1275x1020 16-bit CR)
     .venv/bin/python bench/bench_scp.py --n 60 --moves 2 --processes 2
+    .venv/bin/python bench/bench_scp.py --n 400 --studies 20 --retrieval-only   # issue 16's target
+
+`--retrieval-only`: one radcohort retrieval (hierarchical verified listing, then the study units over
+`--moves` concurrent C-MOVEs into `radcohort scp --processes N`) against the textbook SCP receiving the
+same instances over one C-MOVE, and a discard-only receiver fed by the same number of concurrent moves.
 
 Prints instances/s, MB/s and ratios. Our SCP runs as `radcohort scp` (fsync per file, index row
 committed before Success; variants without fsync / without chunked receive); the baselines
@@ -211,6 +216,53 @@ def run_ours(work: Path, orthanc: OrthancServer, port: int, processes: int, db_u
     return dt, count_files(data / "store"), rows
 
 
+def run_retrieval(work: Path, orthanc: OrthancServer, port: int, processes: int, moves: int) -> tuple[float, int, str]:
+    """One radcohort retrieval of everything CR on the Orthanc, end to end (listing included), with the
+    node's policy allowing `moves` associations; our SCP in its own processes. (seconds, received, status)"""
+    from app.config import Settings
+    from app.context import AppContext
+    from app.db.migrate import upgrade
+    from app.probe.service import probe_and_store
+    from app.retrievals.nodes import create_node
+    from app.retrievals.runner import run_retrieval
+    from app.retrievals.schemas import NodeIn
+    from app.retrievals.service import create_retrieval
+
+    data = work / f"retrieval-{processes}-{moves}"
+    settings = Settings(data_dir=data, database_url=f"sqlite:///{data}/radcohort.db", scp_port=port,
+                        pseudonym_key="bench", arrival_timeout=30.0, _env_file=None)
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    ctx = AppContext.build(settings)
+    with ctx.sessions() as s:
+        node = create_node(s, NodeIn(name="orthanc", ae_title=orthanc.aet, host="127.0.0.1",
+                                     port=orthanc.dicom_port, retrieve_method="move"), "bench")
+        node.options = {"policy": {"max_associations": moves}}
+        s.commit()
+        # as a user would: the node probed once (what it honours, whether IMAGE level needs the series)
+        probe_and_store(s, settings, node, "bench")
+        node.options = {**(node.options or {}), "policy": {"max_associations": moves}}
+        rid = create_retrieval(s, "orthanc", {"ModalitiesInStudy": "CR"}, "bench").id
+        s.commit()
+    env = dict(os.environ, RADCOHORT_DATABASE_URL=settings.database_url, RADCOHORT_DATA_DIR=str(data),
+               RADCOHORT_SCP_PORT=str(port), RADCOHORT_PSEUDONYM_KEY="bench", RADCOHORT_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen([RADCOHORT, "scp", "--processes", str(processes)], env=env, cwd=work)
+    try:
+        wait_port(port)
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        r = run_retrieval(ctx, rid)
+        dt = time.perf_counter() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        ctx.close()
+    rep = r.report or {}
+    print(f"  retrieval report: {rep.get('finds')} C-FINDs in {rep.get('listing_s')} s, fetch {rep.get('fetch_s')} s "
+          f"of {rep.get('elapsed_s')} s")
+    return dt, r.received, r.status
+
+
 def run_baseline(kind: str, work: Path, orthanc: OrthancServer, port: int, aet: str,
                  study_uids: list[str], moves: int) -> tuple[float, int]:
     out = work / kind
@@ -242,6 +294,8 @@ def main() -> None:
     ap.add_argument("--db", default=None, help="our index DB URL (default: SQLite in the work dir)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--fork", action="store_true", help="also run storescp --fork")
+    ap.add_argument("--retrieval-only", action="store_true",
+                    help="only the one-retrieval comparison (textbook over 1 move, discard over --moves)")
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scp-"))
@@ -261,6 +315,8 @@ def main() -> None:
                 "bench": ("BENCHSCU", "127.0.0.1", 1)}
         with OrthancServer(work / "orthanc", modalities=mods) as orthanc:
             print(f"seeded Orthanc in {seed(orthanc, files):.1f} s; it holds {orthanc.instance_count()} instances")
+            if args.retrieval_only:
+                return _retrieval_comparison(args, work, orthanc, ports, study_uids, mb)
             results: list[tuple[str, float, int]] = []
             dt, n = run_baseline("textbook", work, orthanc, ports["textbook"], "TEXTBOOK", study_uids, args.moves)
             results.append(("textbook pynetdicom SCP (decode + save_as)", dt, n))
@@ -295,6 +351,21 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _retrieval_comparison(args, work: Path, orthanc: OrthancServer, ports: dict, study_uids: list[str],
+                          mb: float) -> None:
+    tb, n_tb = run_baseline("textbook", work, orthanc, ports["textbook"], "TEXTBOOK", study_uids, 1)
+    null, _ = run_baseline("null", work, orthanc, ports["null"], "NULLSCP", study_uids, args.moves)
+    ours, got, status = run_retrieval(work, orthanc, ports["ours"], args.processes, args.moves)
+    print(f"\n{args.n} instances in {len(study_uids)} studies, {mb:.0f} MB, {os.cpu_count()} CPUs")
+    for name, dt, n in (("textbook pynetdicom SCP, one C-MOVE", tb, n_tb),
+                        (f"discard-only receiver, {args.moves} concurrent C-MOVEs", null, args.n),
+                        (f"radcohort retrieval ({args.moves} lanes, scp -p {args.processes}, listing included, "
+                         f"{status})", ours, got)):
+        print(f"{name:72s} {dt:7.2f} s {args.n / dt:7.1f} inst/s {'ok' if n == args.n else f'NO ({n})'}")
+    print(f"retrieval vs textbook: {tb / ours:.2f}x (target >= 3x); vs discard-only: {null / ours:.2f}x "
+          f"(target >= 0.8x)")
 
 
 def _fresh_db(url: str | None) -> str | None:

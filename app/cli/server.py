@@ -28,7 +28,8 @@ def _scp_child(overrides: dict, levels: tuple[str, str], channel, fsync: bool = 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    scp = StorageSCP(ctx, fsync=fsync, chunked=chunked).start(channel=channel)
+    # the dispatcher's process gone (even SIGKILLed) closes the channel: this child stops too
+    scp = StorageSCP(ctx, fsync=fsync, chunked=chunked).start(channel=channel, on_channel_closed=stop.set)
     try:
         stop.wait()
     finally:

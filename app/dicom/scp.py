@@ -36,7 +36,6 @@ import logging
 import os
 import queue
 import selectors
-import signal
 import socket
 import ssl
 import tempfile
@@ -54,6 +53,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom import uid as _uid
 
+from app.dicom.netopts import low_latency
 from app.dicom.store import (DicomStore, PixelDataMismatch, StoredFile, dataset_sha256, file_meta_end, parse_header,
                              part10_sha256, validate_uid)
 from app.errors import InvalidInput
@@ -743,6 +743,10 @@ class StorageSCP:
         ctx.sslsocket_class = _PduGuardSSLSocket  # the PDU guard reads the decrypted stream
         return ctx
 
+    def _on_conn_open(self, event) -> None:
+        self.admission.opened(event.assoc)
+        low_latency(event.assoc)  # our C-STORE responses must not wait for the sender's delayed ACK
+
     def _on_conn_close(self, event) -> None:
         self.admission.closed(event.assoc)
         discard_partial_receive(event.assoc)
@@ -750,7 +754,7 @@ class StorageSCP:
     def _handlers(self):
         return [
             (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_CONN_OPEN, lambda event: self.admission.opened(event.assoc)),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_ABORTED, lambda event: discard_partial_receive(event.assoc)),
             (evt.EVT_C_STORE, make_store_handler(self.store, self._sink, self.node_for,
@@ -775,7 +779,8 @@ class StorageSCP:
             except OSError as exc:
                 log.error("partial-file sweep failed: %s", type(exc).__name__)
 
-    def start(self, channel: socket.socket | None = None) -> "StorageSCP":
+    def start(self, channel: socket.socket | None = None,
+              on_channel_closed: Callable[[], None] | None = None) -> "StorageSCP":
         """Start serving in background threads (returns at once).
 
         With `channel` (the child end from ConnectionDispatcher), serve the connections a
@@ -807,8 +812,8 @@ class StorageSCP:
             self._server.tls_context = tls
             self._server.admission = self.admission
             self._server.node_check = self._node_allowed
-            threading.Thread(target=_serve_handoffs, args=(self._server, channel), name="scp-handoff",
-                             daemon=True).start()
+            threading.Thread(target=_serve_handoffs, args=(self._server, channel, on_channel_closed),
+                             name="scp-handoff", daemon=True).start()
         log.info("Storage SCP %s listening on %s:%d%s", self.settings.ae_title, self.settings.scp_host, self.port,
                  " (TLS)" if tls else "")
         return self
@@ -1246,15 +1251,17 @@ class _HandoffServer(_TimedServer):
         self.server_close()
 
 
-def _serve_handoffs(server: ThreadedAssociationServer, channel: socket.socket) -> None:
+def _serve_handoffs(server: ThreadedAssociationServer, channel: socket.socket,
+                    on_closed: Callable[[], None] | None = None) -> None:
     channel.send(b"ready")
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(channel, 1024, 1)
         except OSError:
             break
-        if not msg and not fds:  # the dispatcher closed the channel: its process is gone, so is our work
-            os.kill(os.getpid(), signal.SIGTERM)
+        if not msg and not fds:  # the dispatcher closed the channel
+            if on_closed is not None:
+                on_closed()
             break
         for fd in fds:
             conn = socket.socket(fileno=fd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -105,10 +106,14 @@ def _valid_uid(uid: str) -> bool:
 class _Walk:
     """One listing: holds the client, the per-level queries and the running Listing."""
 
-    def __init__(self, client: DicomClient, query: dict[str, str], on_find: Callable[[Listing], None] | None):
+    def __init__(self, client: DicomClient, query: dict[str, str], on_find: Callable[[Listing], None] | None,
+                 image_by_study: bool = False):
         self.client, self.on_find = client, on_find
         self.by_level = split_by_level(query)
         self.out = Listing()
+        # a PACS probed to answer IMAGE level with the study's UID alone: one query per study instead of
+        # one per series, when nothing is matched at series level
+        self.image_by_study = image_by_study and not any(self.by_level["SERIES"].values())
 
     def find(self, level: str, q: dict[str, str], keys: tuple[str, ...]):
         res = self.client.find(level, q, return_keys=tuple(dict.fromkeys((*keys, *q))))
@@ -178,6 +183,8 @@ class _Walk:
             self.series(_uid(ds, "StudyInstanceUID"), modalities=None if ok else self.by_level["STUDY"]["ModalitiesInStudy"])
 
     def series(self, study: str, modalities: str | None) -> None:
+        if self.image_by_study and modalities is None:
+            return self.images(study, None)
         res = self.find("SERIES", {"StudyInstanceUID": study, **self.by_level["SERIES"]}, SERIES_RETURN)
         if res.capped:
             self.out.incomplete = True
@@ -201,29 +208,38 @@ class _Walk:
         for ds in kept:
             self.images(study, _uid(ds, "SeriesInstanceUID"))
 
-    def images(self, study: str, series: str) -> None:
-        q = {"StudyInstanceUID": study, "SeriesInstanceUID": series, **self.by_level["IMAGE"]}
+    def images(self, study: str, series: str | None) -> None:
+        """The instances of one series (or, `series` None, of the whole study)."""
+        q = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {}), **self.by_level["IMAGE"]}
         res = self.find("IMAGE", q, IMAGE_KEYS)
         if res.capped:
             self.out.incomplete = True
-            self.out.notes.append(f"series {series} has more instances than the PACS's result cap; raise the "
-                                  f"PACS's limit (e.g. Orthanc LimitFindInstances)")
-        for ds in self.unique(res.results, "SOPInstanceUID", {"StudyInstanceUID": study, "SeriesInstanceUID": series}):
+            self.out.notes.append(f"{'series ' + series if series else 'study ' + study} has more instances than "
+                                  f"the PACS's result cap; raise the PACS's limit (e.g. Orthanc LimitFindInstances)")
+        above = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {})}
+        for ds in self.unique(res.results, "SOPInstanceUID", above):
             sop = _uid(ds, "SOPInstanceUID")
+            se = series or _uid(ds, "SeriesInstanceUID")
+            if not _valid_uid(se):
+                self.out.bad_rows += 1
+                continue
             if not self.verify("IMAGE", ds):
                 self.out.discarded["instances"] += 1
                 continue
             if sop in self.out.items:
                 self.out.duplicates += 1
                 continue
-            self.out.items[sop] = ExpectedInstance(sop, series, study, _uid(ds, "SOPClassUID"))
+            self.out.items[sop] = ExpectedInstance(sop, se, study, _uid(ds, "SOPClassUID"))
 
 
 def list_expected(client: DicomClient, query: dict[str, str],
-                  on_find: Callable[[Listing], None] | None = None) -> Listing:
-    """Every instance matching `query` (validated keywords), as SOP/series/study UIDs, verified."""
-    walk = _Walk(client, dict(query), on_find)
-    walk.studies(walk.by_level["STUDY"])
+                  on_find: Callable[[Listing], None] | None = None, *, image_by_study: bool = False) -> Listing:
+    """Every instance matching `query` (validated keywords), as SOP/series/study UIDs, verified.
+    `image_by_study`: the node was probed to answer IMAGE level without the series key."""
+    walk = _Walk(client, dict(query), on_find, image_by_study)
+    held = getattr(client, "held_finds", None)  # one association for the whole walk, where the client can
+    with held() if held is not None else nullcontext():
+        walk.studies(walk.by_level["STUDY"])
     out = walk.out
     if out.bad_rows:
         out.incomplete = True

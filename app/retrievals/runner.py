@@ -240,6 +240,7 @@ class RetrievalRunner:
         self._batcher = None
         self._store_handler = None
         self._handler_lock = threading.Lock()
+        self._listing_s: float | None = None
         self._expected: dict[str, ExpectedInstance] = {}
 
     # --------------------------------------------------------------- persistence helpers
@@ -277,7 +278,10 @@ class RetrievalRunner:
         client = self.client_factory(node)
         try:
             query = validate_query(query)
-            listing = list_expected(client, query)
+            t_list = time.monotonic()
+            listing = list_expected(client, query,
+                                    image_by_study=capabilities(node).get("image_level_needs_series") is False)
+            self._listing_s = round(time.monotonic() - t_list, 3)
         except DicomError as exc:
             return self._finish(st, t0, error=f"C-FIND failed: {exc.message}", method=method)
         except Exception as exc:  # noqa: BLE001 - the job must end in a state, whatever happened
@@ -295,8 +299,11 @@ class RetrievalRunner:
         self._sort_present(st, node)
         missing = [e for u, e in st.expected.items() if u not in st.present_at_start and u not in st.arrived]
         lists_refused = bool(capabilities(node).get("uid_lists_refused"))
-        units = plan_units(missing, st.expected, query_depth(query), max_uids=1 if lists_refused else
-                           MAX_UIDS_PER_RETRIEVE)
+        # batches small enough that every lane gets one (parallel associations are the lever: PITFALLS)
+        studies = len({e.study_instance_uid for e in missing})
+        per_lane = max(1, -(-studies // max(1, self._lanes(node))))
+        units = plan_units(missing, st.expected, query_depth(query),
+                           max_uids=1 if lists_refused else min(MAX_UIDS_PER_RETRIEVE, per_lane))
         self._update(expected=len(st.expected), skipped=len(st.present_at_start),
                      report={"finds": listing.finds, "find_splits": listing.splits, "units": len(units),
                              **listing.report()})
@@ -644,7 +651,7 @@ class RetrievalRunner:
             rep["retried_by_get"] = st.retried_by_get
         if listing is not None:
             rep.update(finds=listing.finds, find_splits=listing.splits, listing_complete=not listing.incomplete,
-                       **listing.report())
+                       listing_s=self._listing_s, **listing.report())
         return rep
 
     def _finish(self, st: _State, t0: float, *, error: str | None = None, method: str | None,

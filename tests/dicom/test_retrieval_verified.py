@@ -248,3 +248,26 @@ def test_a_forged_copy_is_reported_as_a_conflict_over_c_get_too(ctx, orthanc, tm
         rows = s.execute(select(StoreConflict.sop_instance_uid, StoreConflict.source_node,
                                 StoreConflict.reason)).all()
     assert rows == [(str(forged.SOPInstanceUID), "pacs", "sop_content")]
+
+
+def test_a_pacs_probed_to_answer_image_level_per_study_is_listed_with_fewer_queries(ctx):
+    ctx.settings.arrival_timeout = 3.0
+    data = []
+    for i in range(3):
+        study = generate_uid()
+        data += [make_cr(study_uid=study, series_uid=generate_uid(), study_date="20120101", patient_id=f"Q{i}",
+                         seed=i * 10 + k) for k in range(2)]
+    fake = FakePacs(data).start()
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="walked")
+        add_node(ctx, fake.port, ae="FAKEPACS", name="flat", capabilities={"image_level_needs_series": False})
+        walked = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="walked")).run()
+        with ctx.sessions() as s:  # the same instances again, through the other node
+            s.execute(Instance.__table__.delete())
+            s.commit()
+        flat = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="flat")).run()
+    finally:
+        fake.stop()
+    assert (walked.status, walked.received, flat.status, flat.received) == ("completed", 6, "completed", 6)
+    assert walked.report["finds"] == 1 + 3 + 6 and flat.report["finds"] == 1 + 3
+    assert _indexed(ctx) == {d.SOPInstanceUID for d in data}
