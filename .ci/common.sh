@@ -25,8 +25,6 @@ command -v storescu >/dev/null 2>&1 || apt_missing+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || apt_missing+=(dicom3tools)
 # the openssl CLI makes the TLS tests' certificates (tests/hardening/test_tls.py; CI=true fails on a skip)
 command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
-# OpenJPEG for reduced-resolution JPEG 2000 decoding in the worker (glymur)
-ldconfig -p 2>/dev/null | grep -q libopenjp2 || apt_missing+=(libopenjp2-7)
 if ! command -v pg_ctlcluster >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   apt_missing+=(postgresql)
 fi
