@@ -52,6 +52,7 @@ class CohortSpec:
     include_conflicts: bool = False
     match_name_birthdate: bool = False  # also treat same name + birth date as one patient
     check_files: bool = True  # sampled instances must exist under the store
+    worklist: dict | None = None  # issue #17: only/all but a worklist's studies (app/worklists/restrict.py)
 
 
 @dataclass
@@ -132,11 +133,16 @@ def candidate_query(classes: list[dict], spec: CohortSpec, vocabulary: dict | No
     pick = h * literal(4294967296, BigInteger) + t.c.id
     image = t.c.photometric_interpretation.in_(IMAGE_PHOTOMETRIC)
     ok = image if spec.include_conflicts else and_(image, t.c.has_conflict.is_not(True))
+    # -- issue #17 item 2: a worklist restricts the candidates (app/worklists/restrict.py) --
+    from app.worklists.restrict import worklist_condition
+
+    restriction = [w for w in (worklist_condition(t, spec),) if w is not None]
+    # -- end issue #17 --
     branches = [
         select(t.c.id.label("id"), t.c.patient_pk.label("patient_pk"), literal(k).label("cls"),
                case((ok, 1), else_=0).label("ok"), t.c.photometric_interpretation.label("pi"),
                t.c.has_conflict.label("conflict"), pick.label("pick"))
-        .where(class_predicate(c["where"], t, vocabulary))
+        .where(class_predicate(c["where"], t, vocabulary), *restriction)
         for k, c in enumerate(classes)
     ]
     return branches[0] if len(branches) == 1 else union_all(*branches)

@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.worklists.restrict import WorklistRestriction
+
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
@@ -47,6 +49,8 @@ class CohortIn(BaseModel):
     include_conflicts: bool = Field(False, description="admit instances whose label sources disagree")
     match_name_birthdate: bool = Field(False, description="also treat same name + birth date as one patient")
     check_files: bool = Field(True, description="sampled instances must exist in the store")
+    worklist: WorklistRestriction | None = Field(None, description="only (or all but) the studies or patients "
+                                                 "of an uploaded worklist (docs/exports.md)")
 
     @field_validator("split")
     @classmethod
