@@ -93,11 +93,20 @@ def fuzz_app(tmp_path, db_url):
             sess.add(model)
             sess.commit()
             job_ids, model_id = [queued.id, done.id, ladder_id], model.id
+        from app.exports import service as exports
+        from app.worklists import service as worklists
+
+        with ctx.sessions() as sess:
+            worklist_id = worklists.upload(sess, b"StudyInstanceUID\n1.2.3\n", "w.csv", None, "fuzz")["id"]
+            export_id = exports.create_export(sess, cohort_id, {"format": "png"}, actor="fuzz").id
+            sess.commit()
+        exports.run_export(ctx, export_id)
         existing = {
             "name": {"/api/v1/pacs-nodes/": ["pacs"], "/api/v1/taxonomies/": ["xr10", "xr5"],
                      "/artifacts/": ["metrics.json", "report.md"]},
             "sop_instance_uid": uids[:3], "cohort_id": [cohort_id], "job_id": job_ids, "model_id": [model_id],
-            "retrieval_id": [retrieval_id], "pull_id": [pull_id],
+            "retrieval_id": [retrieval_id], "pull_id": [pull_id], "worklist_id": [worklist_id],
+            "export_id": [export_id],
         }
         yield app, existing
     ctx.close()
