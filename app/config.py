@@ -65,7 +65,9 @@ class Settings(BaseSettings):
                                      "included on a cold start, waiting behind other requests included): 504 past it")
     predict_idle_s: float = Field(600.0, ge=0, description="seconds a model's predictor process stays loaded after "
                                   "its last prediction (0: a fresh process per request)")
-    predict_max_models: int = Field(4, ge=1, description="models the API keeps loaded at once (one predictor "
+    predict_threads: int | None = Field(None, ge=1, description="torch threads of each predictor process "
+                                        "(default: one per core)")
+    predict_max_models: int = Field(2, ge=1, description="models the API keeps loaded at once (one predictor "
                                     "process each; the least recently used is closed first)")
     log_level: str = "INFO"
 

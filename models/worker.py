@@ -129,6 +129,7 @@ def epoch_text(job_id: int, ev: dict) -> str:
 class Outcome:
     job_id: int
     status: str  # completed | failed | cancelled | released | lost
+    kind: str = "training"  # or "scoring" (models.scoring)
 
 
 class Worker:
@@ -207,12 +208,14 @@ class Worker:
             log.warning("worker heartbeat not recorded (%s)", type(exc).__name__)
 
     def run_one(self) -> Outcome | None:
-        """Claim one job and run it to its end; None when nothing was claimable."""
+        """Claim one job and run it to its end (training first, then scoring); None when nothing was claimable."""
         with session_scope(self.ctx.sessions) as s:
             job = jobs.claim_next(s, self.worker_id, stale_after=self.stale_after,
                                   max_attempts=self.max_attempts)
         if job is None:
-            return None
+            from models.scoring import run_next  # the second job kind, on the same claim/lease functions
+
+            return run_next(self)
         self.say(f"training job {job.id}: claimed (attempt {job.attempts}, {self._describe(job)})")
         try:
             outcome = self._run_job(job)

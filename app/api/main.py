@@ -24,7 +24,7 @@ log = logging.getLogger("radcohort.api")
 
 # one module per resource under app/api/routes, each exposing `router`
 ROUTE_MODULES = ["pacs", "retrievals", "instances", "taxonomies", "cohorts", "training", "trained_models", "audit",
-                 "conflicts", "labels", "worklists", "exports"]
+                 "conflicts", "labels", "worklists", "exports", "scoring"]
 
 
 def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:

@@ -256,6 +256,44 @@ class TrainedModel(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ScoringJob(Base):
+    """Scoring every indexed radiograph with one model: queued by the API, run by `radcohort worker` through
+    the training queue's claim/lease functions (app.training.jobs, `table=ScoringJob`)."""
+
+    __tablename__ = "scoring_jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("trained_models.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # modalities, batch_size
+    total: Mapped[int] = mapped_column(Integer, default=0)  # instances to score (counted when claimed)
+    done: Mapped[int] = mapped_column(Integer, default=0)  # scored or failed so far
+    failed: Mapped[int] = mapped_column(Integer, default=0)  # could not be decoded (a row with its error)
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)  # cursor, images/s, eta, out_of_domain ...
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class InstanceScore(Base):
+    """One model's answer for one indexed instance (written in bulk by a scoring job; a later job of the
+    same model replaces it). No foreign key to instances: scores outlive re-indexing, like cohort members."""
+
+    __tablename__ = "instance_scores"
+    model_id: Mapped[int] = mapped_column(ForeignKey("trained_models.id", ondelete="CASCADE"), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    predicted_class: Mapped[str | None] = mapped_column(String(64))  # null when the image could not be decoded
+    confidence: Mapped[float | None] = mapped_column(Float)
+    in_domain: Mapped[bool] = mapped_column(Boolean, default=True)
+    error: Mapped[str | None] = mapped_column(String(255))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    scored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class WorkerProcess(Base):
     """A `radcohort worker` process: written on start and on every poll, so the API can say whether one
     is alive and which models it offers (the API never imports torch to find out)."""

@@ -202,54 +202,58 @@ def ladder(session: Session, job_id: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- worker side
+# The queue: claim / heartbeat / fail / cancel / release work on any job table with the lease columns
+# (status, worker_id, heartbeat_at, attempts, cancel_requested, error, started_at, finished_at):
+# training_jobs, and scoring_jobs (app.training.scoring) through `table=`.
 def claim_next(session: Session, worker_id: str, *, stale_after: float = DEFAULT_STALE_SECONDS,
-               max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> TrainingJob | None:
+               max_attempts: int = DEFAULT_MAX_ATTEMPTS, table=TrainingJob):
     """Claim the oldest queued job, or a running one whose worker stopped heartbeating.
 
     PostgreSQL: candidates are read `FOR UPDATE SKIP LOCKED`, so concurrent workers pass over each other's
     rows instead of queueing behind them. Both backends: the claim itself is a compare-and-set UPDATE on
     (status, attempts), so two claimers can never both win one job. The caller commits at once.
     """
+    T = table
     now = utcnow()
     cutoff = now - timedelta(seconds=stale_after)
-    stale = and_(TrainingJob.status == "running", TrainingJob.heartbeat_at < cutoff)
-    claimable = or_(TrainingJob.status == "queued", stale)
-    q = (select(TrainingJob.id, TrainingJob.status, TrainingJob.attempts, TrainingJob.cancel_requested)
-         .where(claimable).order_by(TrainingJob.id).limit(8))
+    stale = and_(T.status == "running", T.heartbeat_at < cutoff)
+    claimable = or_(T.status == "queued", stale)
+    q = (select(T.id, T.status, T.attempts, T.cancel_requested)
+         .where(claimable).order_by(T.id).limit(8))
     if session.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
     for job_id, status, attempts, cancel_requested in session.execute(q).all():
-        guard = [TrainingJob.id == job_id, TrainingJob.attempts == attempts,
-                 (TrainingJob.status == "queued") if status == "queued" else stale]
+        guard = [T.id == job_id, T.attempts == attempts,
+                 (T.status == "queued") if status == "queued" else stale]
         if status == "running" and (cancel_requested or attempts >= max_attempts):
             # a dead worker's job that was being cancelled, or one that keeps killing workers: close it
             values = ({"status": "cancelled"} if cancel_requested else
                       {"status": "failed", "error": f"worker lost {attempts} times (killed or stalled); "
                                                     "not retried again"})
-            session.execute(update(TrainingJob).where(*guard)
+            session.execute(update(T).where(*guard)
                             .values(worker_id=None, finished_at=now, **values))
             continue
         res = session.execute(
-            update(TrainingJob).where(*guard).values(
+            update(T).where(*guard).values(
                 status="running", worker_id=worker_id, heartbeat_at=now, attempts=attempts + 1,
-                started_at=func.coalesce(TrainingJob.started_at, now), error=None))
+                started_at=func.coalesce(T.started_at, now), error=None))
         if res.rowcount == 1:
             session.flush()
-            return session.get(TrainingJob, job_id, populate_existing=True)
+            return session.get(T, job_id, populate_existing=True)
     return None
 
 
-def _owned(job_id: int, worker_id: str) -> list:
-    return [TrainingJob.id == job_id, TrainingJob.worker_id == worker_id, TrainingJob.status == "running"]
+def _owned(job_id: int, worker_id: str, table=TrainingJob) -> list:
+    return [table.id == job_id, table.worker_id == worker_id, table.status == "running"]
 
 
-def heartbeat(session: Session, job_id: int, worker_id: str, **values) -> tuple[bool, bool]:
+def heartbeat(session: Session, job_id: int, worker_id: str, table=TrainingJob, **values) -> tuple[bool, bool]:
     """Refresh the claim (and write progress fields). Returns (still ours, cancel requested)."""
-    res = session.execute(update(TrainingJob).where(*_owned(job_id, worker_id))
+    res = session.execute(update(table).where(*_owned(job_id, worker_id, table))
                           .values(heartbeat_at=utcnow(), **values))
     if res.rowcount != 1:
         return False, False
-    cancel = session.scalar(select(TrainingJob.cancel_requested).where(TrainingJob.id == job_id))
+    cancel = session.scalar(select(table.cancel_requested).where(table.id == job_id))
     return True, bool(cancel)
 
 
@@ -330,21 +334,21 @@ def set_run_dir(session: Session, job_id: int, worker_id: str, path: str) -> boo
     return res.rowcount == 1
 
 
-def fail_job(session: Session, job_id: int, worker_id: str, error: str) -> bool:
-    res = session.execute(update(TrainingJob).where(*_owned(job_id, worker_id))
+def fail_job(session: Session, job_id: int, worker_id: str, error: str, table=TrainingJob) -> bool:
+    res = session.execute(update(table).where(*_owned(job_id, worker_id, table))
                           .values(status="failed", error=error[:8000], finished_at=utcnow()))
     return res.rowcount == 1
 
 
-def mark_cancelled(session: Session, job_id: int, worker_id: str) -> bool:
-    res = session.execute(update(TrainingJob).where(*_owned(job_id, worker_id))
+def mark_cancelled(session: Session, job_id: int, worker_id: str, table=TrainingJob) -> bool:
+    res = session.execute(update(table).where(*_owned(job_id, worker_id, table))
                           .values(status="cancelled", finished_at=utcnow()))
     return res.rowcount == 1
 
 
-def release_job(session: Session, job_id: int, worker_id: str) -> bool:
+def release_job(session: Session, job_id: int, worker_id: str, table=TrainingJob) -> bool:
     """Give a claimed job back to the queue (worker shutting down); the next claim resumes it."""
-    res = session.execute(update(TrainingJob).where(*_owned(job_id, worker_id))
+    res = session.execute(update(table).where(*_owned(job_id, worker_id, table))
                           .values(status="queued", worker_id=None, heartbeat_at=None))
     return res.rowcount == 1
 

@@ -18,7 +18,7 @@ log = logging.getLogger("radcohort.workers")
 
 # a worker heartbeats every poll (2 s by default) and every few seconds while it trains
 ALIVE_SECONDS = 60.0
-QUEUES = ("training",)
+QUEUES = ("training", "scoring")
 NO_WORKER_NOTE = "queued — no worker is running: start `radcohort worker`"
 # torch-free copy of the names a worker offers for sure (models/registry.py adds every timm name);
 # used to validate requests while no worker has published its registry

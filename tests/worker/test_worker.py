@@ -213,7 +213,7 @@ def test_worker_publishes_itself_prints_epochs_and_holds_out_validation(ctx):
             return [workers.view(w) for w in workers.alive(s)]
 
     (row,) = _wait(published, 60, "the worker's row")
-    assert row["id"] == worker.worker_id and row["queues"] == ["training"] and row["models"] > 100
+    assert row["id"] == worker.worker_id and row["queues"] == ["training", "scoring"] and row["models"] > 100
     with session_scope(ctx.sessions) as s:
         names, source = workers.offered_models(s)
     assert source == "workers" and {"resnet10t", "radcohort_cnn4", "vgg19_bn"} <= set(names)

@@ -55,21 +55,30 @@ def get_model(model_id: int, session: SessionDep):
 @router.delete("/models/{model_id}", status_code=204, response_class=Response,
                responses={404: {"description": "unknown model"}})
 def delete_model(model_id: int, session: SessionDep, ctx: CtxDep, actor: ActorDep):
-    """Delete a model and its checkpoint (nothing depends on a model); its training job keeps its metrics
-    and report."""
+    """Delete a model, its checkpoint, its scores and scoring jobs, and its loaded predictor process; its
+    training job keeps its metrics and report."""
     predict.delete_model(session, ctx.settings, model_id)
     audit.record(session, actor, "model.delete", f"model:{model_id}")
+    loaded = ctx.extras.get("predictors")
+    if loaded is not None:  # its warm predictor process goes too
+        loaded.discard(model_id)
     return Response(status_code=204)
 
 
 @router.post("/models/{model_id}/predict", response_model=Prediction, response_model_by_alias=True,
              responses={413: {"description": "upload over the size limit"},
-                        415: {"description": "not a DICOM file"}, 422: {"description": "malformed DICOM"}})
+                        415: {"description": "not a DICOM file"}, 422: {"description": "malformed DICOM"},
+                        502: {"description": "the model could not be loaded, or its predictor process died "
+                                            "twice on this image"},
+                        503: {"description": "torch (the [worker] extra) is not installed on the API machine"},
+                        504: {"description": "no answer within RADCOHORT_PREDICT_TIMEOUT_S"}})
 def predict_upload(model_id: int, request: Request, session: SessionDep, ctx: CtxDep, actor: ActorDep,
                    file: UploadFile = File(..., description="one DICOM Part 10 file")):
-    """Classify one uploaded DICOM image (run in a subprocess; the API never loads torch). An image outside
-    the model's domain (not CR/DX/DR, or a body part none of its classes covers) is still classified but
-    answered with `in_domain: false` and a `warning`, so a caller can tell a guess from a prediction."""
+    """Classify one uploaded DICOM image. The model is held loaded by a predictor process of the API (one per
+    model, started by the first request, kept for RADCOHORT_PREDICT_IDLE_S; the API process never loads
+    torch). An image outside the model's domain (not CR/DX/DR, or a body part none of its classes covers) is
+    still classified but answered with `in_domain: false` and a `warning`, so a caller can tell a guess from a
+    prediction."""
     model = predict.get_model(session, model_id)
     settings = ctx.settings
     limit = ctx.extras.get("predict_max_upload_bytes") or predict.max_upload_bytes(settings)
@@ -77,8 +86,8 @@ def predict_upload(model_id: int, request: Request, session: SessionDep, ctx: Ct
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise predict.PayloadTooLarge(f"upload larger than the limit of {limit} bytes")
     with predict.spooled_upload(file.file, settings.data_dir / "tmp", limit) as path:
-        result = predict.run_prediction((settings.data_dir / model.path).parent, path,
-                                        timeout=predict.timeout_seconds(settings))
+        result = predict.pool(ctx).predict(model_id, (settings.data_dir / model.path).parent, path,
+                                           timeout=predict.timeout_seconds(settings))
         result.update(predict.domain_check(session, model, path, get_rules(settings.label_rules)))
     audit.record(session, actor, "model.predict", f"model:{model_id}", predicted=result["class"],
                  in_domain=result["in_domain"])
