@@ -14,7 +14,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -229,9 +229,6 @@ class DicomClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._sleep = sleep
-        self._held = None  # an association kept open by held_finds()
-        self._held_stack: ExitStack | None = None
-        self._held_model = None
 
     # ------------------------------------------------------------------ retry layer
     def _retry(self, op: str, fn: Callable[[], T]) -> T:
@@ -312,41 +309,6 @@ class DicomClient:
         return self._retry("C-ECHO", once)
 
     # ------------------------------------------------------------------ C-FIND
-    @contextmanager
-    def held_finds(self, root: str = "study") -> Iterator[None]:
-        """Keep one association open for the C-FINDs made inside (a hierarchical listing makes
-        hundreds: opening each costs more than the query itself). A failed one is not reused."""
-        self._held_model = MODELS[(root, "find")]
-        try:
-            yield
-        finally:
-            self._held_model = None
-            self._drop_held()
-
-    def _drop_held(self) -> None:
-        stack, self._held, self._held_stack = self._held_stack, None, None
-        if stack is not None:
-            stack.close()  # releases the association if it is still up
-
-    @contextmanager
-    def _find_association(self, model) -> Iterator[Any]:
-        if self._held_model is not model:
-            with self._association([model]) as assoc:
-                yield assoc
-            return
-        if self._held is None or not self._held.is_established:
-            self._drop_held()
-            stack = ExitStack()
-            self._held = stack.enter_context(self._association([model]))
-            self._held_stack = stack
-        try:
-            yield self._held
-        except BaseException:
-            if self._held is not None and self._held.is_established:
-                self._held.abort()  # a failed query: never reuse that association
-            self._drop_held()
-            raise
-
     def find(self, level: str, query: Mapping[str, object] | None = None, *, root: str = "study",
              return_keys: tuple[str, ...] | list[str] | None = None) -> FindResult:
         """C-FIND at `level`; the whole answer as a list. `capped` when the PACS cut it short."""
@@ -355,7 +317,7 @@ class DicomClient:
 
         def once() -> FindResult:
             results: list[Dataset] = []
-            with self._find_association(model) as assoc:
+            with self._association([model]) as assoc:
                 final = None
                 comment = ""
                 try:

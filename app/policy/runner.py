@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 
 from sqlalchemy import func, select, update
@@ -44,24 +42,9 @@ class GovernedClient:
         self.inner, self.gate = inner, gate
         self.caps = caps
         self.capped_answers = 0
-        self._holding = False
-
-    @contextmanager
-    def held_finds(self, root: str = "study") -> Iterator[None]:
-        """One association (and one of the node's slots) for a whole listing, where the client can."""
-        held = getattr(self.inner, "held_finds", None)
-        if held is None:
-            yield
-            return
-        with self.gate.association(), held(root):
-            self._holding = True
-            try:
-                yield
-            finally:
-                self._holding = False
 
     def find(self, level, query=None, **kw) -> FindResult:
-        with nullcontext() if self._holding else self.gate.association():
+        with self.gate.association():
             res = self.inner.find(level, dict(query or {}), **kw)
         cap = self.caps.get("IMAGE" if str(level).upper() == "IMAGE" else "OTHER")
         if cap and not res.capped and len(res.results) >= cap:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -237,9 +236,7 @@ def list_expected(client: DicomClient, query: dict[str, str],
     """Every instance matching `query` (validated keywords), as SOP/series/study UIDs, verified.
     `image_by_study`: the node was probed to answer IMAGE level without the series key."""
     walk = _Walk(client, dict(query), on_find, image_by_study)
-    held = getattr(client, "held_finds", None)  # one association for the whole walk, where the client can
-    with held() if held is not None else nullcontext():
-        walk.studies(walk.by_level["STUDY"])
+    walk.studies(walk.by_level["STUDY"])
     out = walk.out
     if out.bad_rows:
         out.incomplete = True

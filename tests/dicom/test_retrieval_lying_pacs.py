@@ -73,9 +73,11 @@ def fake_pacs():
     sink_server.shutdown()
 
 
-def _run(ctx, port, query=None):
+def _run(ctx, port, query=None, lanes: int | None = None):
     with ctx.sessions() as s:
-        create_node(s, NodeIn(name="liar", ae_title="LIAR", host="127.0.0.1", port=port), "test")
+        node = create_node(s, NodeIn(name="liar", ae_title="LIAR", host="127.0.0.1", port=port), "test")
+        if lanes:  # one association at a time: both studies go in one batched (UID list) retrieve
+            node.options = {**(node.options or {}), "policy": {"max_associations": lanes}}
         rid = create_retrieval(s, "liar", query or {"StudyDate": "20120101-20121231"}, "test").id
         s.commit()
     return run_retrieval(ctx, rid)
@@ -85,9 +87,9 @@ def test_success_status_without_arrivals_is_not_completed(ctx, fake_pacs):
     port, datasets, moves, _ = fake_pacs
     ctx.settings.arrival_timeout = 1.0
     r = _run(ctx, port)
-    # the PACS claims success every time (the batch, then each study asked for again)...
-    assert moves == ["STUDY"] * 3
-    assert r.report["suboperations"]["completed"] == 9 and r.report["suboperations"]["failed"] == 0
+    # the PACS claims success every time (one study per lane: two studies, two lanes)...
+    assert moves == ["STUDY"] * 2
+    assert r.report["suboperations"]["completed"] == 6 and r.report["suboperations"]["failed"] == 0
     assert (r.status, r.expected, r.received) == ("failed", 3, 0)  # ...but nothing is in our index
     assert sorted(r.missing) == sorted(d.SOPInstanceUID for d in datasets)
     assert "did not arrive" in r.error
@@ -97,10 +99,9 @@ def test_unknown_destination_a801_stops_at_once(ctx, fake_pacs):
     port, datasets, moves, mode = fake_pacs
     mode["move"] = "unknown"
     r = _run(ctx, port)
-    # a refused UID list may be a list the PACS cannot parse (pynetdicom's qrscp answers 0xA801):
-    # asked once per study (both at once, over the node's two lanes); 0xA801 for a single study is an
+    # one study per lane (two studies, two lanes), both asked at once; 0xA801 for a single study is an
     # unknown destination: no retry, no series
-    assert moves == ["STUDY", "STUDY", "STUDY"]
+    assert moves == ["STUDY", "STUDY"]
     assert (r.status, r.failed, len(r.missing)) == ("failed", 3, 3)
     assert "0xA801" in r.error and "destination" in r.error
 
@@ -112,6 +113,6 @@ def test_pacs_ignoring_uid_lists_gets_asked_again_one_by_one(ctx, fake_pacs):
     mode.update(move="first_only", port=ctx.settings.scp_port)
     ctx.settings.arrival_timeout = 1.0
     with StorageSCP(ctx):
-        r = _run(ctx, port)
+        r = _run(ctx, port, lanes=1)
     assert moves == ["STUDY", "STUDY"]  # one batched move of both studies, then the one that did not come
     assert (r.status, r.expected, r.received, r.missing) == ("completed", 3, 3, [])

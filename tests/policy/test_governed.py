@@ -56,8 +56,8 @@ def test_window_closing_mid_retrieval_pauses_at_a_boundary_and_resumes(quick, or
     ctx = quick
     studies = make_studies(tmp_path / "gen", ["20120101", "20120102", "20120103"], instances_per_series=2)
     upload_all(orthanc, sorted((tmp_path / "gen").iterdir()))
-    add_node(ctx, orthanc.dicom_port, policy={
-        "timezone": "Asia/Tokyo", "windows": [{"days": ["mon", "tue", "wed", "thu", "fri"],
+    add_node(ctx, orthanc.dicom_port, policy={  # one lane: the boundaries are the test's subject
+        "max_associations": 1, "timezone": "Asia/Tokyo", "windows": [{"days": ["mon", "tue", "wed", "thu", "fri"],
                                                "start": "19:00", "end": "07:00"}]})
     clock = FakeClock(datetime(2026, 11, 24, 6, 58, tzinfo=TOKYO))  # Tuesday, 2 minutes before it closes
     seen: list[tuple[datetime, int]] = []
@@ -152,7 +152,8 @@ def test_out_of_resources_slows_the_job_down_and_it_recovers(quick):
         for k in range(2):
             ds = make_cr(study_uid=study, series_uid=study + ".1", study_date="20120101", seed=st * 2 + k)
             datasets.append(ds)
-    policy = {"backoff": {"initial_s": 0.4, "factor": 2.0, "max_s": 5.0, "recover_after": 1}}
+    # one lane, so that the waits add up as the test counts them
+    policy = {"max_associations": 1, "backoff": {"initial_s": 0.4, "factor": 2.0, "max_s": 5.0, "recover_after": 1}}
 
     def run(refuse: int, name: str) -> tuple[Retrieval, float, FakePacs]:
         fake = FakePacs(datasets, refuse_gets=refuse).start()
@@ -238,7 +239,8 @@ def test_megabytes_per_second_paces_between_pieces(quick):
     ctx = quick
     fake = FakePacs(_three_studies("6")).start()  # 3 studies x 2 instances of ~8.5 kB
     try:
-        add_node(ctx, fake.port, ae="FAKEPACS", name="thin", policy={"mb_per_second": 0.01})  # 10 kB/s
+        add_node(ctx, fake.port, ae="FAKEPACS", name="thin",
+                 policy={"max_associations": 1, "mb_per_second": 0.01})  # 10 kB/s, one lane
         t0 = time.monotonic()
         r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="thin")).run()
         wall = time.monotonic() - t0
