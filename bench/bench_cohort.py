@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/bench_cohort.py [--rows 1000000] [--backends sqlite,postgresql] [--relabel 100000]
 
-Prints the query plan of the candidate query, the build timings (preview and saved snapshot), and
-ratios against an in-run baseline (a COUNT(*) over the whole instances table on the same backend).
-Target: <= 1 s per build at 1,000,000 rows on each backend.
+Prints the query plan of the candidate query, the build timings (preview and saved snapshot: best and
+worst of 3, and the phases of the best), and ratios against an in-run baseline (reading (id, patient_pk)
+of every instances row once, best of 2, on the same backend). A saved snapshot's phases: query_s (the
+selection), dedup_s, sample_s (quotas, split, file check), save_s = keys_s (the members' patient rows
+and their HMAC pseudonyms) + members_s (the member INSERT ... SELECT) + the cohort row and audit event.
+Target: <= 1 s per build at 1,000,000 rows on each backend, in every run (the worst of 3 is printed too).
 """
 
 from __future__ import annotations
@@ -51,8 +54,12 @@ def pick(rng, items):
     return items[-1][0]
 
 
+ROOT = "1.2.826.0.1.3680043.10.543"  # UIDs and store paths of real lengths (the snapshot copies both)
+
+
 def generate(n_rows: int, version: str, seed: int = 1):
-    """Rows for patients / studies / series / instances, ~4 instances per patient, labels filled in."""
+    """Rows for patients / studies / series / instances, ~4 instances per patient, labels filled in.
+    UIDs are ~40 characters and file paths study/series/sop.dcm (~130), as the store writes them."""
     rng = random.Random(seed)
     rules = load_rules()
     patients, studies, series, instances = [], [], [], []
@@ -66,8 +73,9 @@ def generate(n_rows: int, version: str, seed: int = 1):
         patients.append((pk, f"P{pk:08d}", "", f"NAME^{pk}", sex, birth))
         bp = pick(rng, BODY)
         side = rng.choice("LR")
-        studies.append((pk, f"1.2.3.{pk}", pk, "20150601", f"{age:03d}Y"))
-        series.append((pk, f"1.2.4.{pk}", pk, "CR", bp))
+        study_uid, series_uid = f"{ROOT}.1.{pk}.{20150601 + pk % 97}", f"{ROOT}.2.{pk}.{1 + pk % 13}"
+        studies.append((pk, study_uid, pk, "20150601", f"{age:03d}Y"))
+        series.append((pk, series_uid, pk, "CR", bp))
         for _ in range(min(rng.randint(1, 7), n_rows - iid)):
             iid += 1
             view = pick(rng, VIEWS.get(bp, [("AP", .5), ("LAT", .5)]))
@@ -75,9 +83,11 @@ def generate(n_rows: int, version: str, seed: int = 1):
             lat = "NONE" if bp in UNPAIRED else (side if rng.random() < 0.9 else rng.choice(["L", "R", "UNKNOWN"]))
             conflict = rng.random() < 0.03
             photometric = "MONOCHROME1" if rng.random() < 0.5 else ("MONOCHROME2" if rng.random() < .98 else "RGB")
+            sop_uid = f"{ROOT}.3.{iid}.{iid * 7919 % 100003}"
             instances.append((
-                iid, f"1.2.5.{iid}", pk, pk, pk, "CR", VIEW_TAG.get(view, view), lat if lat in "LR" else None,
-                photometric, f"aa/{iid}.dcm", bp, view, lat, sex, float(age), rules.age_band(age),
+                iid, sop_uid, pk, pk, pk, "CR", VIEW_TAG.get(view, view), lat if lat in "LR" else None,
+                photometric, f"{study_uid}/{series_uid}/{sop_uid}.dcm", bp, view, lat, sex, float(age),
+                rules.age_band(age),
                 conflict, version,
             ))
     return patients, studies, series, instances
@@ -150,16 +160,18 @@ def run_backend(name: str, url: str, n_rows: int, relabel: int) -> None:
         params = {"taxonomy": "xr10", "per_class": 1500, "split": {"train": 0.8, "test": 0.2}, "seed": 0,
                   "check_files": False}
         for label, extra in (("preview", {"preview": True}), ("create", {})):
-            best = None
+            runs = []
             for _ in range(3):
                 t0 = time.perf_counter()
                 out = create_cohort(s, {**params, **extra}, pseudonym_key=b"bench", store_dir=None, actor="bench")
                 dt = time.perf_counter() - t0
                 s.rollback()
-                best = dt if best is None else min(best, dt)
+                runs.append((dt, out))
+            (best, out), worst = min(runs, key=lambda r: r[0]), max(r[0] for r in runs)
             print(f"{label:8s} best of 3: {best:.3f} s  ({best / base:.2f}x reading all {base_n:,} rows "
-                  f"= {base:.3f} s)  size={out['size']}  target<=1s: {'OK' if best <= 1 else 'MISSED'}")
-            print("   timings:", {k: round(v, 3) for k, v in out["timings"].items()})
+                  f"= {base:.3f} s), worst {worst:.3f} s ({worst / base:.2f}x)  size={out['size']}  "
+                  f"target<=1s: {'OK' if worst <= 1 else 'best OK, worst MISSED' if best <= 1 else 'MISSED'}")
+            print("   timings of the best:", {k: round(v, 3) for k, v in out["timings"].items()})
         print("excluded:", out["excluded"])
         print("classes:", {c["name"]: (c["available"], c["selected"]) for c in out["classes"]})
         if relabel:

@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (BigInteger, Integer, and_, any_, bindparam, case, distinct, false, func, literal, not_,
-                        or_, select, union_all)
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import BigInteger, and_, case, distinct, false, func, literal, not_, or_, select, union_all
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
@@ -59,7 +57,9 @@ class CohortSpec:
 class BuildResult:
     classes: list[dict]
     excluded: dict[str, int]
-    members: list[dict]  # instance_pk, patient_id, issuer, sop_instance_uid, file_path, class_name, split, ...
+    # instance_pk, patient_pk, class_name, split, file_path (None unless read for the file check), in
+    # class order: the service writes UIDs and pseudonyms inside the database (app.cohorts.service)
+    members: list[dict]
     timings: dict[str, float]
 
 
@@ -295,50 +295,33 @@ def _compiled_incomplete(session: Session, classes: list[dict], vocabulary: dict
     return _INCOMPLETE_SQL[key]
 
 
-def _in(col, ids: list[int], dialect: str):
-    # PostgreSQL: one array parameter instead of thousands of bound values
-    if dialect == "postgresql":
-        return col == any_(bindparam("ids", ids, type_=ARRAY(Integer)))
-    return col.in_(ids)
-
-
-def _fetch_members(session: Session, ids: list[int], details: bool = True) -> dict[int, tuple]:
-    """instance id -> (sop_instance_uid, file_path, ruleset_version, patient_id, issuer); with
-    details=False (a preview) only the file path is read: (None, file_path, None, None, None).
-
-    SQLite: one join by primary keys, in IN lists of _CHUNK ids (its bound-parameter limit).
-    PostgreSQL: all ids as one array (= ANY) and two primary-key lookups: given the join, it
-    hash-joins a sequential scan of the whole patients table."""
-    i, p = Instance.__table__, Patient.__table__
-    dialect = session.bind.dialect.name
-    step = (len(ids) or 1) if dialect == "postgresql" else _CHUNK
-    out: dict[int, tuple] = {}
-    for k in range(0, len(ids), step):
-        where = _in(i.c.id, ids[k:k + step], dialect)
-        if not details:
-            q = select(i.c.id, i.c.file_path).where(where)
-            out.update({r[0]: (None, r[1], None, None, None) for r in _raw_rows(session, q)})
-        elif dialect == "sqlite":
-            q = (select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, p.c.patient_id,
-                        p.c.issuer).join_from(i, p, p.c.id == i.c.patient_pk).where(where))
-            out.update({r[0]: tuple(r[1:]) for r in _raw_rows(session, q)})
-        else:
-            q = select(i.c.id, i.c.sop_instance_uid, i.c.file_path, i.c.ruleset_version, i.c.patient_pk).where(where)
-            inst = {r[0]: tuple(r[1:]) for r in _raw_rows(session, q)}
-            pks = sorted({v[3] for v in inst.values()})
-            pat = {r[0]: (r[1], r[2]) for r in _raw_rows(session, select(p.c.id, p.c.patient_id, p.c.issuer)
-                                                               .where(_in(p.c.id, pks, dialect)))}
-            out.update({iid: (uid, path, version, *pat[ppk]) for iid, (uid, path, version, ppk) in inst.items()})
+def rows_by_ids(session: Session, sql: str, ids: list[int]) -> list[tuple]:
+    """Run `sql` (plain SQL whose WHERE ends in `{ids}`) for every id in `ids` on the DBAPI cursor:
+    PostgreSQL gets one array parameter (`= ANY(%b)`); SQLite IN lists of _CHUNK literal placeholders
+    (its bound-parameter limit). No SQLAlchemy compile: expanding 15,000 bound values cost 50 ms."""
+    if not ids:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        return _run_compiled(session, sql.format(ids="= ANY(%b)"), (list(ids),))  # binary: no text array
+    out: list[tuple] = []
+    for k in range(0, len(ids), _CHUNK):
+        chunk = list(ids[k:k + _CHUNK])
+        out += _run_compiled(session, sql.format(ids=f"IN ({', '.join('?' * len(chunk))})"), tuple(chunk))
     return out
 
 
+def _file_paths(session: Session, ids: list[int]) -> dict[int, str]:
+    """instance id -> file_path (store-relative), for the file check of the sampled instances."""
+    return dict(rows_by_ids(session, "SELECT id, file_path FROM instances WHERE id {ids}", ids))
+
+
 def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | None = None,
-          vocabulary: dict[str, list[str]] | None = None, details: bool = True) -> BuildResult:
+          vocabulary: dict[str, list[str]] | None = None) -> BuildResult:
     """Select, de-duplicate, sample and split. Reads only; the caller saves the snapshot.
 
     `vocabulary` (the rule set's label vocabularies) lets the class predicates seek the index
-    instead of scanning a range; results are the same without it. `details=False` (a preview)
-    skips reading UIDs and patient IDs of the members."""
+    instead of scanning a range; results are the same without it. Members are instance and patient
+    keys, class and split: nothing per member is read but the file path, for the file check."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     classes = taxonomy["classes"]
@@ -365,24 +348,30 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
 
     if spec.match_name_birthdate:
         # patients sharing a normalized name + birth date are one: union of classes, one pick
+        # (the patient row of the picked instance is kept: the pseudonym is of its own PatientID)
         ident = _identities(session, {r[0] for r in rows})
         merged: dict[int, list] = {}
         for ppk, cmin, cmax, n, pick in rows:
             m = merged.get(ident[ppk])
             if m is None:
-                merged[ident[ppk]] = [ident[ppk], cmin, cmax, n, pick]
+                merged[ident[ppk]] = [ident[ppk], cmin, cmax, n, pick, ppk]
             else:
-                m[1], m[2], m[3], m[4] = min(m[1], cmin), max(m[2], cmax), m[3] + n, min(m[4], pick)
-        rows = list(merged.values())
+                if pick < m[4]:
+                    m[4], m[5] = pick, ppk
+                m[1], m[2], m[3] = min(m[1], cmin), max(m[2], cmax), m[3] + n
+        rows = [tuple(m) for m in merged.values()]
+    else:
+        rows = [(*r, r[0]) for r in rows]
 
-    pools: list[list[tuple[int, int]]] = [[] for _ in classes]
+    # pool entries: (patient or identity key, picked instance id, that instance's patient_pk)
+    pools: list[list[tuple[int, int, int]]] = [[] for _ in classes]
     two_classes = duplicates = 0
-    for key, cmin, cmax, n, pick in rows:
+    for key, cmin, cmax, n, pick, ppk in rows:
         if cmin != cmax:
             two_classes += n
             continue
         duplicates += n - 1
-        pools[cmin].append((key, pick & 0xFFFFFFFF))
+        pools[cmin].append((key, pick & 0xFFFFFFFF, ppk))
     excluded["patient_in_two_classes"] = two_classes
     excluded["duplicate_patient"] = duplicates
     timings["dedup_s"] = time.perf_counter() - t0 - timings["query_s"]
@@ -413,24 +402,21 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
             batches.append(batch)
         if not any(batches):
             break
-        ids = [iid for batch in batches for _, iid in batch]
-        if details or spec.check_files:
-            info = _fetch_members(session, ids, details)
-        else:  # a preview without the file check needs nothing more than the counts
-            info = dict.fromkeys(ids, (None, None, None, None, None))
+        # without the file check nothing per member is read here (the service writes UIDs in the database)
+        paths = _file_paths(session, [iid for batch in batches for _, iid, _ in batch]) if spec.check_files else {}
         for k, batch in enumerate(batches):
-            for _key, iid in batch:
-                if spec.check_files and not (root / info[iid][1]).is_file():
+            for _key, iid, ppk in batch:
+                path = paths.get(iid)
+                if spec.check_files and not (path and (root / path).is_file()):
                     excluded["file_missing"] += 1
                     continue
-                picked[k].append((iid, info[iid]))
+                picked[k].append((iid, ppk, path))
     for k in range(len(pools)):
         counts = split_counts(len(picked[k]), spec.split)
         sides = [s for s in ("test", "val", "train") if s in counts for _ in range(counts[s])]
-        for (iid, (uid, path, version, pid, issuer)), side in zip(picked[k], sides):
-            members.append({"instance_pk": iid, "patient_id": pid, "issuer": issuer, "sop_instance_uid": uid,
-                            "file_path": path, "class_name": names[k], "split": side,
-                            "ruleset_version": version})
+        for (iid, ppk, path), side in zip(picked[k], sides):
+            members.append({"instance_pk": iid, "patient_pk": ppk, "class_name": names[k], "split": side,
+                            "file_path": path})
         summary.append({"name": names[k], "available": available[k], "selected": len(picked[k]),
                         "incomplete_label": len(incomplete[k]), **{s: counts.get(s, 0) for s in SPLITS}})
     timings["sample_s"] = time.perf_counter() - t0 - timings["query_s"] - timings["dedup_s"]

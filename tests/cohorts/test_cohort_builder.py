@@ -247,3 +247,112 @@ def test_incomplete_labels_are_reported_per_class_and_once_in_total(any_ctx):
     ck = _by_class(_create(any_ctx, taxonomy="knees", check_files=False))
     assert ck["left"]["incomplete_label"] == 0  # the side-less knees are in the other class
     assert ck["any_knee_unknown_side"]["selected"] == 4
+
+
+def _saved(ctx, cohort_id):
+    """The saved members in insertion order with what the index says about each instance."""
+    from app.db.models import Patient
+
+    with ctx.sessions() as s:
+        m, i, p = CohortMember.__table__, Instance.__table__, Patient.__table__
+        return s.execute(select(m.c.instance_pk, m.c.sop_instance_uid, m.c.file_path, m.c.class_name, m.c.split,
+                                m.c.patient_key, i.c.sop_instance_uid, i.c.file_path, p.c.patient_id, p.c.issuer)
+                         .join_from(m, i, i.c.id == m.c.instance_pk).join(p, p.c.id == i.c.patient_pk)
+                         .where(m.c.cohort_id == cohort_id).order_by(m.c.id)).all()
+
+
+def test_saved_members_are_the_selection_in_order_with_their_uids_paths_and_pseudonyms(any_ctx, index):
+    """The members are written inside the database (INSERT ... SELECT): each row carries its own
+    instance's UID and path and the HMAC of its own patient's issuer-qualified ID, in the builder's order."""
+    from app.cohorts.builder import CohortSpec, build
+    from app.cohorts.taxonomies import presets
+    from app.labels.service import make_labeler
+    from app.labels.testing import add_index_rows
+    from tests.cohorts.cohort_index import knee
+
+    with any_ctx.sessions() as s:  # the same PatientID under another issuer is another patient
+        add_index_rows(s, [knee("LK1", "L", issuer="HOSP-B"), knee("ISS2", "R", issuer="HOSP-B")], make_labeler(s))
+        s.commit()
+    params = {"per_class": 9, "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "seed": 3, "check_files": False}
+    out = _create(any_ctx, **params)
+    rows = _saved(any_ctx, out["id"])
+    assert len(rows) == out["size"] > 30
+    for iid, uid, path, cls, split, key, idx_uid, idx_path, pid, issuer in rows:
+        assert (uid, path) == (idx_uid, idx_path)
+        assert key == patient_key(KEY, pid, issuer)
+    assert any(issuer == "HOSP-B" for *_, issuer in rows)
+    with any_ctx.sessions() as s:
+        spec = CohortSpec(**{k: v for k, v in params.items()})
+        again = build(s, presets()["xr10"], spec, vocabulary=load_rules().vocabulary)
+        cohort = s.get(Cohort, out["id"])
+        assert cohort.summary["ruleset_versions"] == {load_rules().version: out["size"]}
+        assert cohort.ruleset_version == out["ruleset_version"] == load_rules().version
+    assert [(r[0], r[3], r[4]) for r in rows] == [(m["instance_pk"], m["class_name"], m["split"])
+                                                  for m in again.members]
+    items = None
+    with any_ctx.sessions() as s:
+        items = cohort_items(s, out["id"])
+    assert [i["sop_instance_uid"] for i in items] == [r[1] for r in rows]  # the training order is the saved order
+
+
+def test_merged_identity_member_keeps_its_own_patients_pseudonym(any_ctx):
+    """With match_name_birthdate two patient IDs are one person: one image is taken, and its
+    pseudonym is the one of the PatientID on that image (not of the other ID)."""
+    from app.labels.service import make_labeler
+    from app.labels.testing import add_index_rows
+    from tests.cohorts.cohort_index import knee
+
+    recs = [knee("OLD-ID", "L", patient_name="SAME^PERSON", sop_instance_uid="1.8.1"),
+            knee("NEW-ID", "L", patient_name="same^person", sop_instance_uid="1.8.2")]
+    with any_ctx.sessions() as s:
+        add_index_rows(s, recs, make_labeler(s))
+        s.commit()
+    out = _create(any_ctx, match_name_birthdate=True, check_files=False)
+    rows = _saved(any_ctx, out["id"])
+    assert out["size"] == len(rows) == 1 and out["excluded"]["duplicate_patient"] == 1
+    (_iid, uid, _p, _c, _s, key, _u, _pa, pid, issuer), = rows
+    assert key == patient_key(KEY, {"1.8.1": "OLD-ID", "1.8.2": "NEW-ID"}[uid], "") == patient_key(KEY, pid, issuer)
+
+
+def test_member_lookups_in_chunks_give_the_same_snapshot(any_ctx, index, monkeypatch):
+    """SQLite looks members' patients and files up in IN lists of _CHUNK ids: several chunks, same result."""
+    import app.cohorts.builder as builder
+
+    whole = _create(any_ctx, seed=5)
+    monkeypatch.setattr(builder, "_CHUNK", 7)
+    chunked = _create(any_ctx, seed=5)
+    assert chunked["size"] == whole["size"] == 50 and chunked["excluded"] == whole["excluded"]
+    with any_ctx.sessions() as s:
+        assert manifest_csv(s, chunked["id"]) == manifest_csv(s, whole["id"])
+
+
+@pytest.mark.parametrize("gone", ["instance", "patient"])
+def test_an_instance_gone_before_the_save_saves_nothing(any_ctx, index, monkeypatch, gone):
+    """An instance (or its patient, and with it the instance) deleted between the selection and the
+    member INSERT (PostgreSQL reads what is committed per statement): a Conflict, and no cohort row
+    or member is left in the session."""
+    from sqlalchemy import delete
+
+    import app.cohorts.service as service
+    from app.db.models import Patient
+    from app.errors import Conflict
+
+    real_build = service.build
+
+    def build_then_delete(session, *a, **kw):
+        result = real_build(session, *a, **kw)
+        m = result.members[3]
+        if gone == "instance":
+            session.execute(delete(Instance).where(Instance.id == m["instance_pk"]))
+        else:
+            session.execute(delete(Patient).where(Patient.id == m["patient_pk"]))
+        return result
+
+    monkeypatch.setattr(service, "build", build_then_delete)
+    with any_ctx.sessions() as s:
+        with pytest.raises(Conflict, match=r"^1 of the 51 selected instances left the index"):
+            create_cohort(s, {"taxonomy": "xr10", "check_files": False}, pseudonym_key=KEY, store_dir=None)
+        assert s.scalar(select(func.count()).select_from(Cohort)) == 0
+        assert s.scalar(select(func.count()).select_from(CohortMember)) == 0
+        s.commit()  # even a caller that commits after the error saves nothing
+        assert s.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "cohort.create")) == 0
