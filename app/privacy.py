@@ -129,6 +129,22 @@ def install_log_redaction() -> None:
 _CHATTY = ("pynetdicom", "alembic", "httpx", "httpcore", "PIL", "matplotlib", "urllib3")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record, not the one at set-up (a CLI
+    invoked in-process, e.g. by a test runner, swaps sys.stderr and closes it afterwards)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", dicom_level: str | None = None, fmt: str | None = None) -> None:
     """Process-wide logging for every radcohort entry point: stderr, redacted, third parties quiet.
 
@@ -139,7 +155,7 @@ def configure_logging(level: str = "INFO", dicom_level: str | None = None, fmt: 
     root = logging.getLogger()
     root.setLevel(level.upper())
     if not any(getattr(h, "_radcohort", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(fmt or "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._radcohort = True  # type: ignore[attr-defined]
         root.addHandler(handler)
