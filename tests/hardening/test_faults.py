@@ -69,7 +69,8 @@ def _start_scp(settings, chunked: bool) -> subprocess.Popen:
     env = {**os.environ, "RADCOHORT_DATABASE_URL": settings.database_url,
            "RADCOHORT_DATA_DIR": str(settings.data_dir), "RADCOHORT_SCP_PORT": str(settings.scp_port),
            "RADCOHORT_PSEUDONYM_KEY": "k"}
-    proc = subprocess.Popen([RADCOHORT, "scp", "--chunked" if chunked else "--no-chunked"], env=env,
+    # one process: the SIGKILL must hit the process that receives (with several, it hits the dispatcher)
+    proc = subprocess.Popen([RADCOHORT, "scp", "--processes", "1", "--chunked" if chunked else "--no-chunked"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
