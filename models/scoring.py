@@ -7,8 +7,7 @@ models.worker when no training job is waiting. The child streams the index in ke
 (app.training.scoring.iter_pages), decodes them in a process pool (the next pages queued behind the
 current one), classifies each batch as soon as its images are decoded, and writes the results with the
 job's progress and cursor in one guarded transaction (app.training.scoring.write_batch) at most once a
-second. Exit codes: 0 done, 3 cancelled, 5 the job is no
-longer ours, 1 failed (RUN_DIR/error.txt).
+second. Exit codes: 0 done, 3 cancelled, 5 the job is no longer ours, 1 failed (RUN_DIR/error.txt).
 
 Importing this module imports no torch (the decode pool is forked before the child imports it).
 """
@@ -53,11 +52,15 @@ def _decode(task: tuple[str, int, str | None]) -> tuple[np.ndarray | None, str |
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def _decode_chunk(tasks: list) -> list:
+    return [_decode(t) for t in tasks]
+
+
 class _Decoder:
-    """The decode processes, one task per image. A process that dies (a codec crashing on a hostile file)
-    breaks the pool: a new pool takes the pages still to come, and the images the broken one held are decoded
-    again one at a time in a one-process pool, where the file that kills it again can only be that one: it
-    gets an error row instead of stopping the job."""
+    """The decode processes, fed a few images per task. A process that dies (a codec crashing on a hostile
+    file) breaks the pool: a new pool takes the pages still to come, and the images the broken one held are
+    decoded again one at a time in a one-process pool, where the file that kills it again can only be that
+    one: it gets an error row instead of stopping the job."""
 
     CRASHED = "a decoder process died on this file (a codec crash); not scored"
 
@@ -72,16 +75,22 @@ class _Decoder:
         pool.submit(int).result()  # start (fork) its processes now, not at the first page
         return pool
 
-    def submit(self, tasks: list) -> list:
+    def submit(self, tasks: list):
+        """Start decoding; an iterator of (image, None) or (None, why not), in the order of `tasks`."""
         pool = self.pool
-        return [(pool, task, pool.submit(_decode, task)) for task in tasks]
+        chunk = max(1, min(8, len(tasks) // (self.workers * 4)))
+        parts = [tasks[i:i + chunk] for i in range(0, len(tasks), chunk)]
+        futures = [pool.submit(_decode_chunk, part) for part in parts]  # now: the pool works ahead
+        return self._results(pool, parts, futures)
 
-    def result(self, entry) -> tuple[np.ndarray | None, str | None]:
-        pool, task, fut = entry
-        try:
-            return fut.result()
-        except BrokenProcessPool:
-            pass
+    def _results(self, pool, parts: list, futures: list):
+        for part, fut in zip(parts, futures):
+            try:
+                yield from fut.result()
+            except BrokenProcessPool:
+                yield from (self._alone(pool, task) for task in part)
+
+    def _alone(self, pool, task) -> tuple[np.ndarray | None, str | None]:
         if pool is self.pool:  # the first result to see it broken: a new pool for what comes next
             self.crashes += 1
             print(f"scoring: a decode process died ({self.crashes} so far); decoding its images again one by one",
@@ -196,11 +205,10 @@ def run(spec: dict, database_url: str) -> int:
                      for _pk, uid, fp, _m, _b in page]
             return page, decoder.submit(tasks)
 
-        def classify(page, pending) -> int | None:
+        def classify(page, decoded) -> int | None:
             for start in range(0, len(page), batch):
                 items = page[start:start + batch]
-                # the batch's images, while the pool decodes on
-                got = [decoder.result(entry) for entry in pending[start:start + batch]]
+                got = [next(decoded) for _ in items]  # the batch's images, while the pool decodes on
                 ok = [i for i, (img, _e) in enumerate(got) if img is not None]
                 probs = clf.probabilities(np.stack([got[i][0] for i in ok])) if ok else np.zeros((0, 0))
                 by_item = dict(zip(ok, probs))
@@ -334,7 +342,8 @@ def _run(worker, job):
     spec_path = rd / "spec.json"
     write_json_atomic(spec_path, spec)
     (rd / "error.txt").unlink(missing_ok=True)
-    env = {**os.environ, MARK_ENV: mark, "RADCOHORT_DATABASE_URL": settings.database_url,
+    # OpenMP threads sleep rather than spin (as the API's predictors do): the decode processes share the cores
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, MARK_ENV: mark, "RADCOHORT_DATABASE_URL": settings.database_url,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "models.scoring", str(spec_path)]
     with (rd / "worker.log").open("ab") as logf:
@@ -374,7 +383,10 @@ def _run(worker, job):
             if done != said_done and time.monotonic() - said_at > 10:
                 worker.say(f"scoring job {job.id}: {done}/{total} images")
                 said_at, said_done = time.monotonic(), done
-            time.sleep(worker.tick)
+            try:
+                proc.wait(timeout=worker.tick)  # back at once when the child ends
+            except subprocess.TimeoutExpired:
+                pass
     finally:
         if proc.poll() is None:
             worker._stop_child(proc, 0)

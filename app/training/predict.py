@@ -134,7 +134,10 @@ class _Predictor:
                  threads: int | None = None):
         self.model_id, self.key, self.log_path = model_id, key, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "RADCOHORT_PREDICTOR_PARENT": str(os.getpid()),
+        # OpenMP threads that sleep rather than spin between torch's parallel regions: on a machine whose cores
+        # are busy with other work (the SCP, the API, a worker) spinning threads made a 45 ms forward take
+        # 200-350 ms (2 cores, load 4); an operator's own OMP_WAIT_POLICY wins
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "RADCOHORT_PREDICTOR_PARENT": str(os.getpid()),
                "RADCOHORT_PREDICT_THREADS": str(threads or ""),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         with log_path.open("wb") as logf:  # the child's stderr: warnings, tracebacks (read back on a crash)
