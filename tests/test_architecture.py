@@ -1,0 +1,239 @@
+"""The import rules of docs/architecture.md, enforced: every module of app/ and models/ is parsed (AST,
+no import executed) and every import statement in it is checked, module-level or inside a function
+(the lazy imports are where layering breaks quietly).
+
+The rules:
+1. Data moves one way. Each module belongs to a layer (LAYERS, lowest first); a module may import
+   the kernel and any layer below its own, never one above. Packages of one layer may not import
+   each other, except in a layer marked `mutual` (packages due to be merged into one).
+2. `models/` (the torch trainer) is a leaf: it imports nothing of `app/`. The typed training
+   spec it shares with the service lives in `models/spec.py` (pydantic only), which `app/` imports.
+3. The kernel (settings, errors, privacy, db, audit, context) imports no layer at all.
+4. The transport (dicom, dicomweb) does not touch the database: no app.db, app.audit, app.context.
+   What it needs of the index or the node records (a sink, a node lookup, recorders) it is handed.
+
+An import that breaks a rule and is not in ALLOWED fails this test, with file, line and rule.
+An entry of ALLOWED that no longer occurs fails it too: fixing an exception means deleting it here,
+so the list only shrinks. A new package must be placed in LAYERS (an unplaced module fails).
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# modules every layer may import (and that import no layer): the process's foundations
+KERNEL = ("app", "app.errors", "app.config", "app.tokens", "app.privacy", "app.db", "app.audit", "app.context",
+          "app.jobs")
+
+# rule 4: these packages may not import those
+DB_FREE = ("app.dicom", "app.dicomweb")
+DB_MODULES = ("app.db", "app.audit", "app.context")
+
+# (layer name, module prefixes, mutual) - lowest first. A module's layer is its longest matching prefix.
+LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
+    ("dicom", ("app.dicom",), False),  # pynetdicom, the file store; no DB
+    ("dicomweb", ("app.dicomweb",), False),  # QIDO/WADO client and Part 10 ingest over HTTP
+    ("index", ("app.index",), False),  # extract (Dataset -> record), ingest, the store->index sink
+    ("labels", ("app.labels",), False),  # rules + engine; the labeler handed to the index
+    # PACS nodes: records, etiquette policy, probe, the pseudonymous C-FIND rules (one package to be: app/nodes)
+    ("nodes", ("app.policy", "app.probe", "app.retrievals.nodes", "app.find_policy"), True),
+    ("retrievals", ("app.retrievals",), False),  # expected listing, plan, runner, leases
+    ("worklists", ("app.worklists",), False),  # accession lists resolved against a PACS
+    ("cohorts", ("app.cohorts",), False),  # selection, split, snapshots, pulls
+    ("models", ("models",), False),  # the torch trainer (a leaf, rule 2)
+    ("products", ("app.exports", "app.training"), False),  # what is made from a cohort
+    ("tools", ("app.synth", "app.devtools"), False),  # phantoms and test peers: used by entry points only
+    ("entry", ("app.wiring", "app.api", "app.web", "app.cli", "app.demo"), True),  # composition and front ends
+]
+
+# The exceptions that remain (importer module, imported module) -> why, and what removes it.
+# Keep in step with docs/architecture.md "Known exceptions".
+ALLOWED: dict[tuple[str, str], str] = {
+    # dicom -> index / labels / db: the Storage SCP owns index writing (step 2 removes these)
+    ("app.dicom.scp", "app.index.ingest"): "SCP builds its own index batcher; to be handed a sink",
+    ("app.dicom.scp", "app.index.extract"): "SCP builds its own index batcher; to be handed a sink",
+    ("app.dicom.scp", "app.labels.service"): "SCP loads the labeler; to be done at wiring",
+    ("app.dicom.scp", "app.db.models"): "SCP looks up PacsNode rows and records conflicts; to be handed",
+    ("app.dicom.scp", "app.audit"): "SCP audits refusals; to be handed a recorder",
+    # index -> labels: the displayed age uses the labeler's plausibility rules
+    ("app.index.extract", "app.labels.engine"): "age_years: move the pure age parsing into index/extract",
+    # policy <-> retrievals: the governed runner subclasses the runner (step 2 removes these)
+    ("app.policy.runner", "app.retrievals.runner"): "GovernedRunner subclasses RetrievalRunner",
+    # the node records (nodes layer) take their pydantic schemas from the retrievals package
+    ("app.retrievals.nodes", "app.retrievals.schemas"): "move NodeIn/NodeOut next to the node records",
+    # models -> app: the database queue loop and the scoring child live in models/ today
+    ("models.worker", "app"): "the worker loop belongs in app/training (issue #15, durable-job half)",
+    ("models.worker", "app.context"): "the worker loop belongs in app/training (issue #15, durable-job half)",
+    ("models.worker", "app.db.base"): "the worker loop belongs in app/training (issue #15, durable-job half)",
+    ("models.worker", "app.training.jobs"): "the worker loop belongs in app/training (issue #15, durable-job half)",
+    ("models.worker", "app.training.workers"): "the worker loop belongs in app/training (issue #15)",
+    ("models.worker", "app.training.artifacts"): "the worker loop belongs in app/training (issue #15)",
+    ("models.scoring", "app.db.base"): "the scoring child reads/writes score rows itself; hand it a writer",
+    ("models.scoring", "app.db.models"): "the scoring child reads/writes score rows itself; hand it a writer",
+    ("models.scoring", "app.training.jobs"): "the scoring child reads/writes score rows itself; hand it a writer",
+    ("models.scoring", "app.training.artifacts"): "the scoring child reads the model registry; hand it paths",
+    ("models.scoring", "app.training.scoring"): "the scoring child shares the job bookkeeping; hand it a writer",
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str
+    target: str
+    path: Path
+    line: int
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def all_modules() -> dict[str, Path]:
+    mods = {}
+    for top in ("app", "models"):
+        for p in sorted((ROOT / top).rglob("*.py")):
+            mods[module_name(p)] = p
+    return mods
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Import]:
+    """Every import of a project module in this file, at any depth (functions, methods, try blocks)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # `from app import audit` imports the module app.audit, not the package app
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+        else:
+            continue
+        for t in dict.fromkeys(targets):
+            if t.split(".")[0] in ("app", "models"):
+                out.append(Import(name, t, path, node.lineno))
+    return out
+
+
+def _prefix_match(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def is_kernel(module: str) -> bool:
+    return module == "app" or any(_prefix_match(module, k) for k in KERNEL if k != "app")
+
+
+def layer_of(module: str) -> tuple[int, str] | None:
+    """(layer index, package prefix) by the longest matching prefix; None for the kernel or unplaced."""
+    best: tuple[int, int, str] | None = None
+    for i, (_name, prefixes, _mutual) in enumerate(LAYERS):
+        for p in prefixes:
+            if _prefix_match(module, p) and (best is None or len(p) > best[1]):
+                best = (i, len(p), p)
+    return None if best is None else (best[0], best[2])
+
+
+def violation(imp: Import) -> str | None:
+    """Which rule `imp` breaks (None: allowed by the rules)."""
+    src, dst = imp.importer, imp.target
+    if src.split(".")[0] == "models":
+        if dst.split(".")[0] == "app":
+            return "models/ is a leaf: it imports nothing of app/ (the shared spec is models/spec.py)"
+        return None
+    if is_kernel(src):
+        if dst.split(".")[0] == "models" or not is_kernel(dst):
+            return f"the kernel imports no layer ({dst})"
+        return None
+    if any(_prefix_match(src, p) for p in DB_FREE) and any(_prefix_match(dst, p) for p in DB_MODULES):
+        return f"the transport ({src.split('.')[1]}) does not touch the database ({dst}): it is handed what it needs"
+    if is_kernel(dst):
+        return None
+    a, b = layer_of(src), layer_of(dst)
+    if a is None or b is None:
+        return None  # reported by test_every_module_is_placed
+    if a[0] < b[0]:
+        return f"layer '{LAYERS[a[0]][0]}' imports the later layer '{LAYERS[b[0]][0]}'"
+    if a[0] == b[0] and a[1] != b[1] and not LAYERS[a[0]][2]:
+        return f"'{a[1]}' and '{b[1]}' are siblings in layer '{LAYERS[a[0]][0]}': neither imports the other"
+    return None
+
+
+@pytest.fixture(scope="module")
+def graph() -> list[Import]:
+    modules = all_modules()
+    out: list[Import] = []
+    for name, path in modules.items():
+        out.extend(imports_of(name, path, modules))
+    return out
+
+
+def test_every_module_is_placed() -> None:
+    unplaced = [m for m in all_modules() if not is_kernel(m) and layer_of(m) is None]
+    assert not unplaced, f"place these modules in a layer of tests/test_architecture.py LAYERS: {unplaced}"
+
+
+def test_no_new_import_violations(graph: list[Import]) -> None:
+    bad = []
+    for imp in graph:
+        why = violation(imp)
+        if why and (imp.importer, imp.target) not in ALLOWED:
+            bad.append(f"{imp.path.relative_to(ROOT)}:{imp.line}: {imp.importer} -> {imp.target}: {why}")
+    assert not bad, "imports that break docs/architecture.md's rules:\n" + "\n".join(sorted(bad))
+
+
+def test_allowlist_has_no_stale_entries(graph: list[Import]) -> None:
+    """An exception that was fixed must leave ALLOWED (and docs/architecture.md's list)."""
+    seen = {(i.importer, i.target) for i in graph if violation(i)}
+    stale = sorted(set(ALLOWED) - seen)
+    assert not stale, f"these exceptions no longer occur: delete them from ALLOWED: {stale}"
+
+
+@pytest.mark.parametrize("importer,target,rule", [
+    ("app.dicom.scu", "app.retrievals.runner", "later layer"),
+    ("app.index.ingest", "app.cohorts.service", "later layer"),
+    ("app.retrievals.runner", "app.cohorts.builder", "later layer"),
+    ("models.engine", "app.db.models", "leaf"),
+    ("models.run", "app.training.jobs", "leaf"),
+    ("app.config", "app.dicom.store", "kernel"),
+    ("app.exports.service", "app.training.jobs", "siblings"),
+    ("app.dicom.scp", "app.db.models", "database"),
+    ("app.dicomweb.client", "app.audit", "database"),
+])
+def test_the_lint_catches(importer: str, target: str, rule: str) -> None:
+    """The rules themselves: each of these would fail CI."""
+    why = violation(Import(importer, target, ROOT, 1))
+    assert why is not None and rule in why, why
+
+
+@pytest.mark.parametrize("importer,target", [
+    ("app.index.ingest", "app.dicom.store"), ("app.cohorts.service", "app.labels.engine"),
+    ("app.retrievals.runner", "app.policy.governor"), ("app.training.jobs", "models.spec"),
+    ("app.cli.server", "app.wiring"), ("app.policy.runner", "app.probe.probe"),
+    ("app.probe.service", "app.retrievals.nodes"), ("models.run", "models.spec"),
+])
+def test_the_lint_allows(importer: str, target: str) -> None:
+    assert violation(Import(importer, target, ROOT, 1)) is None
+
+
+def test_lazy_imports_are_seen(tmp_path: Path) -> None:
+    """An import inside a function counts like one at the top."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from app.cohorts.service import x\n    return x\n")
+    got = imports_of("app.dicom.m", f, {"app.cohorts.service": f})
+    assert [(i.target, i.line) for i in got] == [("app.cohorts.service", 2)]
+    assert violation(got[0]) is not None
