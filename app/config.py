@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     retrieval_heartbeat_s: float = Field(10.0, gt=0, description="how often a running retrieval renews its lease")
     retrieval_stale_s: float = Field(60.0, gt=0, description="a retrieval whose lease is this old was left "
                                      "by a stopped process: a running API takes it over")
+    api_runs_jobs: bool = Field(True, description="the API process also runs background jobs (probes, pulls, "
+                                "exports, worklist resolves, retrievals); false: only `radcohort worker` runs them")
+    jobs_heartbeat_s: float = Field(5.0, gt=0, description="how often a job runner renews the leases of its jobs")
+    jobs_stale_s: float = Field(30.0, gt=0, description="a job whose lease is this old was left by a stopped "
+                                "runner: the next claim takes it over (retrieval jobs: retrieval_stale_s)")
     label_rules: Path | None = Field(None, description="labels rules file (YAML); built-in when unset")
     worker_poll_seconds: float = Field(2.0, gt=0)
     worker_gpus: int | None = Field(None, description="GPUs for one job (torchrun); all when unset")
@@ -84,6 +89,9 @@ class Settings(BaseSettings):
         if self.retrieval_stale_s < 2 * self.retrieval_heartbeat_s:
             raise ValueError("retrieval_stale_s must be at least twice retrieval_heartbeat_s "
                              "(a live retrieval would look stopped between two heartbeats)")
+        if self.jobs_stale_s < 2 * self.jobs_heartbeat_s:
+            raise ValueError("jobs_stale_s must be at least twice jobs_heartbeat_s "
+                             "(a live job would look stopped between two heartbeats)")
         return self
 
     @model_validator(mode="after")

@@ -386,7 +386,7 @@ class Export(Base):
     cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"), index=True)
     format: Mapped[str] = mapped_column(String(32))
     params: Mapped[dict] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed|cancelled|deleted
     done: Mapped[int] = mapped_column(Integer, default=0)
     total: Mapped[int] = mapped_column(Integer, default=0)
     report: Mapped[dict] = mapped_column(JSON, default=dict)  # exported, excluded/flagged counts, card
@@ -394,4 +394,30 @@ class Export(Base):
     actor: Mapped[str | None] = mapped_column(String(128))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# ---------------------------------------------------------------- durable background jobs
+class Job(Base):
+    """One piece of background work (probe, cohort pull, export, worklist resolve, retrieval): queued by
+    whoever asks, claimed under a lease by a job runner (app.jobs), in the API process or `radcohort worker`."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_queue_status", "queue", "status"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # which handler runs it
+    queue: Mapped[str] = mapped_column(String(32))  # which runners may claim it
+    target: Mapped[str | None] = mapped_column(String(128), index=True)  # "export:7": the row it works on
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)  # ids and options only, never an identifier
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|failed|cancelled
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(128))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    runner_id: Mapped[str | None] = mapped_column(String(128))  # host:pid:random of the holder
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
