@@ -163,19 +163,29 @@ def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: i
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def rank_shard(n: int, rt: Runtime) -> list[int]:
+    """Positions (of `n` training items) this rank loads and trains on: a stride of the list, padded by
+    wrapping to ceil(n / world) so that every rank runs the same number of steps (DDP needs that).
+
+    Each rank holds only its shard in memory (on several hosts nobody holds the whole split); the shard is
+    fixed for the job and shuffled per epoch, while DDP averages every step's gradient over all shards.
+    """
+    if not rt.distributed:
+        return list(range(n))
+    per = math.ceil(n / rt.world_size)
+    padded = list(range(n)) + list(range(per * rt.world_size - n))
+    return padded[rt.rank :: rt.world_size]
+
+
 def epoch_indices(n: int, epoch: int, seed: int, rt: Runtime) -> torch.Tensor:
-    """This rank's shard of a seeded per-epoch permutation; equal length on every rank (DDP)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    if rt.distributed:
-        per = n // rt.world_size
-        perm = perm[rt.rank :: rt.world_size][:per]
-    return perm
+    """A seeded per-epoch permutation of this rank's `n` items (its shard, see `rank_shard`)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + (rt.rank * 7_919 if rt.distributed else 0))
+    return torch.randperm(n, generator=g)
 
 
-def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
-    per = n // world_size if world_size > 1 else n
-    full, rest = divmod(per, batch_size)
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Steps over `n` items of this rank (equal on every rank: see `rank_shard`)."""
+    full, rest = divmod(n, batch_size)
     return full + (1 if rest >= 2 else 0)
 
 

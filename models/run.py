@@ -36,6 +36,7 @@ from models.engine import (
     evaluate,
     make_optimizer,
     make_scheduler,
+    rank_shard,
     seed_everything,
     setup_runtime,
     steps_per_epoch,
@@ -214,8 +215,10 @@ def _run(spec: dict, cfg: TrainConfig, classes: list[str], items: list[dict], ru
                                                  "preprocess": preprocess_params(cfg.image_size)}}
         _atomic_json(run_dir / "config.json", resolved)
 
-    # 1. cache (rank 0 builds; the others wait at the broadcast)
-    errors = build_cache(items, spec["cache_dir"], cfg.image_size, cfg.workers, prog.emit) if rt.is_main else None
+    # 1. cache: local rank 0 of every host builds it (hosts need not share a file system; on a shared one
+    # the writes are atomic and the second host finds the entries made), the others wait at the broadcast
+    errors = (build_cache(items, spec["cache_dir"], cfg.image_size, cfg.workers, prog.emit)
+              if rt.local_rank == 0 else None)
     errors = _broadcast(errors, rt)
     skipped = [{"sop_instance_uid": uid, "reason": why} for uid, why in errors.items()]
     for s in skipped:
@@ -232,7 +235,13 @@ def _run(spec: dict, cfg: TrainConfig, classes: list[str], items: list[dict], ru
         imgs, orig = load_cached(split_items, spec["cache_dir"], cfg.image_size)
         return DeviceData(imgs, np.array([cidx[it["class"]] for it in split_items]), orig[:, 0], rt, bs)
 
-    train = place(by_split["train"])
+    # every rank loads only its shard of the training split
+    train_items = by_split["train"]
+    train = place([train_items[i] for i in rank_shard(len(train_items), rt)])
+    if rt.distributed:
+        sizes: list = [None] * rt.world_size
+        dist.all_gather_object(sizes, len(train))
+        prog.emit({"event": "shards", "train": len(train_items), "per_rank": sizes})
     monitor_items = by_split["val"] or (by_split["test"] if cfg.monitor_test else [])
     monitor = place(monitor_items) if (monitor_items and rt.is_main) else None
 
@@ -242,7 +251,7 @@ def _run(spec: dict, cfg: TrainConfig, classes: list[str], items: list[dict], ru
     if rt.cuda:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg.resolved_lr(), cfg.weight_decay, rt)
-    spe = steps_per_epoch(len(train), bs, rt.world_size)
+    spe = steps_per_epoch(len(train), bs)
     sched = make_scheduler(opt, spe * cfg.epochs, round(spe * cfg.warmup_epochs))
     job_fp = fingerprint({"cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("workers", "device")},
                           "classes": classes, "world": rt.world_size,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 pytest.importorskip("torch")
 pytest.importorskip("timm")
@@ -214,7 +215,23 @@ def test_ddp_two_gloo_processes_on_cpu(cohort, tmp_path):
     assert [e["epoch"] for e in ev if e["event"] == "epoch"] == [1, 2, 3]
     assert ev[-2]["device"] == "cpu (2 processes)" and ev[-1]["event"] == "done"
     assert json.loads((run_dir / "config.json").read_text())["resolved"]["world_size"] == 2
+    # each rank loaded only its half of the training split (padded to equal length for DDP)
+    shards = next(e for e in ev if e["event"] == "shards")
+    n_train = shards["train"]
+    assert shards["per_rank"] == [(n_train + 1) // 2] * 2 and n_train > 2
     m = json.loads((run_dir / "metrics.json").read_text())
     assert sum(r["n"] for r in m["per_class"]) == 36 and "rotate90" in m["experiments"]
     assert np.isfinite(ev[-2]["loss"])
     assert time.monotonic() - t0 < 120  # ~25 s measured on the 2-core machine: not a "slow" test
+
+
+def test_rank_shards_cover_the_split_once_with_equal_lengths():
+    from models.engine import Runtime, rank_shard
+
+    for n, world in [(10, 2), (11, 2), (7, 3), (2, 4)]:
+        shards = [rank_shard(n, Runtime(torch.device("cpu"), r, world, r)) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1, (n, world)  # same step count on every rank
+        covered = [i for s in shards for i in s]
+        assert set(covered) == set(range(n))  # every item trained on
+        assert len(covered) - n < world  # padding repeats fewer than `world` items
+    assert rank_shard(5, Runtime(torch.device("cpu"))) == [0, 1, 2, 3, 4]
