@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +30,8 @@ def entry_path(root: Path, uid: str) -> Path:
 
 def _write_entry(path: Path, img: np.ndarray, orig: tuple[int, int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # host and pid: local rank 0 of several hosts may fill one shared cache at once
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
         np.savez(fh, img=img, orig=np.asarray(orig, dtype=np.int32))
     os.replace(tmp, path)
