@@ -10,7 +10,6 @@ retried with exponential backoff and jitter, `settings.dicom_retries` times.
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +34,7 @@ from app.config import Settings
 from app.dicom.netopts import low_latency
 from app.dicom.queries import build_identifier, check_level, validate_query
 from app.errors import DicomError, PermanentDicomError, RetriableDicomError
+from app.retry import RetryPolicy
 
 log = logging.getLogger("radcohort.scu")
 
@@ -232,18 +232,7 @@ class DicomClient:
 
     # ------------------------------------------------------------------ retry layer
     def _retry(self, op: str, fn: Callable[[], T]) -> T:
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except RetriableDicomError as exc:
-                if attempt >= self.retries:
-                    raise
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
-                log.warning("%s failed (%s); retry %d/%d in %.1fs", op, exc.message, attempt + 1,
-                            self.retries, delay)
-                self._sleep(delay)
-                attempt += 1
+        return RetryPolicy(self.retries, self.backoff, self.max_backoff, self._sleep).run(op, fn, log)
 
     @contextmanager
     def _association(self, contexts: list, *, handlers: list | None = None,

@@ -15,7 +15,6 @@ are `PermanentDicomError`.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
@@ -27,6 +26,7 @@ from pydicom.dataset import Dataset
 from app.dicom.queries import validate_query
 from app.dicom.scu import FindResult
 from app.errors import PermanentDicomError, RetriableDicomError
+from app.retry import RetryPolicy
 
 log = logging.getLogger("radcohort.dicomweb")
 
@@ -52,17 +52,8 @@ class DicomwebNode:
 
     # ------------------------------------------------------------------ retry layer
     def _call(self, op: str, fn: Callable[[], T]) -> T:
-        attempt = 0
-        while True:
-            try:
-                return self._map(op, fn)
-            except RetriableDicomError as exc:
-                if attempt >= self.retries:
-                    raise
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
-                log.warning("%s failed (%s); retry %d/%d in %.1fs", op, exc.message, attempt + 1, self.retries, delay)
-                self._sleep(delay)
-                attempt += 1
+        return RetryPolicy(self.retries, self.backoff, self.max_backoff, self._sleep).run(
+            op, lambda: self._map(op, fn), log)
 
     def _map(self, op: str, fn: Callable[[], T]) -> T:
         try:
