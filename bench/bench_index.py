@@ -30,7 +30,7 @@ from pydicom import dcmread  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.context import AppContext  # noqa: E402
 from app.db.migrate import upgrade  # noqa: E402
-from app.dicom.scp import load_labeler  # noqa: E402
+from app.labels.service import load_labeler  # noqa: E402
 from app.index.ingest import index_directory  # noqa: E402
 from bench_scp import _drop_db, _fresh_db, make_instances  # noqa: E402
 

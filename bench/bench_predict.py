@@ -71,7 +71,7 @@ def setup(work: Path, n: int, image_size: int, arch: str):
     from app.db.base import session_scope
     from app.db.migrate import upgrade
     from app.db.models import Cohort, TrainedModel, TrainingJob
-    from app.dicom.scp import load_labeler
+    from app.labels.service import load_labeler
     from app.index.ingest import index_directory
     from models.registry import build_model
 

@@ -204,9 +204,9 @@ def register(cli: typer.Typer) -> None:
             except RadcohortError as exc:
                 _fail(exc.message, 2)
             if with_scp and (method or pacs.retrieve_method) == "move":
-                from app.dicom.scp import StorageSCP
+                from app.wiring import storage_scp
 
-                stack.enter_context(StorageSCP(ctx))
+                stack.enter_context(storage_scp(ctx))
             columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("skipped {task.fields[skipped]}"), TimeElapsedColumn()]
             with Progress(*columns, transient=False, disable=not sys.stderr.isatty()) as bar:

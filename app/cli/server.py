@@ -21,7 +21,7 @@ def _scp_child(overrides: dict, levels: tuple[str, str], channel, fsync: bool = 
 
     configure_logging(*levels, fmt="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     from app.context import AppContext
-    from app.dicom.scp import StorageSCP
+    from app.wiring import storage_scp
 
     settings = get_settings(**overrides)
     ctx = AppContext.build(settings)
@@ -29,7 +29,7 @@ def _scp_child(overrides: dict, levels: tuple[str, str], channel, fsync: bool = 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # the dispatcher's process gone (even SIGKILLed) closes the channel: this child stops too
-    scp = StorageSCP(ctx, fsync=fsync, chunked=chunked).start(channel=channel, on_channel_closed=stop.set)
+    scp = storage_scp(ctx, fsync=fsync, chunked=chunked).start(channel=channel, on_channel_closed=stop.set)
     try:
         stop.wait()
     finally:
@@ -107,7 +107,7 @@ def register(cli: typer.Typer) -> None:
         """Run the DICOM Storage SCP only (after `db upgrade`)."""
         from app.context import AppContext
         from app.db.migrate import upgrade
-        from app.dicom.scp import StorageSCP
+        from app.wiring import storage_scp
 
         overrides = _overrides(ae_title, host, port)
         settings = get_settings(**overrides)
@@ -122,7 +122,7 @@ def register(cli: typer.Typer) -> None:
                 procs.stop()
             return
         ctx = AppContext.build(settings)
-        server = StorageSCP(ctx, fsync=fsync, chunked=chunked).start()
+        server = storage_scp(ctx, fsync=fsync, chunked=chunked).start()
         try:
             _wait_for_signal()
         finally:
@@ -143,7 +143,7 @@ def register(cli: typer.Typer) -> None:
         from app.api import create_app
         from app.context import AppContext
         from app.db.migrate import upgrade
-        from app.dicom.scp import StorageSCP
+        from app.wiring import storage_scp
 
         settings = get_settings(**{k: v for k, v in {"api_host": host, "api_port": port}.items() if v is not None})
         upgrade(settings.database_url)
@@ -154,7 +154,7 @@ def register(cli: typer.Typer) -> None:
             if n > 1:
                 procs = ScpProcesses(settings, n, chunked=chunked).start()
             else:
-                server = StorageSCP(ctx, chunked=chunked).start()
+                server = storage_scp(ctx, chunked=chunked).start()
             typer.echo(f"Storage SCP {settings.ae_title} on {settings.scp_host}:{settings.scp_port}")
         try:
             uvicorn.run(create_app(settings, ctx), host=settings.api_host, port=settings.api_port,
@@ -174,7 +174,7 @@ def register(cli: typer.Typer) -> None:
         """Index DICOM files on disk (the store after a DB loss, or any folder in place)."""
         from app.context import AppContext
         from app.db.migrate import upgrade
-        from app.dicom.scp import load_labeler
+        from app.labels.service import load_labeler
         from app.index.ingest import index_directory
 
         settings = get_settings()

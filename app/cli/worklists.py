@@ -122,9 +122,9 @@ def register(cli: typer.Typer) -> None:
             except RadcohortError as exc:
                 _fail(exc.message)
             if with_scp:
-                from app.dicom.scp import StorageSCP
+                from app.wiring import storage_scp
 
-                stack.enter_context(StorageSCP(ctx))
+                stack.enter_context(storage_scp(ctx))
             typer.echo(f"retrieval {rid}: {n} studies")
             out = run_retrieval(ctx, rid)
         typer.echo(f"retrieval {rid}: {out.status}, received {out.received}, skipped {out.skipped}, "

@@ -24,8 +24,9 @@ committed. Commits are grouped (IndexBatcher): concurrent stores share one trans
 sender commits per instance. A file without a row (index down) is completed by a resend or by
 `radcohort reindex`; a row never points at a missing or partial file.
 
-`make_store_handler` and the store know nothing of the DB; `StorageSCP` is the composition point
-that wires the PacsNode lookup and the index (imported lazily) around them.
+Neither `make_store_handler` nor `StorageSCP` knows the database: the SCP is handed its sink (the
+index writer, app.index.sink.IndexSink), its node lookup (which configured PACS a peer is) and its
+recorders (conflicts, refusals) when it is wired (app.wiring.storage_scp).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import errno
 import json
 import logging
 import os
-import queue
 import selectors
 import socket
 import ssl
@@ -43,7 +43,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -304,21 +303,6 @@ def make_store_handler(store: DicomStore, sink: Sink, node_for: NodeFor | None =
     return handle_store
 
 
-def refusal_recorder(sessions) -> RefusalRecorder:
-    """Refusals go to the audit log (`dicom.refused`, target the SOP Instance UID): rare, security
-    relevant, and where a retrieval looks for them."""
-
-    def record(sop: str, status: int, calling_ae: str) -> None:
-        from app import audit
-
-        with sessions() as s:
-            audit.record(s, "scp", "dicom.refused", sop, status=f"0x{status:04X}", calling_ae=calling_ae,
-                         meaning=REFUSAL_MEANING.get(status, ""))
-            s.commit()
-
-    return record
-
-
 def _same_fs(a: Path, b: Path) -> bool:
     try:
         return os.stat(a).st_dev == os.stat(b).st_dev
@@ -328,165 +312,6 @@ def _same_fs(a: Path, b: Path) -> bool:
 
 def _safe(uid) -> str:
     return str(uid or "")[:64]
-
-
-# ----------------------------------------------------------------------------- index batcher
-class IndexBatcher:
-    """Group commit for the SCP: handler threads submit records and wait for their commit.
-
-    One background thread takes whatever is queued (up to `max_batch`), ingests it in one
-    transaction and commits, then wakes the waiting handlers. No linger: with one sender
-    each store commits alone; with several associations, concurrent stores share commits.
-    """
-
-    def __init__(self, sessions, labeler=None, max_batch: int = 256, pseudonym_key: bytes | None = None):
-        self.sessions = sessions
-        self.labeler = labeler
-        self.max_batch = max_batch
-        self.pseudonym_key = pseudonym_key  # conflicts name patients by pseudonym only (None: not at all)
-        from app.index.ingest import IngestCache
-
-        self.cache = IngestCache()
-        self._q: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def start(self) -> "IndexBatcher":
-        self._thread = threading.Thread(target=self._run, name="index-batcher", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._q.put(None)
-        if self._thread:
-            self._thread.join(10)
-
-    def submit(self, record: dict) -> Future:
-        fut: Future = Future()
-        if self._stop.is_set():
-            fut.set_exception(RuntimeError("index batcher stopped"))
-        else:
-            self._q.put((record, fut))
-        return fut
-
-    def _run(self) -> None:
-        from app.index.ingest import ingest
-
-        while True:
-            item = self._q.get()
-            if item is None:
-                break
-            batch = [item]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._stop.set()
-                    break
-                batch.append(nxt)
-            try:
-                res = self._commit([r for r, _ in batch], ingest)
-                for rec, fut in batch:
-                    self._settle(fut, rec, res)
-            except Exception:  # noqa: BLE001 - retry one by one so one bad record fails alone
-                for rec, fut in batch:
-                    try:
-                        self._settle(fut, rec, self._commit([rec], ingest))
-                    except Exception as exc:  # noqa: BLE001
-                        fut.set_exception(exc)
-            if self._stop.is_set() and self._q.empty():
-                break
-        # fail whatever is still queued rather than leave handlers waiting
-        while True:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[1].set_exception(RuntimeError("index batcher stopped"))
-
-    def _settle(self, fut: Future, rec: dict, res) -> None:
-        reason = res.conflicts.get(rec["sop_instance_uid"])
-        if reason is None:
-            fut.set_result(True)
-        else:  # the index refused it: the handler keeps the copy aside and records it here
-            fut.set_exception(StoreConflict(reason, self.record_conflict))
-
-    def record_conflict(self, details: dict) -> None:
-        """Record a kept-aside copy (StoreConflict row + audit event), with what the index holds.
-
-        `details` may carry patient_id/issuer: turned into a pseudonym here, never stored or logged."""
-        from sqlalchemy import select
-
-        from app import audit
-        from app.db.models import Instance, Patient, Series, Study
-        from app.db.models import StoreConflict as ConflictRow
-
-        d = dict(details)
-        pid, issuer = d.pop("patient_id", None), d.pop("issuer", "")
-        sop = d["sop_instance_uid"]
-        session = self.sessions()
-        try:
-            existing = session.execute(
-                select(Study.study_instance_uid, Series.series_instance_uid, Patient.patient_id, Patient.issuer,
-                       Instance.source_node)
-                .select_from(Instance).join(Study, Instance.study_pk == Study.id)
-                .join(Series, Instance.series_pk == Series.id).join(Patient, Instance.patient_pk == Patient.id)
-                .where(Instance.sop_instance_uid == sop)).first()
-            owner = None
-            if existing is None:  # a new instance of a known study: the study's owner
-                owner = session.execute(select(Patient.patient_id, Patient.issuer).join(
-                    Study, Study.patient_pk == Patient.id).where(
-                    Study.study_instance_uid == d["study_instance_uid"])).first()
-            else:
-                d.setdefault("existing_study_instance_uid", existing[0])
-                d.setdefault("existing_series_instance_uid", existing[1])
-                d.setdefault("existing_source_node", existing[4])
-                owner = existing[2:4]
-            if self.pseudonym_key is not None:
-                from app.privacy import patient_key
-
-                if pid is not None:
-                    d["patient_key"] = patient_key(self.pseudonym_key, pid, issuer)
-                if owner is not None:
-                    d["existing_patient_key"] = patient_key(self.pseudonym_key, owner[0], owner[1])
-            cols = {c.name for c in ConflictRow.__table__.columns}
-            known = session.scalar(select(ConflictRow.id).where(ConflictRow.sop_instance_uid == sop,
-                                                                ConflictRow.received_sha256 == d["received_sha256"]))
-            if known is None:  # the same copy sent again is one conflict
-                row = ConflictRow(**{k: v for k, v in d.items() if k in cols})
-                session.add(row)
-                session.flush()
-                audit.record(session, f"scp:{d.get('source_node') or d.get('calling_ae') or '?'}",
-                             "dicom.conflict", sop, conflict_id=row.id, reason=d["reason"],
-                             study_instance_uid=d["study_instance_uid"], file_path=d["file_path"])
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
-
-    def _commit(self, records: list[dict], ingest):
-        session = self.sessions()
-        try:
-            if session.get_bind().dialect.name == "sqlite":
-                # take the write lock first: a read-then-write transaction that loses a race with
-                # another SCP process gets SQLITE_BUSY at once instead of waiting its turn
-                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
-            res = ingest(session, records, labeler=self.labeler, cache=self.cache)
-            session.commit()
-            self.cache.commit()
-            return res
-        except BaseException:
-            session.rollback()
-            self.cache.clear()  # a failure may come from a stale id: look everything up again
-            raise
-        finally:
-            session.close()
 
 
 class _IncomingFile:
@@ -577,52 +402,30 @@ def enable_chunked_receive(store: DicomStore, min_free_bytes: int = 0) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
 
 
-def load_labeler(sessions, rules_file=None):
-    """The labels stage's labeler when it is installed (None otherwise: labels can be recomputed)."""
-    try:
-        from app.labels.service import make_labeler  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    last: Exception | None = None
-    for _ in range(3):  # several SCP processes may register the same rule set at once
-        session = sessions()
-        try:
-            labeler = make_labeler(session, rules_file)
-            session.commit()
-            return labeler
-        except Exception as exc:  # noqa: BLE001 - index without labels rather than refuse data
-            session.rollback()
-            last = exc
-            time.sleep(0.2)
-        finally:
-            session.close()
-    log.warning("labeler unavailable, indexing without labels: %s", last)
-    return None
-
-
 # ----------------------------------------------------------------------------- the SCP
 class StorageSCP:
     """Our Storage SCP (plus C-ECHO) on settings.scp_host/scp_port as settings.ae_title.
 
-    Associations are accepted only from the calling AE titles of PacsNode rows (and, with
-    settings.scp_check_host, only from their host), looked up at association time.
-    Success is answered once the file is on disk (fsynced) AND its index row is committed.
+    Associations are accepted only from peers `node_for(calling AE title, address)` names (the
+    configured PacsNode rows, looked up at association time; a lookup that raises refuses).
+    Success is answered once the file is on disk (fsynced) AND the sink returned (the index row
+    is committed).
     """
 
-    def __init__(self, ctx, *, port: int | None = None, fsync: bool = True, labeler=None,
-                 load_labels: bool = True, chunked: bool = False):
-        self.ctx = ctx
-        self.settings = ctx.settings
+    def __init__(self, settings, sink: Sink, node_for: NodeFor, *, conflicts: ConflictRecorder | None = None,
+                 refused: RefusalRecorder | None = None, port: int | None = None, fsync: bool = True,
+                 chunked: bool = False):
+        self.settings = settings
         self._port = self.settings.scp_port if port is None else port
         self.store = DicomStore(self.settings.store_dir, fsync=fsync)
         self.chunked = chunked
-        if labeler is None and load_labels:
-            labeler = load_labeler(ctx.sessions, self.settings.label_rules)
-        self._labeler = labeler
-        self.batcher = IndexBatcher(ctx.sessions, self._labeler, pseudonym_key=self.settings.get_pseudonym_key())
+        # the components this SCP is handed (app.wiring.storage_scp builds them over the index)
+        self.sink = sink  # started and stopped with the SCP when it has start()/stop()
+        self._sink = sink  # what the C-STORE handler calls (a test may wrap it before start)
+        self.node_for = node_for
+        self.conflicts = conflicts
+        self.refused = refused
         self._server = None
-        self._node_cache: dict[str, tuple[float, dict]] = {}
-        self._cache_lock = threading.Lock()
         s = self.settings
         self.admission = Admission(s.scp_max_associations, s.scp_max_pending, s.scp_max_pending_per_peer)
         self._sweeper: threading.Thread | None = None
@@ -633,33 +436,6 @@ class StorageSCP:
         if self._server is not None:
             return int(self._server.server_address[1])
         return self._port
-
-    # --- node lookup ----------------------------------------------------------
-    def node_for(self, ae_title: str, host: str) -> str | None:
-        """Name of the PacsNode this peer is (None if unknown).
-
-        One query reads every node, cached for 2 s: calling AE titles an attacker makes up neither
-        query the database each nor grow a cache. Raises when the database cannot answer."""
-        now = time.monotonic()
-        with self._cache_lock:
-            snap = self._node_cache.get("nodes")
-        if snap is None or now - snap[0] >= 2.0:
-            from sqlalchemy import select
-
-            from app.db.models import PacsNode
-
-            with self.ctx.sessions() as s:
-                rows = s.execute(select(PacsNode.ae_title, PacsNode.name, PacsNode.host)).all()
-            nodes: dict[str, list[tuple[str, str]]] = {}
-            for aet, name, h in rows:
-                nodes.setdefault(aet.strip(), []).append((name, h))
-            snap = (now, nodes)
-            with self._cache_lock:
-                self._node_cache["nodes"] = snap
-        for name, h in snap[1].get(ae_title.strip(), []):
-            if not self.settings.scp_check_host or _same_host(h, host):
-                return name
-        return None
 
     def _node_allowed(self, calling: str, host: str) -> bool:
         return self.node_for(calling, host) is not None
@@ -693,14 +469,6 @@ class StorageSCP:
         except (AttributeError, OSError):
             pass
         _prefer_requestor_syntaxes(assoc)
-
-    def _sink(self, stored: StoredFile, header: Dataset) -> None:
-        from app.index.extract import extract_record
-
-        rec = extract_record(header, file_path=stored.relpath, file_size=stored.size,
-                             transfer_syntax_uid=stored.transfer_syntax_uid,
-                             source_node=getattr(header, "source_node", None))
-        self.batcher.submit(rec).result(timeout=max(60.0, self.settings.dicom_timeout))
 
     # --- lifecycle ------------------------------------------------------------
     def make_ae(self) -> AE:
@@ -757,10 +525,9 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_ABORTED, lambda event: discard_partial_receive(event.assoc)),
-            (evt.EVT_C_STORE, make_store_handler(self.store, self._sink, self.node_for,
-                                                 conflicts=self.batcher.record_conflict,
+            (evt.EVT_C_STORE, make_store_handler(self.store, self._sink, self.node_for, conflicts=self.conflicts,
                                                  min_free_bytes=self.settings.scp_min_free_mb * 2**20,
-                                                 refused=refusal_recorder(self.ctx.sessions))),
+                                                 refused=self.refused)),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
         ]
 
@@ -792,7 +559,9 @@ class StorageSCP:
             self.store.clean_temp()
         if self.chunked:
             enable_chunked_receive(self.store, self.settings.scp_min_free_mb * 2**20)
-        self.batcher.start()
+        start_sink = getattr(self.sink, "start", None)
+        if start_sink is not None:
+            start_sink()
         self._stopping.clear()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="scp-sweep", daemon=True)
         self._sweeper.start()
@@ -823,22 +592,15 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        self.batcher.stop()
+        stop_sink = getattr(self.sink, "stop", None)
+        if stop_sink is not None:
+            stop_sink()
 
     def __enter__(self) -> "StorageSCP":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _same_host(configured: str, peer: str) -> bool:
-    if configured == peer:
-        return True
-    try:
-        return peer in {ai[4][0] for ai in socket.getaddrinfo(configured, None)}
-    except OSError:
-        return False
 
 
 def _prefer_requestor_syntaxes(assoc) -> None:

@@ -176,3 +176,24 @@ def _raw(conn, stmt, cur) -> list[tuple]:
     params = compiled.construct_params()
     cur.execute(str(compiled), tuple(params[k] for k in compiled.positiontup) if compiled.positional else params)
     return cur.fetchall()
+
+
+def load_labeler(sessions, rules_file: str | Path | None = None) -> Callable[[dict], dict] | None:
+    """The labeler handed to the index writer (the SCP's sink, reindex), its rule set recorded; None
+    when the rule set cannot be loaded or recorded (the index then goes on without labels: they can
+    be recomputed with `radcohort labels relabel`)."""
+    last: Exception | None = None
+    for _ in range(3):  # several SCP processes may register the same rule set at once
+        session = sessions()
+        try:
+            labeler = make_labeler(session, rules_file)
+            session.commit()
+            return labeler
+        except Exception as exc:  # noqa: BLE001 - index without labels rather than refuse data
+            session.rollback()
+            last = exc
+            time.sleep(0.2)
+        finally:
+            session.close()
+    log.warning("labeler unavailable, indexing without labels: %s", last)
+    return None

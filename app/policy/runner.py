@@ -67,8 +67,7 @@ class GovernedRunner(RetrievalRunner):
         self._forced_method = getattr(self, "method", None)
         self.method_reason: str | None = None
         self.cancelled: str | None = None
-        self._dw_batcher = None
-        self._dw_sink = None
+        self._dw_store = None
         self._user_factory = kw.get("client_factory")
         self._study_refused = False
         self.client_factory = self._make_client
@@ -119,11 +118,7 @@ class GovernedRunner(RetrievalRunner):
             return self._cancel_unstarted(str(exc) or "cancelled by the user before it started")
         if not claimed:
             return load_retrieval(self.ctx, self.id)
-        try:
-            return super().run()
-        finally:
-            if self._dw_batcher is not None:
-                self._dw_batcher.stop()
+        return super().run()
 
     def _cancel_unstarted(self, why: str) -> Retrieval:
         with self.ctx.sessions() as s:
@@ -257,25 +252,11 @@ class GovernedRunner(RetrievalRunner):
 
     def _dicomweb_sink(self, node):
         with self._handler_lock:  # the job's lanes share one sink and one index batcher
-            return self._make_dicomweb_sink(node)
+            if self._dw_store is None:
+                from app.dicom.store import DicomStore
 
-    def _make_dicomweb_sink(self, node):
-        if self._dw_sink is None:
-            from app.dicom.scp import IndexBatcher, load_labeler
-            from app.dicom.store import DicomStore
-            from app.index.extract import extract_record
-
-            self._dw_store = DicomStore(self.ctx.settings.store_dir)
-            self._dw_batcher = batcher = IndexBatcher(self.ctx.sessions, load_labeler(self.ctx.sessions)).start()
-            name, timeout = node.name, max(60.0, self.ctx.settings.dicom_timeout)
-
-            def sink(stored, header) -> None:
-                rec = extract_record(header, file_path=stored.relpath, file_size=stored.size,
-                                     transfer_syntax_uid=stored.transfer_syntax_uid, source_node=name)
-                batcher.submit(rec).result(timeout=timeout)
-
-            self._dw_sink = sink
-        return self._dw_sink
+                self._dw_store = DicomStore(self.ctx.settings.store_dir)
+            return self._index_sink(node)
 
     # --------------------------------------------------------------- report and end
     def _report(self, st, listing=None) -> dict:

@@ -237,7 +237,7 @@ class RetrievalRunner:
         self.on_progress = on_progress
         self.client_factory = client_factory or (lambda node: DicomClient(ctx.settings, node))
         self.progress = Progress(retrieval_id)
-        self._batcher = None
+        self._sink = None  # the index sink of C-GET / WADO-RS arrivals (app.index.sink), made on first use
         self._store_handler = None
         self._handler_lock = threading.Lock()
         self._listing_s: float | None = None
@@ -315,8 +315,8 @@ class RetrievalRunner:
             log.exception("retrieval %s: fetch failed", self.id)
             st.errors.append(f"fetch failed: {exc}")
         finally:
-            if self._batcher is not None:
-                self._batcher.stop()
+            if self._sink is not None:
+                self._sink.stop()
         return self._finish(st, t0, method=method, listing=listing)
 
     def _sort_present(self, st: _State, node: PacsNode) -> None:
@@ -587,25 +587,29 @@ class RetrievalRunner:
 
     def _make_get_handler(self, node: PacsNode):
         if self._store_handler is None:
-            from app.dicom.scp import IndexBatcher, load_labeler, make_store_handler, refusal_recorder
+            from app.dicom.scp import make_store_handler
             from app.dicom.store import DicomStore
-            from app.index.extract import extract_record
+            from app.index.sink import refusal_recorder
 
-            self._batcher = IndexBatcher(self.ctx.sessions, load_labeler(self.ctx.sessions),
-                                         pseudonym_key=self.ctx.settings.get_pseudonym_key()).start()
-            batcher, name = self._batcher, node.name
-            timeout = max(60.0, self.ctx.settings.dicom_timeout)
-
-            def sink(stored, header) -> None:
-                rec = extract_record(header, file_path=stored.relpath, file_size=stored.size,
-                                     transfer_syntax_uid=stored.transfer_syntax_uid, source_node=name)
-                batcher.submit(rec).result(timeout=timeout)
-
+            sink = self._index_sink(node)
             # the C-GET peer is the node itself: a conflicting copy is recorded as coming from it
             self._store_handler = make_store_handler(DicomStore(self.ctx.settings.store_dir), sink,
-                                                     lambda _ae, _host: name, conflicts=batcher.record_conflict,
+                                                     lambda _ae, _host: node.name, conflicts=sink.record_conflict,
                                                      refused=refusal_recorder(self.ctx.sessions))
         return self._store_handler
+
+    def _index_sink(self, node: PacsNode):
+        """The job's one store -> extract -> index sink (C-GET and WADO-RS arrivals; started on first
+        use, stopped at the end of the run), recording `node` as the sender."""
+        if self._sink is None:
+            from app.index.sink import IndexSink
+            from app.labels.service import load_labeler
+
+            s = self.ctx.settings
+            self._sink = IndexSink(self.ctx.sessions, load_labeler(self.ctx.sessions, s.label_rules),
+                                   pseudonym_key=s.get_pseudonym_key(), timeout=max(60.0, s.dicom_timeout),
+                                   source_node=node.name).start()
+        return self._sink
 
     @staticmethod
     def _count(st: _State, res: RetrieveResult | None) -> None:

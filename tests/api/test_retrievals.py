@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.dicom.scp import StorageSCP
+from app.wiring import storage_scp
 from tests.dicom.helpers import make_studies, upload_all, wait_retrieval
 
 
@@ -24,7 +24,7 @@ def pacs_node(client, orthanc, tmp_path):
 def test_retrieval_runs_in_background_and_reports_exactly(client, ctx, pacs_node):
     studies = pacs_node
     ctx.settings.arrival_timeout = 3.0
-    with StorageSCP(ctx):
+    with storage_scp(ctx):
         r = client.post("/api/v1/retrievals", json={"node": "pacs", "query": {"StudyDate": "20110101-20161231"}})
         assert r.status_code == 202, r.text
         assert set(r.json()) == {"id", "status"} and r.json()["status"] == "queued"
@@ -53,7 +53,7 @@ def test_retrieval_without_our_scp_fails_then_retry_completes(client, ctx, pacs_
     body = wait_retrieval(client, rid)
     assert body["status"] == "failed" and body["received"] == 0 and len(body["missing"]) == 4
     assert body["error"]
-    with StorageSCP(ctx):
+    with storage_scp(ctx):
         r = client.post(f"/api/v1/retrievals/{rid}/retry")
         assert r.status_code == 202 and r.json() == {"id": rid, "status": "queued"}
         body = wait_retrieval(client, rid)

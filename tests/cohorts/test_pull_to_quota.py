@@ -11,7 +11,7 @@ from sqlalchemy import select
 from app.cohorts.pull_runner import date_slices, pull_to_quota
 from app.cohorts.taxonomies import create_taxonomy
 from app.db.models import AuditEvent, Instance
-from app.dicom.scp import StorageSCP
+from app.wiring import storage_scp
 from app.labels.service import get_rules
 from app.retrievals.nodes import create_node, get_node
 from app.retrievals.schemas import NodeIn
@@ -75,7 +75,7 @@ def rig(ctx, orthanc, tmp_path):
         create_node(s, NodeIn(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port), "test")
         create_taxonomy(s, TAXONOMY, get_rules(ctx.settings.label_rules))
         s.commit()
-    scp = StorageSCP(ctx).start()
+    scp = storage_scp(ctx).start()
     yield ctx, knees, chests
     scp.stop()
 
@@ -204,7 +204,7 @@ def test_a_pacs_that_ignores_keys_gets_its_answers_checked_before_anything_moves
             create_taxonomy(s, taxonomy, get_rules(ctx.settings.label_rules))
             s.commit()
         assert {"PatientSex", "BodyPartExamined"} <= set(caps["keys_not_honoured"]["SERIES"])
-        with StorageSCP(ctx):
+        with storage_scp(ctx):
             out = pull_to_quota(ctx, "lax", "lax", per_class=50, study_date_range="20000101-20261231", actor="t")
     finally:
         peer.stop()
@@ -251,7 +251,7 @@ def test_a_pacs_that_refuses_uid_lists_gets_one_retrieval_per_series(ctx, settin
                             get_rules(ctx.settings.label_rules))
             s.commit()
         assert caps["uid_lists_refused"] is True and caps["duplicate_answers"] is True
-        with StorageSCP(ctx):
+        with storage_scp(ctx):
             out = pull_to_quota(ctx, "q", "cr", per_class=50, study_date_range="20110101-20141231", actor="t")
     finally:
         peer.stop()

@@ -19,7 +19,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from sqlalchemy import select
 
 from app.db.models import Instance, PacsNode, Retrieval, RetrievalItem
-from app.dicom.scp import StorageSCP
+from app.wiring import storage_scp
 from app.policy.service import cancel
 from app.retrievals.nodes import create_node
 from app.retrievals.runner import run_retrieval
@@ -36,7 +36,7 @@ def rig(ctx):
     """Our Storage SCP on settings.scp_port, with short waits for stragglers."""
     ctx.settings.arrival_timeout = 3.0
     ctx.settings.dicom_retries = 1
-    scp = StorageSCP(ctx).start()
+    scp = storage_scp(ctx).start()
     yield ctx
     scp.stop()
 

@@ -10,7 +10,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from app.db.models import Instance, PacsNode, Retrieval, RetrievalItem
-from app.dicom.scp import StorageSCP
+from app.wiring import storage_scp
 from app.dicom.scu import DicomClient
 from app.retrievals.runner import run_retrieval
 from app.retrievals.schemas import NodeIn
@@ -25,7 +25,7 @@ def rig(ctx, orthanc):
     """Our SCP (accepting the Orthanc node) + the Orthanc with a fast arrival timeout."""
     ctx.settings.arrival_timeout = 3.0
     ctx.settings.dicom_retries = 1
-    scp = StorageSCP(ctx)
+    scp = storage_scp(ctx)
     yield ctx, orthanc, scp
     scp.stop()
 
@@ -186,7 +186,7 @@ def test_result_cap_is_split_until_everything_is_listed(orthanc_factory, ctx, tm
     # the unsplit answer really is capped
     assert DicomClient(ctx.settings, PacsNode(ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port)).find(
         "IMAGE", {"StudyDate": "20110101-20161231"}).capped
-    with StorageSCP(ctx):
+    with storage_scp(ctx):
         r = retrieve(ctx, {"StudyDate": "20110101-20161231"})
     assert (r.status, r.expected, r.received) == ("completed", 10, 10)
     assert r.report["find_splits"] > 0 and r.report["listing_complete"]
@@ -269,7 +269,7 @@ def test_retrieval_on_sqlite_and_postgresql(any_ctx, orthanc_factory, tmp_path):
     (st,) = make_studies(tmp_path / "gen", ["20120101"], series_per_study=2, instances_per_series=2)
     upload_all(pacs, sorted((tmp_path / "gen").iterdir()))
     add_node(ctx, pacs)
-    with StorageSCP(ctx):
+    with storage_scp(ctx):
         r = retrieve(ctx, {"StudyDate": "20120101"})
         again = retrieve(ctx, {"StudyDate": "20120101"})
     assert (r.status, r.expected, r.received) == ("completed", 4, 4)

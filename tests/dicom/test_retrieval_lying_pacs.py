@@ -107,12 +107,12 @@ def test_unknown_destination_a801_stops_at_once(ctx, fake_pacs):
 
 
 def test_pacs_ignoring_uid_lists_gets_asked_again_one_by_one(ctx, fake_pacs):
-    from app.dicom.scp import StorageSCP
+    from app.wiring import storage_scp
 
     port, datasets, moves, mode = fake_pacs
     mode.update(move="first_only", port=ctx.settings.scp_port)
     ctx.settings.arrival_timeout = 1.0
-    with StorageSCP(ctx):
+    with storage_scp(ctx):
         r = _run(ctx, port, lanes=1)
     assert moves == ["STUDY", "STUDY"]  # one batched move of both studies, then the one that did not come
     assert (r.status, r.expected, r.received, r.missing) == ("completed", 3, 3, [])

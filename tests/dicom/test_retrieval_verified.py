@@ -140,7 +140,7 @@ def test_backoff_level_decays_with_time_and_is_per_node_state():
 # ---- what is already indexed: from this node, from another sender, from a run before a takeover ----
 
 def _orthanc_rig(ctx, orthanc, tmp_path):
-    from app.dicom.scp import StorageSCP
+    from app.wiring import storage_scp
     from app.retrievals.nodes import create_node
     from app.retrievals.schemas import NodeIn
     from tests.dicom.helpers import make_studies, upload_all
@@ -154,7 +154,7 @@ def _orthanc_rig(ctx, orthanc, tmp_path):
         create_node(s, NodeIn(name="modality", ae_title="MODALITY", host="127.0.0.1", port=1,
                               retrieve_method="move"), "test")
         s.commit()
-    return studies, StorageSCP(ctx)
+    return studies, storage_scp(ctx)
 
 
 def _send_as_modality(port: int, ds) -> int:

@@ -15,7 +15,8 @@ from pynetdicom import AE, _config
 from sqlalchemy import func, select, text
 
 from app.db.models import Instance, PacsNode, Patient, Study
-from app.dicom.scp import STATUS_INVALID_UID, STATUS_MALFORMED, STATUS_SINK_FAILED, STATUS_WRITE_FAILED, StorageSCP
+from app.dicom.scp import STATUS_INVALID_UID, STATUS_MALFORMED, STATUS_SINK_FAILED, STATUS_WRITE_FAILED
+from app.wiring import storage_scp
 from app.dicom.store import file_meta_end
 from tests.conftest import testdata as sample_file
 from tests.dicom.helpers import make_cr
@@ -57,7 +58,7 @@ def store_files(ctx) -> list[Path]:
 @pytest.fixture
 def scp(ctx):
     add_node(ctx, "sender", SENDER)
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     yield server
     server.stop()
 
@@ -125,7 +126,7 @@ def test_raw_sender_bytes_are_kept_bit_exact(ctx, scp, monkeypatch, chunked_recv
 def test_orthanc_cstore_of_jpeg2000_arrives_untranscoded(ctx, orthanc):
     add_node(ctx, "orthanc", orthanc.aet, port=orthanc.dicom_port)
     j2k = sample_file("RG1_J2KR.dcm")
-    with StorageSCP(ctx) as server:
+    with storage_scp(ctx) as server:
         assert server.port == ctx.settings.scp_port
         oid = orthanc.upload(j2k)["ID"]
         job = orthanc.rest("POST", "/modalities/radcohort/store",
@@ -157,7 +158,7 @@ def test_host_check_rejects_known_ae_from_another_host(tmp_path, ctx):
     ctx.settings.scp_check_host = True
     add_node(ctx, "faraway", "FARAWAY", host="192.0.2.10")
     add_node(ctx, "local", "LOCAL", host="localhost")
-    with StorageSCP(ctx) as server:
+    with storage_scp(ctx) as server:
         ae = AE("FARAWAY")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
         assert ae.associate("127.0.0.1", server.port).is_rejected
@@ -257,7 +258,7 @@ def test_japanese_text_reads_back_from_the_index(any_ctx, charset, name, desc):
     add_node(any_ctx, "sender", SENDER)
     ds = make_cr(patient_name=name, study_description=desc, series_description="肘関節（左）")
     ds.SpecificCharacterSet = charset
-    with StorageSCP(any_ctx) as server:
+    with storage_scp(any_ctx) as server:
         assert send(server.port, [ds]) == [0]
     with any_ctx.sessions() as s:
         p = s.scalars(select(Patient)).one()
@@ -293,7 +294,7 @@ def test_chunked_receive_moves_the_streamed_file_into_place(ctx, monkeypatch):
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     add_node(ctx, "sender", SENDER)
     j2k = sample_file("RG1_J2KR.dcm")
-    with StorageSCP(ctx, chunked=True) as server:
+    with storage_scp(ctx, chunked=True) as server:
         assert send(server.port, [j2k]) == [0]
         assert send(server.port, [j2k]) == [0]  # again: kept once, the streamed copy discarded
     incoming = ctx.settings.store_dir / ".incoming"
@@ -308,7 +309,7 @@ def test_chunked_receive_moves_the_streamed_file_into_place(ctx, monkeypatch):
 
 def test_node_lookup_failure_rejects_the_association(ctx):
     add_node(ctx, "sender", SENDER)
-    with StorageSCP(ctx) as server:
+    with storage_scp(ctx) as server:
         with ctx.engine.begin() as conn:  # the node table cannot be read: fail closed
             conn.execute(text("ALTER TABLE pacs_nodes RENAME TO pacs_nodes_away"))
         try:

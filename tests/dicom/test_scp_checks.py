@@ -19,7 +19,8 @@ from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from app.db.models import Instance
-from app.dicom.scp import STATUS_MALFORMED, STATUS_NOT_IMAGE, StorageSCP
+from app.dicom.scp import STATUS_MALFORMED, STATUS_NOT_IMAGE
+from app.wiring import storage_scp
 from tests.conftest import testdata as sample_file
 from tests.dicom.helpers import CR_STORAGE, make_cr
 from tests.dicom.test_scp import SENDER, add_node, count, dataset_bytes, store_files
@@ -31,7 +32,7 @@ EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 def scp(ctx, monkeypatch):
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are
     add_node(ctx, "sender", SENDER)
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     yield server
     server.stop()
 

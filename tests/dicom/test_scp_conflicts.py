@@ -17,7 +17,8 @@ from sqlalchemy import select
 
 from app.privacy import patient_key
 from app.db.models import AuditEvent, Instance, Patient, StoreConflict, Study
-from app.dicom.scp import STATUS_CONFLICT, StorageSCP
+from app.dicom.scp import STATUS_CONFLICT
+from app.wiring import storage_scp
 from app.dicom.store import part10_sha256
 from app.index.ingest import reindex
 from tests.dicom.helpers import make_cr
@@ -27,7 +28,7 @@ from tests.dicom.test_scp import SENDER, add_node, count, send
 @pytest.fixture
 def scp(ctx):
     add_node(ctx, "sender", SENDER)
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     yield server
     server.stop()
 

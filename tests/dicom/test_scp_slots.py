@@ -13,7 +13,7 @@ import time
 import pytest
 from pynetdicom import AE
 
-from app.dicom.scp import StorageSCP
+from app.wiring import storage_scp
 from tests.dicom.helpers import CR_STORAGE, make_cr
 from tests.dicom.test_scp import SENDER, add_node, count, send
 
@@ -53,7 +53,7 @@ def _wait(pred, timeout: float) -> bool:
 def scp(ctx):
     ctx.settings.scp_handshake_timeout = 2.0
     add_node(ctx, "sender", SENDER)
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     yield server
     server.stop()
 
@@ -95,7 +95,7 @@ def test_registered_sender_stores_while_64_idle_connections_are_open(ctx, scp):
 def test_slots_are_freed_at_once_when_the_attacker_closes(ctx, scp):
     ctx.settings.scp_handshake_timeout = 30.0  # not the timeout: the close itself must free them
     scp.stop()
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     try:
         socks = [_connect(server.port, f"127.0.0.{2 + i % 4}") for i in range(24)]  # 4 addresses x 6
         assert _wait(lambda: server.admission.counts()["pending"] == 24, 3.0)
@@ -115,7 +115,7 @@ def test_slots_are_freed_at_once_when_the_attacker_closes(ctx, scp):
 def test_per_peer_address_limit_closes_that_address_oldest_only(ctx, scp):
     ctx.settings.scp_handshake_timeout = 30.0  # only the limit closes connections here
     scp.stop()
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     limit = ctx.settings.scp_max_pending_per_peer
     try:
         others = [_connect(server.port, "127.0.0.3") for _ in range(3)]
@@ -148,7 +148,7 @@ def test_half_sent_association_request_is_cut_at_the_handshake_timeout(ctx, scp)
 def test_association_limit_counts_registered_associations_only(ctx, scp):
     ctx.settings.scp_max_associations = 2
     scp.stop()
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     held = []
     try:
         idle = [_connect(server.port, "127.0.0.4") for _ in range(6)]

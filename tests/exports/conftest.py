@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from app.api import create_app
-from app.dicom.scp import load_labeler
+from app.labels.service import load_labeler
 from app.index.ingest import index_directory
 from app.synth.generate import generate
 from tests.conftest import _migrated_ctx, make_settings

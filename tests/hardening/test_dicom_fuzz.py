@@ -23,7 +23,8 @@ from sqlalchemy import select
 
 from app.db.models import Instance, PacsNode
 from app.dicom.scp import (STATUS_INVALID_UID, STATUS_MALFORMED, STATUS_NOT_IMAGE, STATUS_SINK_FAILED,
-                           STATUS_SUCCESS, STATUS_UID_MISMATCH, STATUS_WRITE_FAILED, StorageSCP)
+                           STATUS_SUCCESS, STATUS_UID_MISMATCH, STATUS_WRITE_FAILED)
+from app.wiring import storage_scp
 from tests.conftest import listening_process
 from tests.dicom.helpers import CR_STORAGE, make_cr
 
@@ -38,7 +39,7 @@ def scp(ctx):
     with ctx.sessions() as s:
         s.add(PacsNode(name="fuzzer", ae_title=SENDER, host="127.0.0.1", port=104))
         s.commit()
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     yield server
     server.stop()
 
@@ -253,7 +254,7 @@ def test_idle_and_half_open_connections_are_dropped_and_scp_keeps_serving(tmp_pa
     with ctx.sessions() as s:
         s.add(PacsNode(name="fuzzer", ae_title=SENDER, host="127.0.0.1", port=104))
         s.commit()
-    server = StorageSCP(ctx)
+    server = storage_scp(ctx)
     make_ae = server.make_ae
 
     def short_network_timeout():

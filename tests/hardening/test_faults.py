@@ -20,7 +20,8 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 
 from app.db.models import Instance, Retrieval
-from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED, StorageSCP
+from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED
+from app.wiring import storage_scp
 from app.dicom.store import parse_header
 from tests.conftest import make_settings, tmpfs_mounted
 from tests.dicom.helpers import CR_STORAGE, make_cr, wait_retrieval
@@ -163,7 +164,7 @@ def test_disk_full_answers_out_of_resources_never_success_and_recovers(tmp_path,
     s = make_settings(tmp_path, scp_min_free_mb=0)  # no reserve: the writes themselves hit ENOSPC
     assert s.store_dir == tiny_tmpfs
     ctx = sender_ctx(s, "sender", SENDER)
-    scp = StorageSCP(ctx).start()
+    scp = storage_scp(ctx).start()
     try:
         batch = [big_cr(1, seed=i) for i in range(6)]  # ~1 MB each into 2 MB
         statuses = send(scp.port, batch)
@@ -280,7 +281,7 @@ def test_database_cut_gives_503_then_works_and_loses_no_job(tmp_path, pg_databas
         sess.commit()
         cid = c.id
     job = {"cohort_id": cid, "model": "resnet10t", "epochs": 1, "image_size": 32}
-    scp = StorageSCP(ctx).start()
+    scp = storage_scp(ctx).start()
     try:
         with TestClient(create_app(s, ctx)) as client:
             r = client.post("/api/v1/training-jobs", json=job)
@@ -347,7 +348,7 @@ def test_pacs_killed_mid_retrieval_reports_exact_missing_then_retry_completes(tm
     r = subprocess.run([dcmtk("storescu"), "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port),
                         *map(str, sorted(gen.iterdir()))], capture_output=True, text=True)
     assert r.returncode == 0 and orthanc.instance_count() == 120, r.stderr[-1000:]
-    with TestClient(create_app(ctx.settings, ctx)) as client, StorageSCP(ctx):
+    with TestClient(create_app(ctx.settings, ctx)) as client, storage_scp(ctx):
         assert client.post("/api/v1/pacs-nodes", json={"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
                                                         "port": orthanc.dicom_port}).status_code == 201
         rid = client.post("/api/v1/retrievals", json={"node": "pacs", "query": {"StudyDate": "20120315"}}).json()["id"]

@@ -25,7 +25,7 @@ from app.api import create_app
 from app.context import AppContext
 from app.db.migrate import upgrade
 from app.db.models import PacsNode
-from app.dicom.scp import StorageSCP
+from app.wiring import storage_scp
 from tests.conftest import make_settings
 from tests.dicom.helpers import make_cr
 
@@ -103,7 +103,7 @@ def test_no_patient_identifiers_anywhere_and_audit_names_actors(tmp_path, caplog
     with ctx.sessions() as sess:
         sess.add(PacsNode(name="modality", ae_title="MODALITY", host="127.0.0.1", port=1))
         sess.commit()
-    scp = StorageSCP(ctx).start()
+    scp = storage_scp(ctx).start()
     try:
         assert set(_send(scp.port, _instances())) == {0}
     finally:

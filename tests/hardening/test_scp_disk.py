@@ -21,7 +21,8 @@ from pynetdicom.pdu import P_DATA_TF
 from sqlalchemy import func, select
 
 from app.db.models import Instance
-from app.dicom.scp import STATUS_WRITE_FAILED, StorageSCP
+from app.dicom.scp import STATUS_WRITE_FAILED
+from app.wiring import storage_scp
 from tests.conftest import make_settings, tmpfs_mounted
 from tests.dicom.helpers import CR_STORAGE, make_cr
 from tests.hardening.loadkit import sender_ctx
@@ -64,7 +65,7 @@ def chunked_flag(monkeypatch):
 
     from pynetdicom import dimse_messages
 
-    # StorageSCP(chunked=True) switches these process-wide; restore them after the test
+    # storage_scp(chunked=True) switches these process-wide; restore them after the test
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
     monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
@@ -79,7 +80,7 @@ def tiny_tmpfs(tmp_path):
 def test_disk_full_during_a_chunked_receive_is_0xA700_not_an_abort(tmp_path, tiny_tmpfs, chunked_flag):
     s = make_settings(tmp_path, scp_min_free_mb=0)  # no reserve: the receive itself hits ENOSPC
     ctx = sender_ctx(s, "sender", SENDER)
-    scp = StorageSCP(ctx, chunked=True).start()
+    scp = storage_scp(ctx, chunked=True).start()
     try:
         batch = [big_cr(1.2, seed=i) for i in range(5)]  # ~1.2 MB each into 3 MB (.incoming is on it too)
         assoc = _assoc(scp.port)
@@ -105,7 +106,7 @@ def test_disk_full_during_a_chunked_receive_is_0xA700_not_an_abort(tmp_path, tin
 def test_free_space_reserve_refuses_before_writing(tmp_path, chunked, chunked_flag):
     s = make_settings(tmp_path, scp_min_free_mb=10**9)  # a reserve no disk here has
     ctx = sender_ctx(s, "sender", SENDER)
-    scp = StorageSCP(ctx, chunked=chunked).start()
+    scp = storage_scp(ctx, chunked=chunked).start()
     try:
         assoc = _assoc(scp.port)
         try:
@@ -179,7 +180,7 @@ def _wait(pred, timeout: float) -> bool:
 def test_a_store_cut_in_the_middle_leaves_no_partial_file(tmp_path, monkeypatch, chunked_flag, how):
     s = make_settings(tmp_path)
     ctx = sender_ctx(s, "sender", SENDER)
-    scp = StorageSCP(ctx, chunked=True)
+    scp = storage_scp(ctx, chunked=True)
     make_ae = scp.make_ae
 
     def short_network_timeout():  # a stalled peer is cut after the network timeout (60 s in production)
@@ -218,7 +219,7 @@ def test_a_store_cut_in_the_middle_leaves_no_partial_file(tmp_path, monkeypatch,
 def test_stale_partial_files_are_swept_while_running(tmp_path, chunked_flag):
     s = make_settings(tmp_path, scp_partial_max_age_s=2.0)  # swept every second
     ctx = sender_ctx(s, "sender", SENDER)
-    scp = StorageSCP(ctx, chunked=True).start()
+    scp = storage_scp(ctx, chunked=True).start()
     try:
         old = time.time() - 3600
         stale = [s.store_dir / ".incoming" / "tmpabc.dcm", s.store_dir / "1.2.3" / "4.5.6" / ".tmp-x.part",
@@ -252,7 +253,7 @@ def test_concurrent_senders_and_aborts_leave_nothing_behind(tmp_path, chunked_fl
     """Good stores and aborted ones interleaved on several associations: every kept file is indexed."""
     s = make_settings(tmp_path)
     ctx = sender_ctx(s, "sender", SENDER)
-    scp = StorageSCP(ctx, chunked=True).start()
+    scp = storage_scp(ctx, chunked=True).start()
     try:
         def good(i):
             a = _assoc(scp.port)

@@ -7,14 +7,14 @@ from __future__ import annotations
 import socket
 import time
 
-from app.dicom.scp import StorageSCP
+from app.wiring import storage_scp
 from tests.conftest import testdata as sample_file
 from tests.hardening.test_tls import _ctx, client_tls, pki, store_over_tls  # noqa: F401 (pki: a fixture)
 
 
 def test_silent_tls_peers_are_closed_at_the_handshake_timeout_and_starve_nobody(tmp_path, pki):  # noqa: F811
     ctx = _ctx(tmp_path, pki, scp_handshake_timeout=2.0)
-    server = StorageSCP(ctx).start()
+    server = storage_scp(ctx).start()
     try:
         silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
         half = socket.create_connection(("127.0.0.1", server.port))

@@ -18,7 +18,8 @@ from sqlalchemy import select
 from app.context import AppContext
 from app.db.migrate import upgrade
 from app.db.models import Instance
-from app.dicom.scp import ConnectionDispatcher, StorageSCP
+from app.dicom.scp import ConnectionDispatcher
+from app.wiring import storage_scp
 from app.errors import InvalidInput
 from tests.conftest import make_settings
 from tests.conftest import testdata as sample_file
@@ -112,14 +113,14 @@ FILES = ["RG1_J2KR.dcm", "RG3_UNCR.dcm"]
 def test_store_over_tls_is_bit_exact_and_indexed(tls_ctx, pki, monkeypatch):
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes undecoded
     files = [sample_file(n) for n in FILES]
-    with StorageSCP(tls_ctx) as scp:
+    with storage_scp(tls_ctx) as scp:
         assert store_over_tls(scp.port, files, client_tls(pki)) == [0, 0]
     assert_bit_exact_and_indexed(tls_ctx, files)
 
 
 def test_plain_association_to_a_tls_scp_fails_and_stores_nothing(tls_ctx, pki):
     f = sample_file("RG3_UNCR.dcm")
-    with StorageSCP(tls_ctx) as scp:
+    with storage_scp(tls_ctx) as scp:
         assoc = associate(scp.port, [f])
         assert not assoc.is_established
         # the SCP keeps serving TLS peers after the failed handshake
@@ -135,7 +136,7 @@ def test_client_must_trust_the_server(tls_ctx, pki, tmp_path):
     other.mkdir()
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", "o.key", "-out", "o.pem", "-days", "2", "-subj", "/CN=other", cwd=other)
-    with StorageSCP(tls_ctx) as scp:
+    with storage_scp(tls_ctx) as scp:
         assoc = associate(scp.port, [], (ssl.create_default_context(cafile=str(other / "o.pem")), "localhost"))
         assert not assoc.is_established
 
@@ -145,7 +146,7 @@ def test_with_a_ca_a_client_without_certificate_is_refused(tmp_path, pki, monkey
     c = _ctx(tmp_path, pki, client_ca=True)
     f = sample_file("RG3_UNCR.dcm")
     try:
-        with StorageSCP(c) as scp:
+        with storage_scp(c) as scp:
             assoc = associate(scp.port, [f], client_tls(pki, cert=False))
             assert not assoc.is_established
             assert count(c) == 0 and store_files(c) == []
@@ -158,7 +159,7 @@ def test_with_a_ca_a_client_without_certificate_is_refused(tmp_path, pki, monkey
 
 def test_pdu_guard_still_applies_inside_tls(tls_ctx, pki):
     """A PDU header declaring 2 GB, sent inside TLS, closes the connection before any buffering."""
-    with StorageSCP(tls_ctx) as scp:
+    with storage_scp(tls_ctx) as scp:
         tls, name = client_tls(pki)
         with socket.create_connection(("127.0.0.1", scp.port), timeout=10) as raw:
             with tls.wrap_socket(raw, server_hostname=name) as s:
@@ -180,7 +181,7 @@ def test_tls_through_the_connection_dispatcher(tls_ctx, pki, monkeypatch):
     s = tls_ctx.settings
     dispatcher = ConnectionDispatcher(s.scp_host, s.scp_port, 1)
     # a copy of the child end: dispatcher.start() closes its own, as a parent does after the fork
-    scp = StorageSCP(tls_ctx).start(channel=dispatcher.child_channels()[0].dup())
+    scp = storage_scp(tls_ctx).start(channel=dispatcher.child_channels()[0].dup())
     try:
         dispatcher.start()
         f = sample_file("RG1_J2KR.dcm")
@@ -203,7 +204,7 @@ def test_tls_settings_are_checked_at_start(tmp_path, pki):
     c = AppContext.build(s)
     try:
         with pytest.raises(InvalidInput, match="RADCOHORT_SCP_TLS"):
-            StorageSCP(c, load_labels=False).start()
+            storage_scp(c, load_labels=False).start()
     finally:
         c.close()
 
@@ -213,7 +214,7 @@ def test_dcmtk_storescu_with_a_client_certificate(tmp_path, pki):
     c = _ctx(tmp_path, pki, client_ca=True)
     f = sample_file("RG3_UNCR.dcm")
     try:
-        with StorageSCP(c) as scp:
+        with storage_scp(c) as scp:
             base = ["/usr/bin/storescu", "-aet", SENDER, "-aec", "RADCOHORT"]
             plain = subprocess.run([*base, "127.0.0.1", str(scp.port), str(f)],
                                    capture_output=True, text=True, timeout=60)
@@ -240,7 +241,7 @@ def test_scu_speaks_tls_to_a_node_with_tls_options(tmp_path, pki):
     c = _ctx(tmp_path, pki, client_ca=True)
     add_node(c, "self", c.settings.ae_title)  # the SCP accepts only registered calling AE titles
     try:
-        with StorageSCP(c) as scp:
+        with storage_scp(c) as scp:
             def node(tls):
                 return SimpleNamespace(name="pacs", ae_title="RADCOHORT", host="localhost", port=scp.port,
                                        options={"tls": tls} if tls else {})

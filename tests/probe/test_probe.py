@@ -52,13 +52,13 @@ def test_probe_finds_the_caps_levels_get_and_syntaxes(capped, settings):
 
 
 def test_probe_stores_and_indexes_nothing(orthanc, ctx, settings, tmp_path):
-    from app.dicom.scp import StorageSCP
+    from app.wiring import storage_scp
 
     # Orthanc knows our AE as a move destination and our receiver is up: an old-style test move
     # would have stored and indexed a patient's image here
     make_studies(tmp_path / "gen", ["20120101", "20130101"], instances_per_series=2)
     upload_all(orthanc, sorted((tmp_path / "gen").iterdir()))
-    with StorageSCP(ctx):
+    with storage_scp(ctx):
         caps = probe_node(settings, Node("ORTHANC", "127.0.0.1", orthanc.dicom_port, "pacs"))
         time.sleep(0.5)  # anything in flight would have landed by now
     assert caps["echo"]["ok"] and caps["sampled"] and caps["get"]["works"]

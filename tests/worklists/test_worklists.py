@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from app.api import create_app
 from app.db.models import AuditEvent
 from app.devtools.orthanc import free_port
-from app.dicom.scp import StorageSCP
+from app.wiring import storage_scp
 from tests.conftest import _migrated_ctx, make_settings
 from tests.dicom.helpers import make_studies, upload_all, wait_retrieval
 
@@ -172,7 +172,7 @@ def test_resolve_then_retrieve_against_orthanc(api, app_ctx, orthanc_factory, tm
     urows = {x["row"]: x for x in ub["rows"]}
     assert [urows[i]["status"] for i in range(2, 8)] == ["found"] * 3 + ["not_found", "not_found", "found"]
     assert urows[2]["studies"] == [s1[0].study_uid] and urows[7]["studies"] == [s2[0].study_uid]
-    with StorageSCP(app_ctx):
+    with storage_scp(app_ctx):
         r = api.post(f"/api/v1/worklists/{wl['id']}/retrieve", headers=HA)
         assert r.status_code == 202, r.text
         assert r.json()["studies"] == 2
