@@ -172,14 +172,15 @@ def selection_query(classes: list[dict], spec: CohortSpec, vocabulary: dict | No
 _UNKNOWN = {"view": None, "laterality": "UNKNOWN", "sex": "UNKNOWN", "age_years": None, "age_band": None}
 
 
-def incomplete_query(classes: list[dict], vocabulary: dict | None = None):
+def incomplete_query(classes: list[dict], vocabulary: dict | None = None, restriction=None):
     """(class number, instance id) for the instances that would be in a class if one of the labels it
     needs were known, and are in no class as they are; None when no class needs such a label.
 
     One branch per class and per set of unknown labels, each a conjunction of equalities (an
     unknown is NULL or 'UNKNOWN'), so every branch is a tight seek of the label index; the few rows
     found are then checked against every class once, outside the branches (repeating that check
-    in each branch made a 70 kB statement that took longer to compile than to run)."""
+    in each branch made a 70 kB statement that took longer to compile than to run). `restriction`
+    (a worklist's condition) narrows every branch, so the count is of the cohort's own candidates."""
     t = Instance.__table__
     label_cols = [t.c.modality, *[t.c[LABEL_COLUMN[k]] for k in LABEL_COLUMN if k != "modality"]]
     branches = []
@@ -192,6 +193,8 @@ def incomplete_query(classes: list[dict], vocabulary: dict | None = None):
                 w = {key: (_UNKNOWN[key] if key in unknown else v) for key, v in where.items()
                      if key not in unknown or key != "age_years"}
                 conds = [class_predicate(w, t, vocabulary)]
+                if restriction is not None:
+                    conds.append(restriction)
                 if "age_years" in unknown:
                     conds.append(t.c.label_age_years.is_(None))
                 if "body_part" not in where:
@@ -283,12 +286,17 @@ def _run_compiled(session: Session, sql: str, args: Any) -> list[tuple]:
 _INCOMPLETE_SQL: dict[str, tuple[str, Any] | None] = {}
 
 
-def _compiled_incomplete(session: Session, classes: list[dict], vocabulary: dict | None) -> tuple[str, Any] | None:
-    """incomplete_query compiled once per taxonomy, vocabulary and backend: building and compiling
-    its few dozen branches took longer (50 ms) than running them."""
-    key = json.dumps([session.get_bind().dialect.name, classes, vocabulary], sort_keys=True, default=str)
+def _compiled_incomplete(session: Session, classes: list[dict], vocabulary: dict | None,
+                         spec: CohortSpec) -> tuple[str, Any] | None:
+    """incomplete_query compiled once per taxonomy, vocabulary, worklist restriction and backend:
+    building and compiling its few dozen branches took longer (50 ms) than running them."""
+    from app.worklists.restrict import worklist_condition
+
+    w = getattr(spec, "worklist", None)
+    w = w.model_dump() if hasattr(w, "model_dump") else w
+    key = json.dumps([session.get_bind().dialect.name, classes, vocabulary, w], sort_keys=True, default=str)
     if key not in _INCOMPLETE_SQL:
-        stmt = incomplete_query(classes, vocabulary)
+        stmt = incomplete_query(classes, vocabulary, worklist_condition(Instance.__table__, spec))
         if len(_INCOMPLETE_SQL) >= 64:
             _INCOMPLETE_SQL.clear()
         _INCOMPLETE_SQL[key] = None if stmt is None else _compile(session, stmt)
@@ -328,10 +336,14 @@ def build(session: Session, taxonomy: dict, spec: CohortSpec, store_dir: Path | 
     names = [c["name"] for c in classes]
     excluded = dict.fromkeys(REASONS, 0)
     t = Instance.__table__
+    from app.worklists.restrict import worklist_condition
+
+    # the exclusion counts are of the cohort's candidates: within a worklist restriction, if any
+    restriction = [w for w in (worklist_condition(t, spec),) if w is not None]
     excluded["no_label"] = session.scalar(select(func.count()).select_from(t)
-                                          .where(t.c.label_body_part.is_(None))) or 0
+                                          .where(t.c.label_body_part.is_(None), *restriction)) or 0
     incomplete: list[set[int]] = [set() for _ in classes]
-    sql = _compiled_incomplete(session, classes, vocabulary)
+    sql = _compiled_incomplete(session, classes, vocabulary, spec)
     if sql is not None:
         for k, iid in _run_compiled(session, *sql):
             incomplete[k].add(iid)

@@ -31,6 +31,12 @@ def api(tmp_path, db_url):
                                  "patient_age": "040Y", "body_part_examined": "KNEE", "view_position": "AP",
                                  "image_laterality": side, "accession_number": f"ACC-{side}{i}-{k}",
                                  "study_instance_uid": f"1.2.826.0.1.3680043.10.777.{'12'[side == 'R']}{i:02d}{k}"})
+        # excluded rows: no body part (L1, in the worklists below; X1, in none), no side (L2; X2)
+        for pid, extra in (("L1", {}), ("X1", {}), ("L2", {"body_part_examined": "KNEE", "image_laterality": ""}),
+                           ("X2", {"body_part_examined": "KNEE", "image_laterality": ""})):
+            recs.append({"patient_id": pid, "patient_name": f"SECRET^{pid}", "patient_sex": "M", "patient_age": "040Y",
+                         "body_part_examined": "", "view_position": "AP", "accession_number": f"ACC-{pid}-x",
+                         "study_instance_uid": f"1.2.826.0.1.3680043.10.778.{len(recs)}", **extra})
         with ctx.sessions() as sess:
             for r in add_index_rows(sess, recs, make_labeler(sess)):
                 f = s.store_dir / r.file_path
@@ -63,12 +69,16 @@ def test_only_these_patients_and_exclude_these(api):
     key = s.get_pseudonym_key()
     full = _cohort(c).json()
     assert full["size"] == 20
+    assert full["excluded"]["no_label"] == 2 and full["excluded"]["incomplete_label"] == 2
     wid = _worklist(c, "PatientID\nL1\nL2\nR3\nNOBODY\n")
     only = _cohort(c, worklist={"id": wid})
     assert only.status_code == 201, only.text
+    # the exclusions counted are those of the listed patients only (L1's unlabelled, L2's sideless image)
+    assert only.json()["excluded"]["no_label"] == 1 and only.json()["excluded"]["incomplete_label"] == 1
     assert _keys(c, only.json()["id"]) == {patient_key(key, p, "") for p in ("L1", "L2", "R3")}
     assert only.json()["params"]["worklist"] == {"id": wid, "mode": "include", "by": "study"}
     but = _cohort(c, worklist={"id": wid, "mode": "exclude"}).json()
+    assert but["excluded"]["no_label"] == 1 and but["excluded"]["incomplete_label"] == 1  # X1's, X2's
     assert but["size"] == 17 and not (_keys(c, but["id"]) & {patient_key(key, p, "") for p in ("L1", "L2", "R3")})
 
 
