@@ -209,7 +209,8 @@ class CohortMember(Base):
     __tablename__ = "cohort_members"
     __table_args__ = (UniqueConstraint("cohort_id", "sop_instance_uid", name="uq_cohort_members_uid"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"), index=True)
+    # no index of its own: the unique (cohort_id, sop_instance_uid) index serves lookups by cohort (migration 0008)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"))
     # a hint for joins, not a foreign key: the snapshot is its UIDs and outlives index rows, and on
     # PostgreSQL the FK check locked every member's instance row (half the cost of saving a cohort)
     instance_pk: Mapped[int | None] = mapped_column(Integer)
