@@ -43,6 +43,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    bf16: bool | None = None  # bf16 autocast; None: on CUDA only (True on CPU exercises the CUDA path's code)
 
     @property
     def is_main(self) -> bool:
@@ -144,7 +145,8 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def autocast(rt: Runtime):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.cuda else nullcontext()
+    on = rt.cuda if rt.bf16 is None else rt.bf16
+    return torch.autocast(rt.device.type, dtype=torch.bfloat16) if on else nullcontext()
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, rt: Runtime) -> torch.optim.Optimizer:

@@ -107,3 +107,35 @@ def test_evaluation_is_deterministic_and_unaugmented_while_training_augments():
                             torch.Generator().manual_seed(0))
     assert stats["images"] == 12 and np.isfinite(stats["loss"])
     assert not np.array_equal(evaluate(net, data, 6, rt), p1)  # the weights did change
+
+
+def test_the_cuda_paths_bf16_autocast_and_channels_last_train_on_cpu():
+    """The CUDA hot loop's numerics (bf16 autocast, channels_last inputs) run here too, so a change that
+    breaks them fails without a GPU."""
+    import numpy as np
+
+    from models.engine import (DeviceData, Runtime, autocast, evaluate, make_optimizer, make_scheduler, normalize,
+                               to_input, train_one_epoch)
+
+    rt = Runtime(torch.device("cpu"), bf16=True)
+    rng = np.random.default_rng(1)
+    # two separable classes: bright and dark images
+    labels = np.arange(16) % 2
+    imgs = np.where(labels[:, None, None] == 1, 200, 40).astype(np.uint8) + rng.integers(0, 30, (16, 32, 32),
+                                                                                          dtype=np.uint8)
+    data = DeviceData(imgs, labels, np.full(16, 320), rt, max_batch=8)
+    net = build_model("ignored", 2, depth=4)
+    x = normalize(to_input(data.fetch(torch.arange(4), torch.arange(4))))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with autocast(rt):
+        assert net(x).dtype == torch.bfloat16  # autocast is on
+    with autocast(Runtime(torch.device("cpu"))):
+        assert net(x).dtype == torch.float32  # the CPU default leaves it off
+    opt = make_optimizer(net, 3e-3, 0.0, rt)
+    sched = make_scheduler(opt, 40, 0)
+    losses = [train_one_epoch(net, opt, sched, data, torch.randperm(16, generator=torch.Generator().manual_seed(e)),
+                              8, rt, {}, torch.Generator().manual_seed(e))["loss"] for e in range(20)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    p = evaluate(net, data, 8, rt)
+    assert p.dtype == np.float64 and np.allclose(p.sum(axis=1), 1.0)
+    assert (p.argmax(1) == labels).mean() >= 0.9
