@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
@@ -191,8 +192,18 @@ def _element_header(fp: BinaryIO, implicit: bool, little: bool) -> tuple[int, in
     return tag, struct.unpack(e + "H", head[6:8])[0], vr, 8
 
 
+_US_TAGS = {"Rows": 0x00280010, "Columns": 0x00280011, "BitsAllocated": 0x00280100, "SamplesPerPixel": 0x00280002}
+
+
 def _int_value(ds: Dataset, keyword: str, default: int | None = None) -> int:
     """An image description value as int; ValueError when absent (and no default) or unreadable."""
+    tag = _US_TAGS.get(keyword)
+    raw = ds._dict.get(tag) if tag is not None else None
+    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and len(raw.value) == 2 \
+            and raw.VR in (None, "US"):
+        # a raw US element (implicit VR reads as None): unpacked here, as pydicom's value conversion
+        # (validation, a DataElement per value) cost a fifth of indexing a small header
+        return struct.unpack("<H" if raw.is_little_endian else ">H", raw.value)[0]
     if keyword not in ds:
         if default is None:
             raise PixelDataMismatch(f"{keyword} is missing")
@@ -213,7 +224,11 @@ def expected_pixel_bytes(ds: Dataset) -> int:
     frames = _int_value(ds, "NumberOfFrames", 1) or 1
     if min(rows, cols, bits, spp, frames) < 1 or (bits != 1 and bits % 8):
         raise PixelDataMismatch("image description out of range")
-    pi = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    raw = ds._dict.get(0x00280004)
+    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+        pi = raw.value.decode("ascii", "replace").strip(" \x00")
+    else:
+        pi = str(ds.get("PhotometricInterpretation", "") or "").strip()
     samples = 2 if pi == "YBR_FULL_422" else spp  # chroma subsampled: 2 samples per pixel on average
     total_bits = rows * cols * samples * bits * frames
     return (total_bits + 7) // 8

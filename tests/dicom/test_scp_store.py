@@ -88,3 +88,23 @@ def test_parse_header_handles_deflated_and_big_endian(ts):
 def test_parse_header_rejects_garbage():
     with pytest.raises(ValueError, match="truncated"):
         parse_header(b"\x08\x00\x16\x00UI\xff\x7f1.2.3", "1.2.840.10008.1.2.1")
+
+
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", ExplicitVRBigEndian])
+def test_pixel_length_check_reads_raw_image_description_under_every_encoding(ts):
+    """The image description is read from the raw elements (no pydicom conversion) under implicit,
+    explicit little and big endian; the check then agrees with the converted values."""
+    from app.dicom.store import PixelDataMismatch, expected_pixel_bytes
+
+    ds = make_cr()
+    ds.Rows, ds.Columns, ds.BitsAllocated = 300, 200, 16
+    ds.PixelData = bytes(300 * 200 * 2)
+    ds.file_meta.TransferSyntaxUID = ts
+    _meta, body = _encoded(ds)
+    hdr = parse_header(body, ts)  # the pixel data length matches
+    assert expected_pixel_bytes(parse_header(body, ts)) == 300 * 200 * 2
+    assert (hdr.Rows, hdr.Columns) == (300, 200)  # converted afterwards, the same values
+    ds.Rows = 301  # now the description claims more than the pixel data holds
+    _meta, body = _encoded(ds)
+    with pytest.raises(PixelDataMismatch):
+        parse_header(body, ts)
