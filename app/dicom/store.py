@@ -141,8 +141,8 @@ def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset
         fp.seek(offset)
         if ts.is_deflated:
             fp = io.BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
-        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
-                          stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS)
+        implicit, little = ts.is_implicit_VR, ts.is_little_endian  # once: each is a lookup
+        ds = read_dataset(fp, implicit, little, stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS)
         # pydicom reads a value that runs past the end of the data short, without complaint
         last = -1
         for raw in list(ds._dict.values()):
@@ -151,12 +151,13 @@ def parse_header(data: bytes | BinaryIO | Path, transfer_syntax_uid: str, offset
                 raise ValueError(f"element {raw.tag} is truncated")
             # pydicom silently reads an element whose VR bytes are not letters as implicit VR: on an
             # explicit-VR context that is implicit-VR data (dcmtk cannot read such a file)
-            if not ts.is_implicit_VR and getattr(raw, "vr", "") is None:
+            if not implicit and getattr(raw, "VR", "") is None:
                 raise ValueError(f"element {raw.tag} is not explicit VR under {ts.name}")
-            if raw.tag <= last:  # garbage decoded as elements rarely stays in ascending tag order
+            tag = int(raw.tag)
+            if tag <= last:  # garbage decoded as elements rarely stays in ascending tag order
                 raise ValueError(f"element {raw.tag} out of order")
-            last = raw.tag
-        _check_pixel_data(fp, ds, ts.is_implicit_VR, ts.is_little_endian, last)
+            last = tag
+        _check_pixel_data(fp, ds, implicit, little, last)
         # values are converted lazily: a junk value (IS "x1") must not refuse the instance,
         # the index extractor treats it as absent
         return ds
