@@ -1,5 +1,5 @@
 # Shared set-up for .ci/test and .ci/demo (sourced, not run). Idempotent: a second run installs nothing.
-#   - system packages: orthanc, orthanc-dicomweb, dcmtk (apt, only when missing)
+#   - system packages: orthanc, orthanc-dicomweb, dcmtk, chromium + chromium-driver (apt, only when missing)
 #   - PostgreSQL: started when installed but not running (tests use 127.0.0.1:5432, db "test")
 #   - .venv with torch first (the wheel pip finds on this machine), then the project with [worker,dev]
 # Set RADCOHORT_SKIP_APT=1 / RADCOHORT_SKIP_PG=1 to leave the system alone.
@@ -25,6 +25,9 @@ command -v storescu >/dev/null 2>&1 || apt_missing+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || apt_missing+=(dicom3tools)
 # the openssl CLI makes the TLS tests' certificates (tests/hardening/test_tls.py; CI=true fails on a skip)
 command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
+# the web console's browser test (tests/web/test_browser.py): Debian's headless Chromium and its chromedriver
+command -v chromium >/dev/null 2>&1 || apt_missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || apt_missing+=(chromium-driver)
 if ! command -v pg_ctlcluster >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   apt_missing+=(postgresql)
 fi

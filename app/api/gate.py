@@ -39,8 +39,11 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 class Gate:
     """401 before anything else, then 413 over the route's body limit (JSON routes small, uploads large)."""
 
-    def __init__(self, app, settings: Settings):
+    def __init__(self, app, settings: Settings, console=None):
         self.app, self.settings = app, settings
+        # the web console (app.web): its pages also sign in with a session cookie, which the console
+        # verifies here (app.web.ConsoleGate: admit(scope, headers), is_upload_path(path))
+        self.console = console
         self._parsed: tuple[str | None, list[ApiToken]] = (None, [])
         self._uploads: list[re.Pattern] | None = None
 
@@ -65,7 +68,8 @@ class Gate:
 
     def limit_for(self, scope) -> int:
         path = scope.get("path", "")
-        if any(p.match(path) for p in self._upload_paths(scope.get("app"))):
+        if any(p.match(path) for p in self._upload_paths(scope.get("app"))) or (
+                self.console is not None and self.console.is_upload_path(path)):
             # the multipart envelope around the largest accepted file
             return self.settings.predict_max_upload_mb * 2**20 + 2**20
         return self.settings.api_max_body_kb * 1024
@@ -79,7 +83,13 @@ class Gate:
         if not tokens:
             state["actor"], state["scopes"] = "anonymous", DEFAULT_SCOPES
         elif scope.get("path") not in OPEN_PATHS:
-            token = authenticate(tokens, bearer(headers))
+            given = bearer(headers)
+            token = authenticate(tokens, given)
+            if token is None and given is None and scope["type"] == "http" and self.console is not None \
+                    and self.console.admit(scope, headers):
+                # a console page without a bearer header: signed in with the console's session cookie
+                # (state set by admit), or a page that answers with the sign-in form
+                return await self._limited(scope, receive, send, headers)
             if token is None:
                 if scope["type"] == "websocket":
                     return await send({"type": "websocket.close", "code": 1008})

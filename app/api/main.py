@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy import text
 
@@ -19,6 +20,7 @@ from app.api.gate import Gate
 from app.config import Settings
 from app.context import AppContext
 from app.errors import RadcohortError
+from app.web import ConsoleGate, is_console_path, mount_console
 
 log = logging.getLogger("radcohort.api")
 
@@ -57,12 +59,31 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
     mount_offline_docs(app)
     # authentication, then the route's body limit, from the headers and before FastAPI reads or
     # validates a byte of the body (app.api.gate)
-    app.add_middleware(Gate, settings=settings)
+    # (the web console's pages also take its session cookie: app.web.ConsoleGate)
+    app.add_middleware(Gate, settings=settings, console=ConsoleGate(settings))
     app.state.ctx = ctx
 
+    def _console_error(req: Request, status: int, detail):
+        """An error on a console page is a page (app.web), everywhere else the API's JSON."""
+        if is_console_path(req.url.path):
+            from app.web.render import error_page
+
+            return error_page(req, status, detail)
+        return None
+
     @app.exception_handler(RadcohortError)
-    async def _domain_error(_req: Request, exc: RadcohortError):
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+    async def _domain_error(req: Request, exc: RadcohortError):
+        return _console_error(req, exc.status_code, exc.message) or \
+            JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(req: Request, exc: StarletteHTTPException):
+        page = _console_error(req, exc.status_code, exc.detail)
+        if page is not None:
+            return page
+        from fastapi.exception_handlers import http_exception_handler
+
+        return await http_exception_handler(req, exc)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
@@ -88,10 +109,13 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_req: Request, exc: RequestValidationError):
+    async def _validation(req: Request, exc: RequestValidationError):
         errors = []
         for e in exc.errors():
             errors.append({"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")})
+        page = _console_error(req, 422, errors)
+        if page is not None:
+            return page
         return JSONResponse(status_code=422, content={"detail": errors})
 
     @app.get("/health", tags=["health"])
@@ -113,4 +137,6 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
     for name in ROUTE_MODULES:
         module = importlib.import_module(f"app.api.routes.{name}")
         app.include_router(module.router, prefix="/api/v1", dependencies=[Depends(require_token)])
+    # the web console at / (pages over the same services; not in the API's OpenAPI schema)
+    mount_console(app, settings)
     return app

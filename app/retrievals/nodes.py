@@ -40,3 +40,14 @@ def delete_node(session: Session, name: str, actor: str) -> None:
     session.delete(node)
     session.flush()
     audit.record(session, actor, "pacs_node.delete", name)
+
+
+def remember_echo(session: Session, node: PacsNode, *, ok: bool, elapsed_ms: float | None = None,
+                  error: str | None = None, actor: str = "system") -> None:
+    """Keep the node's last C-ECHO verdict (`options["last_echo"]`), shown by the web console."""
+    from datetime import datetime, timezone
+
+    node.options = {**(node.options or {}), "last_echo": {
+        "ok": ok, "elapsed_ms": round(elapsed_ms, 2) if elapsed_ms is not None else None,
+        "error": (error or None) and error[:300], "at": datetime.now(timezone.utc).isoformat(), "by": actor}}
+    session.flush()
