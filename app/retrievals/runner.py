@@ -1,9 +1,16 @@
-"""Run one retrieval: expected list -> skip what is indexed -> C-MOVE/C-GET -> arrivals -> exact report.
+"""Run one retrieval: expected list -> skip what is indexed -> C-MOVE/C-GET/WADO-RS -> arrivals -> exact report.
 
 Arrival is judged by the Instance table only (the truth of "in store and index"), never by the
 PACS's final status: sub-operation counts are recorded, and compared, but an instance counts as
 received only when its index row exists. Each state change is its own commit, so a reader (the
 API, a progress bar) sees the job move.
+
+The runner is composed, not subclassed: planning is pure (app.retrievals.plan); the PACS etiquette
+is a *gate* it is handed (`Gate`: app.policy.governor.Governor by default - windows, limits,
+adaptive backoff, association slots, pause/cancel), asked before starting, at every wait and around
+every retrieve; the *client* (app.retrievals.client) is picked by the method, which the node's
+protocol and its probe choose (DICOMweb, or C-GET where C-MOVE cannot reach us) unless the caller
+forces one; C-GET and WADO-RS arrivals go through the one index sink (app.index.sink).
 """
 
 from __future__ import annotations
@@ -16,59 +23,26 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, ContextManager, Protocol
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from app.context import AppContext
 from app.db.models import AuditEvent, Instance, PacsNode, Retrieval, RetrievalItem, StoreConflict
-from app.dicom.queries import key_level, validate_query
+from app.dicom.queries import validate_query
 from app.dicom.scu import MOVE_DESTINATION_UNKNOWN, DicomClient, RetrieveResult
 from app.errors import DicomError, PermanentDicomError, RetriableDicomError
+from app.policy.governor import Cancelled, Governor
+from app.probe.probe import preferred_method
+from app.retrievals.client import Both, GovernedClient, make_client
 from app.retrievals.expected import ExpectedInstance, list_expected
 from app.retrievals.lease import Lease
+from app.retrievals.plan import MAX_UIDS_PER_RETRIEVE, Unit, _split, pieces, plan_units, query_depth
 
 log = logging.getLogger("radcohort.retrievals")
 
 _CHUNK = 500
-IMAGE_UNIT_MAX = 200  # SOP Instance UIDs per image-level retrieve identifier
-MAX_UIDS_PER_RETRIEVE = 50  # studies (or series of one study) named in one retrieve
-MAX_SOPS_PER_RETRIEVE = 2000  # instances one batched retrieve should bring, about
 POLL_S = 0.2
-LEVEL_DEPTH = {"PATIENT": 0, "STUDY": 1, "SERIES": 2, "IMAGE": 3}
-
-
-@dataclass
-class Unit:
-    """One C-MOVE/C-GET: studies, series of one study, or instances of one series.
-
-    Several studies (or several series of one study) go in one retrieve as a UID list (PS3.4
-    C.4.2.2.1: list matching on the unique key of the retrieve level): one association and one
-    PACS job instead of hundreds when studies are small.
-    """
-
-    level: str
-    studies: list[str]
-    series: list[str]
-    sops: list[str]  # the expected instances it should bring
-
-    @property
-    def keys(self) -> dict[str, str]:
-        k = {"StudyInstanceUID": "\\".join(self.studies)}
-        if self.level in ("SERIES", "IMAGE"):
-            k["SeriesInstanceUID"] = "\\".join(self.series)
-        if self.level == "IMAGE":
-            k["SOPInstanceUID"] = "\\".join(self.sops)
-        return k
-
-    @property
-    def batched(self) -> bool:
-        return len(self.studies) > 1 or len(self.series) > 1
-
-    def describe(self) -> str:
-        what = {"STUDY": ("study", self.studies), "SERIES": ("series", self.series),
-                "IMAGE": ("instances of series", self.series)}[self.level]
-        uids = what[1]
-        return f"{what[0]} {uids[0]}" + (f" (+{len(uids) - 1})" if len(uids) > 1 else "")
 
 
 @dataclass
@@ -134,68 +108,6 @@ def present(session, uids) -> set[str]:
     return found
 
 
-def query_depth(query: dict[str, str]) -> str:
-    """The deepest level a query's matching keys constrain (empty values do not constrain)."""
-    depth = "STUDY"
-    for k, v in query.items():
-        lvl = key_level(k)
-        if v and LEVEL_DEPTH[lvl] > LEVEL_DEPTH[depth]:
-            depth = lvl
-    return depth
-
-
-def _batches(items: list[tuple[str, list[str]]], max_uids: int, max_sops: int):
-    """Group (uid, sops) pairs into batches of at most max_uids uids and about max_sops instances."""
-    batch: list[tuple[str, list[str]]] = []
-    n = 0
-    for uid, sops in items:
-        if batch and (len(batch) >= max_uids or n + len(sops) > max_sops):
-            yield batch
-            batch, n = [], 0
-        batch.append((uid, sops))
-        n += len(sops)
-    if batch:
-        yield batch
-
-
-def plan_units(missing: list[ExpectedInstance], expected: dict[str, ExpectedInstance], depth: str,
-               max_uids: int = MAX_UIDS_PER_RETRIEVE) -> list[Unit]:
-    """The fewest retrieves that bring exactly the missing instances.
-
-    A whole study is moved only when the query constrains nothing below study level and every
-    expected instance of it is missing; a whole series likewise; otherwise the missing instances
-    of a series are named one by one (so a rerun fetches only what is missing). `max_uids`: studies
-    or series named in one retrieve (1 for a PACS known to refuse UID lists).
-    """
-    counts: dict[tuple[str, str], int] = {}
-    series_of: dict[str, set[str]] = {}
-    for e in expected.values():
-        key = (e.study_instance_uid, e.series_instance_uid)
-        counts[key] = counts.get(key, 0) + 1
-        series_of.setdefault(e.study_instance_uid, set()).add(e.series_instance_uid)
-    miss: dict[str, dict[str, list[str]]] = {}
-    for e in missing:
-        miss.setdefault(e.study_instance_uid, {}).setdefault(e.series_instance_uid, []).append(e.sop_instance_uid)
-    whole_studies: list[tuple[str, list[str]]] = []
-    units: list[Unit] = []
-    for study, series_map in miss.items():
-        if depth == "STUDY" and all(len(series_map.get(se, [])) == counts[(study, se)] for se in series_of[study]):
-            whole_studies.append((study, [u for sops in series_map.values() for u in sops]))
-            continue
-        whole_series = []
-        for se, sops in series_map.items():
-            if depth in ("STUDY", "SERIES") and len(sops) == counts[(study, se)]:
-                whole_series.append((se, sops))
-            else:
-                for i in range(0, len(sops), IMAGE_UNIT_MAX):
-                    units.append(Unit("IMAGE", [study], [se], sops[i:i + IMAGE_UNIT_MAX]))
-        for b in _batches(whole_series, max_uids, MAX_SOPS_PER_RETRIEVE):
-            units.append(Unit("SERIES", [study], [se for se, _ in b], [u for _, sops in b for u in sops]))
-    for b in _batches(whole_studies, max_uids, MAX_SOPS_PER_RETRIEVE):
-        units.append(Unit("STUDY", [st for st, _ in b], [], [u for _, sops in b for u in sops]))
-    return units
-
-
 MAX_REFUSALS = 3  # consecutive refused retrieves with nothing arriving: the PACS refuses us, stop
 SUBOP_FAILED = "sub-operation failed"
 
@@ -205,37 +117,67 @@ def capabilities(node: PacsNode) -> dict:
     return dict(((node.options or {}) if isinstance(node.options, dict) else {}).get("capabilities") or {})
 
 
-def _split(unit: Unit, expected: dict[str, ExpectedInstance], only: set[str] | None = None) -> list[Unit]:
-    """Smaller retrieves for a refused (or short-delivered) one: a batch -> one per UID; a single
-    study -> one per series (some PACS refuse study-level moves). `only`: keep these instances."""
-    sops = [u for u in unit.sops if only is None or u in only]
-    if unit.level == "STUDY":
-        by: dict[str, dict[str, list[str]]] = {}
-        for sop in sops:
-            e = expected[sop]
-            by.setdefault(e.study_instance_uid, {}).setdefault(e.series_instance_uid, []).append(sop)
-        if unit.batched:
-            return [Unit("STUDY", [st], [], [u for v in m.values() for u in v]) for st, m in by.items()]
-        return [Unit("SERIES", [st], [se], v) for st, m in by.items() for se, v in m.items()]
-    if unit.level == "SERIES" and unit.batched:
-        by_series: dict[str, list[str]] = {}
-        for sop in sops:
-            by_series.setdefault(expected[sop].series_instance_uid, []).append(sop)
-        return [Unit("SERIES", unit.studies, [se], v) for se, v in by_series.items()]
-    return []
+class Gate(Protocol):
+    """What the runner asks of the PACS etiquette (app.policy.governor.Governor is one)."""
+
+    limits: Any  # .max_associations: concurrent retrieves of the node, shared with its other jobs
+    limits_bytes: Any  # a byte budget (None: none), charged after each retrieve
+    unit_max: int | None  # instances per retrieve (a rate limit's bucket; None: no limit)
+    schedule: Any  # .windows: transfer windows (retrieves stop at study/series boundaries)
+
+    def claim_start(self) -> bool:
+        """Wait for the window (or the user's resume); False: the job is not ours to run.
+        Raises Cancelled."""
+
+    def check_control(self) -> None:
+        """At every wait: raises Cancelled when the user cancelled (waits out a pause)."""
+
+    def association(self) -> ContextManager[None]:
+        """Hold one of the node's association slots."""
+
+    def before_unit(self, n_instances: int) -> None: ...
+
+    def after_unit(self, ok: bool, nbytes: int = 0) -> None: ...
+
+    def retry_sleep(self, seconds: float) -> None: ...
+
+    def report(self) -> dict: ...
+
+    def cancelled_now(self) -> bool: ...
+
+
+GateFactory = Callable[[PacsNode, int], Gate]  # (node, retrieval id) -> the gate of this run
+
+
+def governor_gate(ctx: AppContext, *, clock=None, poll_s: float = 2.0) -> GateFactory:
+    """The node's policy as the gate (the default): windows, limits, backoff, pause/cancel."""
+    return lambda node, retrieval_id: Governor(ctx, node, retrieval_id, clock=clock, poll_s=poll_s)
 
 
 class RetrievalRunner:
-    """Runs one retrieval in the calling thread, with its own sessions."""
+    """Runs one retrieval in the calling thread, with its own sessions, through the gate it is handed.
+
+    `gate(node, retrieval_id)`: the PACS etiquette of this run (default: the node's policy,
+    `governor_gate`). `client_factory(node)`: the DIMSE client (a test's fake PACS; default
+    DicomClient). `method`: the caller's override of the node's method ("move", "get", "dicomweb")."""
 
     def __init__(self, ctx: AppContext, retrieval_id: int, *,
                  on_progress: Callable[[Progress], None] | None = None,
-                 client_factory: Callable[[PacsNode], DicomClient] | None = None, method: str | None = None):
+                 client_factory: Callable[[PacsNode], DicomClient] | None = None, method: str | None = None,
+                 gate: GateFactory | None = None):
         self.ctx = ctx
-        self.method = method  # overrides the node's retrieve_method for this run
+        self.method = method  # the caller's override; else chosen in run() from the node and its probe
+        self._forced_method = method
+        self.method_reason: str | None = None
         self.id = retrieval_id
         self.on_progress = on_progress
-        self.client_factory = client_factory or (lambda node: DicomClient(ctx.settings, node))
+        self.client_factory = client_factory
+        self.gate_factory = gate or governor_gate(ctx)
+        self.gate: Gate | None = None
+        self.cancelled: str | None = None
+        self._finds: GovernedClient | None = None
+        self._study_refused = False
+        self._dw_store = None
         self.progress = Progress(retrieval_id)
         self._sink = None  # the index sink of C-GET / WADO-RS arrivals (app.index.sink), made on first use
         self._store_handler = None
@@ -245,8 +187,19 @@ class RetrievalRunner:
 
     # --------------------------------------------------------------- persistence helpers
     def _update(self, **values) -> None:
+        """One commit; the gate's figures join the report; `status=running` never undoes a pause or a
+        cancel that came meanwhile."""
+        if "report" in values and self.gate is not None:
+            values["report"] = {**(values["report"] or {}), **self.gate.report()}
         with self.ctx.sessions() as s:
-            s.execute(update(Retrieval).where(Retrieval.id == self.id).values(**values))
+            if values.get("status") != "running":
+                s.execute(update(Retrieval).where(Retrieval.id == self.id).values(**values))
+            else:
+                rest = {k: v for k, v in values.items() if k != "status"}
+                s.execute(update(Retrieval).where(Retrieval.id == self.id).values(**rest))
+                s.execute(update(Retrieval).where(Retrieval.id == self.id,
+                                                  Retrieval.status.in_(("queued", "running")))
+                          .values(status="running"))
             s.commit()
 
     def _notify(self, **kw) -> None:
@@ -272,10 +225,22 @@ class RetrievalRunner:
         t0 = time.monotonic()
         if node is None:
             return self._finish(st, t0, error=f"PACS node '{r.node_name}' no longer exists", method=None)
-        method = self.method or node.retrieve_method or "move"
+        self.gate = self.gate_factory(node, self.id)
+        self._study_refused = bool(capabilities(node).get("study_retrieve_refused"))
+        if self._forced_method:
+            self.method, self.method_reason = self._forced_method, "requested for this run"
+        else:
+            self.method, self.method_reason = preferred_method(node.options, node.retrieve_method or "move")
+        try:
+            claimed = self.gate.claim_start()
+        except Cancelled as exc:
+            return self._cancel_unstarted(str(exc) or "cancelled by the user before it started")
+        if not claimed:
+            return load_retrieval(self.ctx, self.id)
+        method = self.method
         self._update(status="running", method=method, started_at=datetime.now(timezone.utc), finished_at=None,
                      error=None)
-        client = self.client_factory(node)
+        client, self._finds = make_client(self.ctx.settings, node, method, self.gate, self.client_factory)
         try:
             query = validate_query(query)
             t_list = time.monotonic()
@@ -318,6 +283,16 @@ class RetrievalRunner:
             if self._sink is not None:
                 self._sink.stop()
         return self._finish(st, t0, method=method, listing=listing)
+
+    def _cancel_unstarted(self, why: str) -> Retrieval:
+        with self.ctx.sessions() as s:
+            r = s.get(Retrieval, self.id)
+            r.status, r.error, r.finished_at = "cancelled", why, datetime.now(timezone.utc)
+            r.report = {**(r.report or {}), **self.gate.report()}
+            s.commit()
+            s.refresh(r)
+            s.expunge(r)
+        return r
 
     def _sort_present(self, st: _State, node: PacsNode) -> None:
         """What is indexed already counts as `skipped` only when it came from this node (or from
@@ -366,8 +341,9 @@ class RetrievalRunner:
             s.commit()
 
     def _lanes(self, node: PacsNode) -> int:
-        """How many retrieves of this job run at once (the governed runner: the node's policy)."""
-        return 1
+        """Concurrent retrieves of this job: the node's association limit (policy max_associations,
+        shared with every other job on the node through the gate's slots)."""
+        return self.gate.limits.max_associations if self.gate is not None else 1
 
     def _attempt(self, client, node: PacsNode, method: str, unit: Unit, st: _State) -> _Attempt:
         """One retrieve and the wait for its arrivals (a lane's work: network and polling only; the
@@ -382,7 +358,13 @@ class RetrievalRunner:
         self._wait_arrivals(unit, st, res)
         return _Attempt(unit, res, None, True)
 
-    def _fetch_all(self, client: DicomClient, node: PacsNode, method: str, units: list[Unit], st: _State) -> None:
+    def _fetch_all(self, client, node: PacsNode, method: str, units: list[Unit], st: _State) -> None:
+        try:
+            self._fetch_units(client, node, method, units, st)
+        except Cancelled as exc:  # the user's cancel, noticed at a wait: the job ends at a boundary
+            self.cancelled = str(exc) or "cancelled by the user"
+
+    def _fetch_units(self, client, node: PacsNode, method: str, units: list[Unit], st: _State) -> None:
         """Every unit, over up to `_lanes()` concurrent retrieves (associations); what one unit's failure
         costs is that unit's instances, never the job (only a PACS that cannot be reached, or a
         destination it does not know, stops it). Outcomes are handled one at a time, in this thread."""
@@ -552,7 +534,14 @@ class RetrievalRunner:
             st.retried_by_get += len(sops)
 
     def _check_control(self) -> None:
-        """A hook at every wait: the governed runner raises Cancelled here (app.policy.runner)."""
+        """At every wait: the gate raises Cancelled here (and waits out a pause)."""
+        if self.gate is not None:
+            self.gate.check_control()
+
+    def _remember_study_refusal(self, node: PacsNode) -> None:
+        """A PACS that refused a study-level retrieve: later jobs ask per series from the start."""
+        self._remember(node, "study_retrieve_refused")
+        self._study_refused = True
 
     def _remember(self, node: PacsNode, capability: str, keys: list[str] | None = None) -> None:
         """Learn something about the node for later jobs (node.options["capabilities"]): a flag, or
@@ -570,7 +559,50 @@ class RetrievalRunner:
                 n.options = opts
                 s.commit()
 
-    def _fetch(self, client: DicomClient, node: PacsNode, method: str, unit: Unit) -> RetrieveResult:
+    def _fetch(self, client, node: PacsNode, method: str, unit: Unit) -> RetrieveResult:
+        """One unit, cut into the pieces the gate needs, each passing the gate and holding a slot.
+        `method`: the job's, or "get" for the one retry of failed instances."""
+        gate = self.gate
+        assert gate is not None
+        total = RetrieveResult(method=method)
+        split = bool(gate.schedule.windows) or gate.limits_bytes is not None
+        for piece in pieces(unit, self._expected, method, unit_max=gate.unit_max, split_batches=split,
+                            study_refused=self._study_refused):
+            gate.before_unit(len(piece.sops))
+            try:
+                with gate.association():
+                    if method == "dicomweb":
+                        res = self._fetch_dicomweb(client, node, piece)
+                    else:
+                        res = self._retrieve(client.inner if isinstance(client, GovernedClient) else client,
+                                             node, method, piece)
+            except PermanentDicomError as exc:
+                gate.after_unit(ok=False)
+                if piece.level == "STUDY" and not piece.batched and getattr(exc, "status", None) != 0xA801:
+                    self._remember_study_refusal(node)  # the runner now retries per series
+                raise
+            except Exception:
+                gate.after_unit(ok=False)
+                raise
+            gate.after_unit(ok=res.status == 0 and not res.failed, nbytes=self._bytes_of(piece))
+            self._notify(phase=f"fetched {piece.describe()}")  # a boundary: where a pause would stop
+            total.completed += res.completed
+            total.failed += res.failed
+            total.warning += res.warning
+            total.failed_uids += res.failed_uids
+            total.status = res.status or total.status
+            total.comment = res.comment or total.comment
+        return total
+
+    def _bytes_of(self, unit: Unit) -> int:
+        if self.gate is None or self.gate.limits_bytes is None:
+            return 0
+        with self.ctx.sessions() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))
+                                .where(Instance.sop_instance_uid.in_(unit.sops))) or 0)
+
+    def _retrieve(self, client: DicomClient, node: PacsNode, method: str, unit: Unit) -> RetrieveResult:
+        """One C-GET (into the job's store handler) or C-MOVE (to our Storage SCP)."""
         def pending(res: RetrieveResult) -> None:
             self._notify(phase=f"{method} {unit.describe()}")
 
@@ -610,6 +642,36 @@ class RetrievalRunner:
                                    pseudonym_key=s.get_pseudonym_key(), timeout=max(60.0, s.dicom_timeout),
                                    source_node=node.name).start()
         return self._sink
+
+    def _fetch_dicomweb(self, client, node: PacsNode, unit: Unit) -> RetrieveResult:
+        """One WADO-RS unit: each part kept like a C-STORE (app.dicomweb.ingest) through the index sink."""
+        from app.dicomweb.ingest import PartRefused, store_part10
+
+        dw = client.dw if isinstance(client, Both) else client.inner
+        sink = self._dicomweb_sink(node)
+        res = RetrieveResult(method="WADO-RS")
+        wanted = set(unit.sops)
+        for st in unit.studies:
+            for raw in dw.iter_unit(unit.level, st, unit.series[0] if unit.series else None, unit.sops):
+                try:
+                    stored = store_part10(self._dw_store, raw, sink)
+                except PartRefused as exc:
+                    res.failed += 1
+                    log.warning("retrieval %s: WADO-RS part refused: %s", self.id, exc)
+                    continue
+                if stored.sop_instance_uid in wanted:
+                    res.completed += 1
+        if res.failed:
+            res.status = 0xB000
+        return res
+
+    def _dicomweb_sink(self, node: PacsNode):
+        with self._handler_lock:  # the job's lanes share one sink and one index batcher
+            if self._dw_store is None:
+                from app.dicom.store import DicomStore
+
+                self._dw_store = DicomStore(self.ctx.settings.store_dir)
+            return self._index_sink(node)
 
     @staticmethod
     def _count(st: _State, res: RetrieveResult | None) -> None:
@@ -656,10 +718,33 @@ class RetrievalRunner:
         if listing is not None:
             rep.update(finds=listing.finds, find_splits=listing.splits, listing_complete=not listing.incomplete,
                        listing_s=self._listing_s, **listing.report())
+        if self.gate is not None:
+            rep.update(self.gate.report())
+            rep["method"] = self.method
+            if self._finds is not None:
+                rep["capped_finds"] = self._finds.capped_answers
+            if self.method_reason:
+                rep["method_reason"] = self.method_reason
         return rep
 
     def _finish(self, st: _State, t0: float, *, error: str | None = None, method: str | None,
                 listing=None) -> Retrieval:
+        # the user's cancel stands even where no wait noticed it before the end (never `partial` over it)
+        cancelled_meanwhile = self.gate is not None and self.gate.cancelled_now()
+        r = self._settle(st, t0, error=error, method=self.method or method, listing=listing)
+        if cancelled_meanwhile and not self.cancelled:
+            self.cancelled = "cancelled by the user"
+        if self.cancelled and r.status != "completed":
+            with self.ctx.sessions() as s:
+                s.execute(update(Retrieval).where(Retrieval.id == self.id).values(
+                    status="cancelled", error=f"{self.cancelled} (stopped at a study/series boundary; "
+                                              f"{r.received} received, {len(r.missing or [])} not fetched)"))
+                s.commit()
+            r = load_retrieval(self.ctx, self.id)
+        return r
+
+    def _settle(self, st: _State, t0: float, *, error: str | None, method: str | None, listing) -> Retrieval:
+        """The job's end as the index tells it: received, skipped, failed, missing; one commit."""
         expected = set(st.expected)
         skipped = st.present_at_start & expected
         with self.ctx.sessions() as s:
@@ -708,14 +793,12 @@ class RetrievalRunner:
 
 
 def run_retrieval(ctx: AppContext, retrieval_id: int, **kw) -> Retrieval:
-    """Run under the node's policy (windows, limits, backoff, pause/cancel: app.policy.runner),
+    """Run under the node's policy (the default gate: windows, limits, backoff, pause/cancel),
     holding the retrieval's lease (app.retrievals.lease); one held by a live process elsewhere is
-    left alone and returned as it stands."""
-    from app.policy.runner import GovernedRunner  # subclasses RetrievalRunner: imported late
-
+    left alone and returned as it stands. `kw`: RetrievalRunner's options."""
     with Lease(ctx, retrieval_id) as lease:
         if lease.held:
-            return GovernedRunner(ctx, retrieval_id, **kw).run()
+            return RetrievalRunner(ctx, retrieval_id, **kw).run()
     log.info("retrieval %s is held by another live process: not run here", retrieval_id)
     return load_retrieval(ctx, retrieval_id)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.retrievals.expected import ExpectedInstance, date_bounds
-from app.retrievals.runner import Unit, _split, plan_units, query_depth
+from app.retrievals.plan import Unit, _split, plan_units, query_depth
 
 
 def expected(n_studies: int, n_series: int = 2, n_inst: int = 2) -> dict[str, ExpectedInstance]:

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from app.db.models import Instance, Retrieval
 from app.policy.backoff import AdaptiveBackoff, BackoffConfig
-from app.policy.runner import GovernedRunner
+from app.retrievals.runner import RetrievalRunner, governor_gate
 from tests.dicom.helpers import make_cr
 from tests.policy.fakepacs import FakePacs
 from tests.policy.test_governed import add_node, new_retrieval
@@ -42,7 +42,7 @@ def test_keys_the_pacs_ignores_are_filtered_on_our_side_before_anything_moves(ct
     fake = FakePacs(data).start()  # answers every level with everything under the UIDs it is given
     try:
         add_node(ctx, fake.port, ae="FAKEPACS", name="lax")
-        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101", "Modality": "CR"}, node="lax")).run()
+        r = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101", "Modality": "CR"}, node="lax")).run()
     finally:
         fake.stop()
     want = {d.SOPInstanceUID for d in data[:2]}
@@ -63,7 +63,7 @@ def test_answers_that_cannot_be_verified_are_not_moved_and_the_job_says_why(ctx)
     fake = FakePacs(data).start()
     try:
         add_node(ctx, fake.port, ae="FAKEPACS", name="mute")
-        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20131231", "BodyPartExamined": "CHEST"},
+        r = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20131231", "BodyPartExamined": "CHEST"},
                                               node="mute")).run()
     finally:
         fake.stop()
@@ -79,7 +79,7 @@ def test_modalities_in_study_is_settled_by_the_series_when_the_pacs_does_not_ret
     fake = FakePacs(data).start()
     try:
         add_node(ctx, fake.port, ae="FAKEPACS", name="lax")
-        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101", "ModalitiesInStudy": "CR\\DX"},
+        r = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101", "ModalitiesInStudy": "CR\\DX"},
                                               node="lax")).run()
     finally:
         fake.stop()
@@ -108,7 +108,7 @@ def test_cancel_during_a_retry_wait_ends_the_job_and_sends_nothing_more(ctx):
         t = threading.Thread(target=cancel_soon)
         t.start()
         t0 = time.monotonic()
-        r = GovernedRunner(ctx, rid, poll_s=0.2).run()
+        r = RetrievalRunner(ctx, rid, gate=governor_gate(ctx, poll_s=0.2)).run()
         elapsed = time.monotonic() - t0
         t.join()
         time.sleep(1.0)
@@ -261,11 +261,11 @@ def test_a_pacs_probed_to_answer_image_level_per_study_is_listed_with_fewer_quer
     try:
         add_node(ctx, fake.port, ae="FAKEPACS", name="walked")
         add_node(ctx, fake.port, ae="FAKEPACS", name="flat", capabilities={"image_level_needs_series": False})
-        walked = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="walked")).run()
+        walked = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="walked")).run()
         with ctx.sessions() as s:  # the same instances again, through the other node
             s.execute(Instance.__table__.delete())
             s.commit()
-        flat = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="flat")).run()
+        flat = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="flat")).run()
     finally:
         fake.stop()
     assert (walked.status, walked.received, flat.status, flat.received) == ("completed", 6, "completed", 6)

@@ -12,7 +12,7 @@ from app.db.models import Instance
 from app.dicomweb.client import DicomwebNode
 from app.dicomweb.ingest import PartRefused, store_part10
 from app.dicom.store import DicomStore
-from app.policy.runner import GovernedRunner
+from app.retrievals.runner import RetrievalRunner
 from tests.conftest import make_settings
 from tests.conftest import testdata as sample_file
 from tests.dicom.helpers import make_studies, upload_all
@@ -56,13 +56,13 @@ def test_same_instances_over_dimse_and_dicomweb(ctx, loaded, tmp_path, protocol)
     orthanc, generated = loaded
     ctx.settings.arrival_timeout = 3.0
     add_node(ctx, orthanc.dicom_port, method="get")
-    dimse = GovernedRunner(ctx, new_retrieval(ctx, QUERY)).run()
+    dimse = RetrievalRunner(ctx, new_retrieval(ctx, QUERY)).run()
 
     web_ctx = other_ctx(tmp_path, "web")
     try:
         add_node(web_ctx, orthanc.dicom_port, method="get", protocol=protocol,
                  dicomweb_url=orthanc.url + "/dicom-web")
-        web = GovernedRunner(web_ctx, new_retrieval(web_ctx, QUERY)).run()
+        web = RetrievalRunner(web_ctx, new_retrieval(web_ctx, QUERY)).run()
         assert (dimse.status, dimse.expected, dimse.received) == ("completed", 9, 9)
         assert (web.status, web.expected, web.received, web.missing) == ("completed", 9, 9, [])
         assert web.method == "dicomweb" and web.report["method"] == "dicomweb"
@@ -71,7 +71,7 @@ def test_same_instances_over_dimse_and_dicomweb(ctx, loaded, tmp_path, protocol)
         assert a == b  # same transfer syntax (J2K kept as stored) and the same pixel bytes
         assert "1.2.840.10008.1.2.4.90" in {ts for ts, _, _ in b.values()}
         # a rerun over DICOMweb fetches nothing
-        again = GovernedRunner(web_ctx, new_retrieval(web_ctx, QUERY)).run()
+        again = RetrievalRunner(web_ctx, new_retrieval(web_ctx, QUERY)).run()
         assert (again.status, again.received, again.skipped) == ("completed", 0, 9)
     finally:
         web_ctx.close()
@@ -125,7 +125,7 @@ def test_capped_server_over_dicomweb_still_gets_everything(orthanc_factory, ctx,
                                   "find_cap": 3}
     assert summary["capabilities"]["dicomweb"]["ok"]
     ctx.settings.arrival_timeout = 3.0
-    r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20120104"})).run()
+    r = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20120104"})).run()
     assert (r.status, r.expected, r.received) == ("completed", 8, 8)
     assert r.report["find_splits"] > 0
     with ctx.sessions() as s:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from app.db.models import AuditEvent, Instance, PacsNode, Retrieval
 from app.policy.clock import FakeClock
-from app.policy.runner import GovernedRunner
+from app.retrievals.runner import RetrievalRunner, governor_gate
 from app.retrievals.nodes import create_node
 from app.retrievals.schemas import NodeIn
 from app.retrievals.service import create_retrieval
@@ -71,7 +71,7 @@ def test_window_closing_mid_retrieval_pauses_at_a_boundary_and_resumes(quick, or
                 clock.advance(minutes=5)  # the first study took long: 07:03, the window is closed
 
     rid = new_retrieval(ctx, {"StudyDate": "20120101-20120103"})
-    r = GovernedRunner(ctx, rid, clock=clock, poll_s=3600, on_progress=progress).run()
+    r = RetrievalRunner(ctx, rid, gate=governor_gate(ctx, clock=clock, poll_s=3600), on_progress=progress).run()
     assert (r.status, r.expected, r.received) == ("completed", 6, 6)
     assert indexed(ctx) == {u for st in studies for u in st.sop_uids}
     # one study before the window closed, the other two only once it reopened at 19:00
@@ -92,14 +92,14 @@ def test_queued_outside_the_window_waits_unless_urgent(quick, orthanc, tmp_path)
     monday_noon = datetime(2026, 11, 23, 12, 0, tzinfo=TOKYO)
     urgent = new_retrieval(ctx, {"StudyDate": "20120101"}, report={"urgent": True})
     clock = FakeClock(monday_noon)
-    r = GovernedRunner(ctx, urgent, clock=clock, poll_s=3600).run()
+    r = RetrievalRunner(ctx, urgent, gate=governor_gate(ctx, clock=clock, poll_s=3600)).run()
     assert r.status == "completed" and r.report["window_overrides"] >= 1 and r.report["window_wait_s"] == 0
     with ctx.sessions() as s:
         assert s.scalar(select(AuditEvent.action).where(AuditEvent.action == "retrieval.window_override"))
 
     normal = new_retrieval(ctx, {"StudyDate": "20120101"})
     clock = FakeClock(monday_noon)
-    r = GovernedRunner(ctx, normal, clock=clock, poll_s=3600).run()
+    r = RetrievalRunner(ctx, normal, gate=governor_gate(ctx, clock=clock, poll_s=3600)).run()
     assert r.status == "completed" and r.skipped == 2
     assert clock.now() >= datetime(2026, 11, 28, 0, 0, tzinfo=TOKYO)  # it waited for Saturday
     assert r.report["window_wait_s"] == pytest.approx((4 * 24 + 12) * 3600, abs=60)
@@ -135,7 +135,7 @@ def test_rate_limit_holds_within_ten_percent(quick, orthanc, tmp_path):
     add_node(ctx, orthanc.dicom_port, policy={"instances_per_minute": per_min})
     rid = new_retrieval(ctx, {"StudyDate": "20120101"})
     t0 = time.monotonic()
-    r = GovernedRunner(ctx, rid).run()
+    r = RetrievalRunner(ctx, rid).run()
     wall = time.monotonic() - t0
     assert (r.status, r.received) == ("completed", 200)
     rate = r.received / r.report["fetch_s"] * 60
@@ -161,7 +161,7 @@ def test_out_of_resources_slows_the_job_down_and_it_recovers(quick):
             add_node(ctx, fake.port, ae="FAKEPACS", name=name, policy=policy)
             rid = new_retrieval(ctx, {"StudyDate": "20120101"}, node=name)
             t0 = time.monotonic()
-            r = GovernedRunner(ctx, rid).run()
+            r = RetrievalRunner(ctx, rid).run()
             return r, time.monotonic() - t0, fake
         finally:
             fake.stop()
@@ -197,7 +197,7 @@ def test_study_level_refusal_is_remembered_and_later_jobs_ask_per_series(quick):
     fake = FakePacs(_three_studies("8"), refuse_levels=frozenset({"STUDY"})).start()
     try:
         add_node(ctx, fake.port, ae="FAKEPACS", name="strict")
-        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="strict")).run()
+        r = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="strict")).run()
         assert (r.status, r.received) == ("completed", 6)
         assert "STUDY" in fake.levels and fake.levels.count("SERIES") >= 6
         with ctx.sessions() as s:
@@ -206,7 +206,7 @@ def test_study_level_refusal_is_remembered_and_later_jobs_ask_per_series(quick):
             s.query(Instance).delete()
             s.commit()
         fake.levels.clear()
-        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="strict")).run()
+        r = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="strict")).run()
         assert (r.status, r.received) == ("completed", 6)
         assert "STUDY" not in fake.levels  # asked per series from the start
     finally:
@@ -223,7 +223,7 @@ def test_max_associations_holds_across_concurrent_retrievals(quick):
         ids = [new_retrieval(ctx, {"StudyInstanceUID": f"1.2.826.0.1.3680043.8.498.9{k}"}, node="one")
                for k in range(3)]
         results = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, GovernedRunner(ctx, i).run()))
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, RetrievalRunner(ctx, i).run()))
                    for i in ids]
         for t in threads:
             t.start()
@@ -242,7 +242,7 @@ def test_megabytes_per_second_paces_between_pieces(quick):
         add_node(ctx, fake.port, ae="FAKEPACS", name="thin",
                  policy={"max_associations": 1, "mb_per_second": 0.01})  # 10 kB/s, one lane
         t0 = time.monotonic()
-        r = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="thin")).run()
+        r = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="thin")).run()
         wall = time.monotonic() - t0
         assert (r.status, r.received) == ("completed", 6)
         with ctx.sessions() as s:

@@ -173,7 +173,7 @@ def test_probe_of_a_dead_node_says_so(settings):
 
 
 def test_an_instance_cap_does_not_bite_the_hierarchical_listing(orthanc_factory, ctx, settings, tmp_path):
-    from app.policy.runner import GovernedRunner
+    from app.retrievals.runner import RetrievalRunner
     from tests.policy.test_governed import add_node, new_retrieval
 
     # 6 studies of 3 instances on 6 days; the PACS caps instance-level answers at 5. The listing asks
@@ -187,10 +187,10 @@ def test_an_instance_cap_does_not_bite_the_hierarchical_listing(orthanc_factory,
     ctx.settings.arrival_timeout = 3.0
     add_node(ctx, srv.dicom_port, name="blind")
     add_node(ctx, srv.dicom_port, name="probed", capabilities={"instance_cap": 5})
-    blind = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20121231"}, node="blind")).run()
+    blind = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20121231"}, node="blind")).run()
     assert (blind.status, blind.expected) == ("completed", 18)
     assert blind.report["capped_finds"] == 0 and blind.report["find_splits"] == 0
-    sized = GovernedRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20121231"}, node="probed")).run()
+    sized = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101-20121231"}, node="probed")).run()
     # indexed from node "blind": for node "probed" another sender's copies, fetched again to be verified
     assert (sized.status, sized.expected, sized.received, sized.skipped) == ("completed", 18, 18, 0)
     assert sized.report["capped_finds"] == 0 and sized.report["find_splits"] == 0
