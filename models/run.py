@@ -47,13 +47,9 @@ from models.experiments import transform_for
 from models.metrics import compute_metrics, overall_accuracy, summary
 from models.preprocess import preprocess_params
 from models.registry import build_model, resolve_name
+from models.spec import SPLITS, RunSpec, SpecError  # noqa: F401 - SpecError: models.run's error, as before
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
-SPLITS = ("train", "val", "test")
-
-
-class SpecError(ValueError):
-    """spec.json is malformed (clear message in error.txt)."""
 
 
 class Progress:
@@ -134,27 +130,10 @@ def _atomic_torch(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def validate_spec(spec: dict) -> tuple[list[str], list[dict]]:
-    for key in ("run_dir", "cache_dir", "classes", "items"):
-        if key not in spec:
-            raise SpecError(f"spec.json: missing {key!r}")
-    classes = list(spec["classes"])
-    if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise SpecError("spec.json: 'classes' must list at least 2 distinct class names")
-    known, seen, items = set(classes), set(), []
-    for i, it in enumerate(spec["items"]):
-        missing = [k for k in ("sop_instance_uid", "path", "class", "split") if k not in it]
-        if missing:
-            raise SpecError(f"spec.json: items[{i}] lacks {', '.join(missing)}")
-        if it["class"] not in known:
-            raise SpecError(f"spec.json: items[{i}] has class {it['class']!r} not in 'classes'")
-        if it["split"] not in SPLITS:
-            raise SpecError(f"spec.json: items[{i}] has split {it['split']!r} (train, val or test)")
-        if it["sop_instance_uid"] in seen:
-            raise SpecError(f"spec.json: SOPInstanceUID {it['sop_instance_uid']} listed twice")
-        seen.add(it["sop_instance_uid"])
-        items.append(it)
-    return classes, items
+def validate_spec(spec: dict | RunSpec) -> tuple[list[str], list[dict]]:
+    """(classes, items as dicts) of a valid spec; SpecError says what is wrong."""
+    rs = spec if isinstance(spec, RunSpec) else RunSpec.parse(spec)
+    return list(rs.classes), [it.as_dict() for it in rs.items]
 
 
 def _broadcast(obj: Any, rt: Runtime) -> Any:
@@ -179,13 +158,15 @@ def _stop_check(run_dir: Path, rt: Runtime) -> Callable[[], bool]:
     return check
 
 
-def run_spec(spec: dict, progress: Callable[[dict], None] | None = None) -> dict:
+def run_spec(spec: dict | RunSpec, progress: Callable[[dict], None] | None = None) -> dict:
     """Run one job in-process. Returns the metrics dict on rank 0 ({} on other ranks).
 
     Raises Cancelled when RUN_DIR/CANCEL appears, SpecError/ValueError for bad input.
     """
-    classes, items = validate_spec(spec)
-    cfg = merge_params(spec.get("params"))
+    rs = spec if isinstance(spec, RunSpec) else RunSpec.parse(spec)
+    classes, items = validate_spec(rs)
+    cfg = merge_params(rs.params)
+    spec = rs.to_json()
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     rt = setup_runtime(cfg.device)

@@ -240,3 +240,21 @@ def test_lazy_imports_are_seen(tmp_path: Path) -> None:
     got = imports_of("app.dicom.m", f, {"app.cohorts.service": f})
     assert [(i.target, i.line) for i in got] == [("app.cohorts.service", 2)]
     assert violation(got[0]) is not None
+
+
+def test_the_training_spec_imports_only_pydantic() -> None:
+    """models/spec.py is what app/ imports of models/: it must not drag torch (or app/) along."""
+    tree = ast.parse((ROOT / "models" / "spec.py").read_text(encoding="utf-8"))
+    tops = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    tops |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert tops <= {"__future__", "json", "pathlib", "typing", "pydantic"}, tops
+
+
+def test_app_imports_of_models_are_the_spec_or_from_the_products_and_entry_layers(graph: list[Import]) -> None:
+    """Below the products layer nothing imports models/ at all; the spec is the shared contract."""
+    low = [i for i in graph if i.target.split(".")[0] == "models" and i.importer.split(".")[0] == "app"
+           and i.target != "models.spec" and (layer_of(i.importer) or (0, ""))[0] < LAYER_INDEX["products"]]
+    assert not low, low
+
+
+LAYER_INDEX = {name: i for i, (name, _p, _m) in enumerate(LAYERS)}

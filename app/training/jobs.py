@@ -22,6 +22,7 @@ from app.errors import Conflict, InvalidInput, NotFound
 from app.training.items import cohort_classes, cohort_items
 from app.training import workers
 from app.training.params import DEPTH_PRESETS, TrainingJobCreate
+from models.spec import RunParams, RunSpec, SpecItem, SpecMeta
 
 FINAL = ("completed", "failed", "cancelled")
 DEFAULT_STALE_SECONDS = 60.0
@@ -359,7 +360,15 @@ def run_dir(settings: Settings, job_id: int) -> Path:
 
 
 def build_spec(session: Session, settings: Settings, job: TrainingJob, code_version: str) -> tuple[dict, list[dict]]:
-    """The spec.json models.run reads, plus members that have no file in the store (reported as skipped)."""
+    """The spec.json content models.run reads (RunSpec, validated here), plus members that have no file
+    in the store (reported as skipped)."""
+    spec, missing = build_run_spec(session, settings, job, code_version)
+    return spec.to_json(), missing
+
+
+def build_run_spec(session: Session, settings: Settings, job: TrainingJob,
+                   code_version: str) -> tuple[RunSpec, list[dict]]:
+    """The typed spec of `job`'s run (models/spec.py), plus members without a file in the store."""
     cohort = session.get(Cohort, job.cohort_id)
     if cohort is None:
         raise NotFound(f"cohort {job.cohort_id} of training job {job.id} not found")
@@ -381,13 +390,13 @@ def build_spec(session: Session, settings: Settings, job: TrainingJob, code_vers
     params = {k: v for k, v in (job.params or {}).items() if k not in ("depth_ladder", "val_fraction")}
     if params.get("weights"):
         params["weights"] = str((settings.data_dir / "weights" / params["weights"]).resolve())
-    spec = {
-        "job_id": job.id, "run_dir": str(rd), "cache_dir": str(settings.cache_dir.resolve()),
-        "classes": cohort_classes(cohort), "items": items,
-        "params": params,
-        "meta": {"cohort_id": cohort.id, "taxonomy": cohort.taxonomy_name,
-                 "ruleset_version": cohort.ruleset_version, "code_version": code_version},
-    }
+    spec = RunSpec(
+        job_id=job.id, run_dir=str(rd), cache_dir=str(settings.cache_dir.resolve()),
+        classes=cohort_classes(cohort), items=[SpecItem.model_validate(it) for it in items],
+        params=RunParams.model_validate(params),
+        meta=SpecMeta(cohort_id=cohort.id, taxonomy=cohort.taxonomy_name, ruleset_version=cohort.ruleset_version,
+                      code_version=code_version),
+    )
     return spec, missing
 
 
