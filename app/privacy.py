@@ -15,6 +15,7 @@ import hmac
 import logging
 import re
 import sys
+from collections.abc import Callable
 
 REDACTED = "<redacted>"
 
@@ -83,10 +84,11 @@ def redact_text(text: str) -> str:
     return _KEYWORD.sub(lambda m: m.group("k") + REDACTED, text)
 
 
-_base_factory = None
+_base_factory: Callable[..., logging.LogRecord] | None = None
 
 
 def _redacting_factory(*args, **kwargs) -> logging.LogRecord:
+    assert _base_factory is not None  # installed before this factory is
     record = _base_factory(*args, **kwargs)
     try:
         message = record.getMessage()

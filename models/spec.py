@@ -57,7 +57,7 @@ class TrainingParams(BaseModel):
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="default 256 on CUDA, 32 on CPU")
     lr: float | None = Field(None, gt=0, le=10)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    augment: Augment = Field(default_factory=Augment, description="augmentation (training side only)")
+    augment: Augment = Field(default_factory=Augment, description="augmentation (training side only)")  # type: ignore[arg-type]  # noqa: E501
     experiments: list[str] = Field(
         default_factory=list, json_schema_extra={"default": []},
         description="extra evaluations, none by default: rotate90 and scale10 (the study's 90° rotation and "
@@ -254,7 +254,7 @@ class RunSpec(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _describe(err: dict) -> str:
+def _describe(err: Any) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()))
     msg = str(err.get("msg", "")).removeprefix("Value error, ")
     if err.get("type") == "missing":

@@ -3,7 +3,6 @@
 from fastapi.testclient import TestClient
 
 from app.api import create_app
-from app.context import AppContext
 
 
 def test_health(client):

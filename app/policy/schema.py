@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.policy.backoff import BackoffConfig
-from app.policy.windows import DAYS, Schedule, parse_hhmm
+from app.policy.windows import Schedule, parse_hhmm
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 

@@ -67,7 +67,7 @@ class Schedule:
     def _intervals(self, now: datetime) -> list[tuple[datetime, datetime]]:
         """Merged open intervals from yesterday to the horizon."""
         today = now.astimezone(self.tz).date()
-        spans = []
+        spans: list[tuple[datetime, datetime]] = []
         for k in range(-1, _HORIZON_DAYS):
             d = today + timedelta(days=k)
             for w in self.windows:

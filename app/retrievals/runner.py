@@ -122,8 +122,11 @@ class Gate(Protocol):
 
     limits: Any  # .max_associations: concurrent retrieves of the node, shared with its other jobs
     limits_bytes: Any  # a byte budget (None: none), charged after each retrieve
-    unit_max: int | None  # instances per retrieve (a rate limit's bucket; None: no limit)
     schedule: Any  # .windows: transfer windows (retrieves stop at study/series boundaries)
+
+    @property
+    def unit_max(self) -> int | None:
+        """Instances per retrieve (a rate limit's bucket; None: no limit)."""
 
     def claim_start(self) -> bool:
         """Wait for the window (or the user's resume); False: the job is not ours to run.

@@ -28,7 +28,6 @@ from app.errors import InvalidInput, NotFound, RadcohortError
 from app.index import query
 from app.index.thumbnails import thumbnail_png
 from app.labels.coverage import coverage
-from app.labels.service import get_rules
 from app.policy import service as policy
 from app.policy.schema import NodePatch, NodePolicy
 from app.probe.service import probe_state
@@ -523,4 +522,5 @@ def register(app: FastAPI, settings: Settings) -> None:  # noqa: C901 - one func
         probs = sorted(result.probabilities.items(), key=lambda kv: -kv[1])
         chart = charts.hbars([(k, v * 100, f"{v * 100:.1f} %") for k, v in probs], max_value=100,
                              title="class probabilities")
-        return render(request, "model.html", who=who, m=m, result=result, chart=chart, filename=upload.filename)
+        return render(request, "model.html", who=who, m=m, result=result, chart=chart, probabilities=probs,
+                      filename=upload.filename)

@@ -11,11 +11,10 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import FormData
 
-from app.api.deps import CtxDep, SessionDep
 from app.config import Settings
-from app.errors import NotFound, RadcohortError
+from app.errors import RadcohortError
 from app.web import auth
 from app.web.render import STATIC, STATIC_URL, error_page, flash_redirect, render
 

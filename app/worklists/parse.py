@@ -175,7 +175,10 @@ def parse(data: bytes, filename: str | None = None, column: str | None = None) -
     for n, cells in enumerate(body, start=2):
         if not any(str(c).strip() for c in cells):
             continue  # blank line
-        get = (lambda a: str(cells[cols[a]]).strip() if a in cols and cols[a] < len(cells) else "")
+
+        def get(a: str, cells=cells) -> str:
+            return str(cells[cols[a]]).strip() if a in cols and cols[a] < len(cells) else ""
+
         key = get(key_type)
         filters, problems = {}, []
         for f in FILTERS:

@@ -371,8 +371,9 @@ def api_under_jobs(base: str, node: str, dates: list[str], cohort_bodies: list[d
     for t in threads:
         t.join(60)
     latencies.sort()
-    pct = (lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)
-           if latencies else None)
+    def pct(q: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1) if latencies else None
+
     return {"seconds": round(seconds, 2), "requests": counts["requests"], "failures": failures,
             "retrievals": [reports.get(i) for i in ids], "cohorts": cohorts, "reads": len(latencies),
             "read_p50_ms": pct(0.5), "read_p95_ms": pct(0.95), "read_max_ms": pct(1.0)}

@@ -18,7 +18,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings as hsettings
 from hypothesis.errors import Unsatisfiable
-from sqlalchemy.exc import OperationalError
 
 from app.api import create_app
 from fastapi.testclient import TestClient

@@ -49,7 +49,7 @@ class FakePacs:
 
     def _find(self, event):
         ident = event.identifier
-        level = ident.QueryRetrieveLevel
+        ident.QueryRetrieveLevel  # noqa: B018 - a find without a level fails here, as at a real SCP
         seen = set()
         for ds in self._match(ident):
             rsp = find_answer(ds, ident)

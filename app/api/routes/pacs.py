@@ -16,7 +16,7 @@ from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep, has_scope
 from app.db.base import session_scope
 from app.find_policy import IDENTIFIED_SCOPE, WITHHELD, answer_rows, identifying_match_keys, refusal_detail
 from app.policy import service as policy
-from app.policy.schema import NodePatch, NodeSettingsOut, ProbeOut
+from app.policy.schema import NodePatch, NodeSettingsOut
 from app.probe.schemas import ProbeJobOut
 from app.probe.service import mark_running, probe_and_store, probe_in_background, summary as probe_summary
 from app.dicom.scu import DicomClient
