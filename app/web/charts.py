@@ -79,8 +79,9 @@ def curves(history: list[dict], keys: tuple[str, ...], width: int = 520, height:
     def sy(v):
         return top + ph - max(0.0, min(1.0, v / hi)) * ph
 
-    out = [f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}">'
-           f'<title>{escape(title)}</title>'
+    # data-points: the epochs drawn, for scripts and tests that follow a live chart
+    out = [f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+           f'data-points="{len(pts)}"><title>{escape(title)}</title>'
            f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>'
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#999"/>']
     for frac in (0, 0.5, 1):
