@@ -26,7 +26,7 @@ log = logging.getLogger("radcohort.api")
 
 # one module per resource under app/api/routes, each exposing `router`
 ROUTE_MODULES = ["pacs", "retrievals", "instances", "taxonomies", "cohorts", "training", "trained_models", "audit",
-                 "conflicts", "labels", "worklists", "exports", "scoring"]
+                 "conflicts", "labels", "worklists", "exports", "scoring", "jobs"]
 
 
 def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
@@ -35,12 +35,13 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        from app.retrievals.service import get_manager
+        from app.jobs.runner import start_in_api
 
-        # retrievals left unfinished by a stopped process resume here (leases: app.retrievals.lease)
-        get_manager(ctx).start_supervision()
+        # background work is durable jobs (app.jobs): this process runs them too unless
+        # RADCOHORT_API_RUNS_JOBS=false (then only `radcohort worker` processes do)
+        start_in_api(ctx)
         yield
-        # background pools (retrievals ...) registered in ctx.extras stop with the app
+        # the job runner and other shared objects registered in ctx.extras stop with the app
         for extra in list(ctx.extras.values()):
             stop = getattr(extra, "shutdown", None)
             if callable(stop):

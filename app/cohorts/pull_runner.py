@@ -18,18 +18,15 @@ answer that lacks an attribute we must check cannot be verified and is not retri
 
 Retrievals are ordinary Retrieval rows run in this thread under the node's policy
 (app.retrievals.runner.run_retrieval), so they show in /api/v1/retrievals and are audited there.
-Pulls started through the API run in a background thread; their state lives in an in-process
-registry (ctx.extras["cohort_pulls"]): lost on restart, while the retrievals and the audit
-events it wrote remain.
+Pulls started through the API are durable jobs (kind "cohort_pull", queue "cohort", app.jobs): the
+pull's id is its job's id, its state and report live on the job row, and a pull whose runner stopped
+is taken over and run again (it re-counts first, so it fetches only what is still short).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 from app import audit
@@ -230,53 +227,41 @@ def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class
     return out
 
 
-class PullRegistry:
-    """Pulls started by the API: one at a time (they contend for the same PACS), state in memory."""
-
-    def __init__(self, ctx: AppContext):
-        self.ctx = ctx
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-pull")
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self.pulls: dict[int, dict] = {}
-
-    def start(self, node: str, taxonomy: str, per_class: int, study_date: str, actor: str,
-              max_rounds: int = DEFAULT_MAX_ROUNDS) -> dict:
-        with self._lock:
-            pid = next(self._ids)
-            state = {"id": pid, "status": "queued", "node": node, "taxonomy": taxonomy, "per_class": per_class,
-                     "study_date": study_date, "created_at": datetime.now(timezone.utc), "finished_at": None,
-                     "report": None, "error": None}
-            self.pulls[pid] = state
-        self._pool.submit(self._run, pid, actor, max_rounds)
-        return dict(state)
-
-    def _run(self, pid: int, actor: str, max_rounds: int) -> None:
-        st = self.pulls[pid]
-        st["status"] = "running"
-        try:
-            st["report"] = pull_to_quota(self.ctx, st["node"], st["taxonomy"], st["per_class"], st["study_date"],
-                                         max_rounds=max_rounds, actor=actor)
-            st["status"] = "completed" if st["report"]["stopped"] == "done" else "partial"
-            st["error"] = st["report"]["error"]
-        except Exception as exc:  # noqa: BLE001 - a pull never stays 'running'
-            log.exception("cohort pull %s failed", pid)
-            st["status"], st["error"] = "failed", f"{type(exc).__name__}: {exc}"[:2000]
-        st["finished_at"] = datetime.now(timezone.utc)
-
-    def get(self, pid: int) -> dict:
-        st = self.pulls.get(pid)
-        if st is None:
-            raise NotFound(f"no cohort pull {pid} (pulls are kept in memory until the server restarts)")
-        return dict(st)
-
-    def shutdown(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+# job status -> the pull's status in the API (PullOut): a finished job says whether the quota was met
+_PULL_STATUS = {"queued": "queued", "running": "running", "failed": "failed", "cancelled": "cancelled"}
 
 
-def get_pulls(ctx: AppContext) -> PullRegistry:
-    """The process's pull registry, created on first use."""
-    return ctx.shared("cohort_pulls", lambda: PullRegistry(ctx))
+def start_pull(session, node: str, taxonomy: str, per_class: int, study_date: str, actor: str,
+               max_rounds: int = DEFAULT_MAX_ROUNDS) -> dict:
+    """Queue a pull as a durable job in the caller's transaction; its PullOut shape (status queued)."""
+    from app.jobs.queue import enqueue
+
+    job = enqueue(session, "cohort_pull", {"node": node, "taxonomy": taxonomy, "per_class": per_class,
+                                           "study_date": study_date, "max_rounds": max_rounds},
+                  target=f"taxonomy:{taxonomy}"[:128], actor=actor)
+    return pull_view(job)
+
+
+def pull_view(job) -> dict:
+    """A cohort_pull job in the shape of the pull API (PullOut)."""
+    from app.jobs.queue import view
+
+    v, p = view(job), job.payload or {}
+    report = job.result if job.status == "succeeded" else None
+    status = _PULL_STATUS.get(job.status) or ("completed" if (report or {}).get("stopped") == "done" else "partial")
+    return {"id": job.id, "status": status, "node": p.get("node"), "taxonomy": p.get("taxonomy"),
+            "per_class": p.get("per_class"), "study_date": p.get("study_date"), "created_at": v["created_at"],
+            "finished_at": v["finished_at"], "report": report,
+            "error": (report or {}).get("error") if report is not None else job.error}
+
+
+def get_pull(session, pull_id: int) -> dict:
+    from app.db.models import Job
+
+    job = session.get(Job, pull_id)
+    if job is None or job.kind != "cohort_pull":
+        raise NotFound(f"no cohort pull {pull_id}")
+    return pull_view(job)
 
 
 def check_request(ctx: AppContext, node: str, taxonomy: str, study_date: str) -> None:

@@ -142,7 +142,7 @@ class PullReport(BaseModel):
 
 class PullOut(BaseModel):
     id: int
-    status: str = Field(..., description="queued | running | completed | partial | failed")
+    status: str = Field(..., description="queued | running | completed | partial | failed | cancelled")
     node: str
     taxonomy: str
     per_class: int

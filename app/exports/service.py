@@ -1,8 +1,9 @@
 """Exports of a frozen cohort: de-identified DICOM, or an image dataset (PNG/NumPy class folders per
 split, or WebDataset shards), each with its manifest and a dataset card, packed as zip or tar.
 
-An export is a row (`exports`) and a background job (one thread per API process, app.exports.service
-.get_manager); the CLI runs the same `run_export` in the foreground. Nothing here imports torch: the
+An export is a row (`exports`) and a durable background job (kind "export", app.jobs: run by the API's
+job runner or `radcohort worker`, taken over when its runner stops); the CLI runs the same `run_export`
+in the foreground. Nothing here imports torch: the
 image path uses models.preprocess (numpy/pydicom/Pillow), the worker's own preprocessing.
 """
 
@@ -19,7 +20,6 @@ import tarfile
 import time
 import zipfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -116,12 +116,41 @@ def list_exports(session: Session, limit: int, offset: int, *, identified: bool)
     return total, [view(e) for e in rows]
 
 
+def queue_export(session: Session, export_id: int, actor: str | None) -> int:
+    """Queue the export's durable job in the caller's transaction; returns the job id."""
+    from app.jobs.queue import enqueue
+
+    return enqueue(session, "export", {"export_id": export_id}, target=f"export:{export_id}", actor=actor).id
+
+
+def _has_live_job(session: Session, export_id: int) -> bool:
+    from sqlalchemy import select
+
+    from app.db.models import Job
+
+    return session.scalar(select(Job.id).where(Job.target == f"export:{export_id}",
+                                               Job.status.in_(("queued", "running"))).limit(1)) is not None
+
+
+def settle_export(session: Session, export_id: int, status: str, error: str | None) -> None:
+    """Its job ended without run_export recording the end (cancelled while queued, runners lost): say so."""
+    exp = session.get(Export, export_id)
+    if exp is None or exp.status not in ("queued", "running"):
+        return
+    exp.status = "cancelled" if status == "cancelled" else "failed"
+    exp.error = (error or status)[:500]
+    exp.finished_at = datetime.now(timezone.utc)
+    session.flush()
+
+
 def get_export(session: Session, export_id: int) -> Export:
-    """The export; one whose process died before finishing is marked failed (it cannot resume)."""
+    """The export; one left unfinished with no job to finish it and no live process running it (a CLI run
+    that was killed) is marked failed."""
     exp = session.get(Export, export_id)
     if exp is None:
         raise NotFound(f"export {export_id} not found")
-    if exp.status in ("queued", "running") and not _alive((exp.report or {}).get("runner")):
+    if exp.status in ("queued", "running") and not _alive((exp.report or {}).get("runner")) \
+            and not _has_live_job(session, export_id):
         exp.status, exp.error = "failed", "interrupted: the process running it stopped; start a new export"
         exp.finished_at = datetime.now(timezone.utc)
         session.flush()
@@ -177,13 +206,16 @@ def delete_archive(session: Session, data_dir: Path, export_id: int, actor: str)
 class _Progress:
     """Writes done/total to the row at most every half second (one short transaction each)."""
 
-    def __init__(self, sessions, export_id: int, total: int):
+    def __init__(self, sessions, export_id: int, total: int, checkpoint=None):
         self.sessions, self.export_id, self.total, self.last = sessions, export_id, total, 0.0
+        self.checkpoint = checkpoint
 
     def __call__(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last < 0.5:
             return
+        if self.checkpoint is not None:
+            self.checkpoint()  # a cancelled or handed-over job stops here
         self.last = now
         with session_scope(self.sessions) as s:
             exp = s.get(Export, self.export_id)
@@ -197,9 +229,10 @@ def _resolve(store_dir: Path, file_path: str | None) -> Path | None:
     return p if p.is_absolute() else store_dir / p
 
 
-def run_export(ctx, export_id: int, target: Path | None = None) -> dict:
+def run_export(ctx, export_id: int, target: Path | None = None, checkpoint=None) -> dict:
     """Build export `export_id`: files under a work folder, then the archive (or, with `target`, the
-    files written to that folder and no archive). Marks the row running -> done|failed; returns the report."""
+    files written to that folder and no archive). Marks the row running -> done|failed|cancelled; returns the
+    report. `checkpoint()` (a job's) is called with each progress write and may raise to stop the export."""
     settings = ctx.settings
     with session_scope(ctx.sessions) as s:
         exp = s.get(Export, export_id)
@@ -217,7 +250,8 @@ def run_export(ctx, export_id: int, target: Path | None = None) -> dict:
         if target is None and work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        report = _write(ctx, params, cohort_info, items, work, _Progress(ctx.sessions, export_id, len(items)))
+        report = _write(ctx, params, cohort_info, items, work,
+                        _Progress(ctx.sessions, export_id, len(items), checkpoint))
         archive_rel = None
         if target is None:
             archive = base / f"export-{export_id}.{params['archive']}"
@@ -234,11 +268,18 @@ def run_export(ctx, export_id: int, target: Path | None = None) -> dict:
                          format=params["format"], exported=report["exported"], excluded=report["excluded"])
         return report
     except Exception as exc:
+        from app.jobs.runner import JobCancelled, JobStopped
+
+        if isinstance(exc, JobStopped):  # the job goes back to the queue (or to its new holder): no end here
+            raise
         # the message names the failing step, never a header value (none is put in our messages)
-        log.exception("export %s failed", export_id)
+        cancelled = isinstance(exc, JobCancelled)
+        if not cancelled:
+            log.exception("export %s failed", export_id)
         with session_scope(ctx.sessions) as s:
             exp = s.get(Export, export_id)
-            exp.status, exp.error = "failed", f"{type(exc).__name__}: {exc}"[:500]
+            exp.status = "cancelled" if cancelled else "failed"
+            exp.error = "cancelled" if cancelled else f"{type(exc).__name__}: {exc}"[:500]
             exp.finished_at = datetime.now(timezone.utc)
         if target is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -479,25 +520,3 @@ def card_markdown(card: dict) -> str:
         lines += ["Preprocessing: " + json.dumps(card["preprocessing"]), ""]
     lines += ["Full card: dataset_card.json; per-image list: manifest.csv.", ""]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- the background runner
-class ExportManager:
-    """One export at a time per API process (exports read every file of a cohort: in parallel they
-    would only compete for the disk)."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export")
-
-    def submit(self, export_id: int) -> None:
-        self.pool.submit(self._run, export_id)
-
-    def _run(self, export_id: int) -> None:
-        try:
-            run_export(self.ctx, export_id)
-        except Exception:  # noqa: BLE001 - recorded on the row by run_export
-            pass
-
-    def shutdown(self, wait: bool = False) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=True)

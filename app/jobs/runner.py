@@ -306,6 +306,15 @@ def get_runner(ctx: AppContext) -> JobRunner:
     return ctx.shared("job_runner", lambda: JobRunner(ctx, list(q.QUEUES)))
 
 
+def start_in_api(ctx: AppContext) -> JobRunner | None:
+    """The API's start-up: run jobs in this process when settings.api_runs_jobs (the embedded single-process
+    default); otherwise leave them to `radcohort worker`."""
+    if not ctx.settings.api_runs_jobs:
+        log.info("this API runs no background jobs (RADCOHORT_API_RUNS_JOBS=false): workers run them")
+        return None
+    return get_runner(ctx).start()
+
+
 def wake_local(ctx: AppContext) -> None:
     """Wake this process's runner if it has one (after a commit that queued a job)."""
     runner = ctx.extras.get("job_runner")

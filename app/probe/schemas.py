@@ -13,6 +13,7 @@ class ProbeJobState(BaseModel):
     finished_at: str | None = None
     error: str | None = Field(None, description="why the last probe failed (e.g. no answer to C-ECHO)")
     summary: str | None = Field(None, description="the last probe's one-line verdict")
+    job_id: int | None = Field(None, description="its durable job (GET /api/v1/jobs/{job_id}), when run as one")
 
 
 class ProbeJobOut(ProbeOut):

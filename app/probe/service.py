@@ -1,13 +1,13 @@
 """Run the probe and keep its findings with the node (`options["capabilities"]`).
 
-Through the API a probe is a background job: its state is `options["probe"]` = {"status":
-"running"|"completed"|"failed", "started_at", "finished_at", "error", "summary"}.
+Through the API a probe is a durable background job (kind "probe", app.jobs): its state is also kept
+with the node, `options["probe"]` = {"status": "running"|"completed"|"failed", "started_at", "finished_at",
+"error", "summary", "job_id"}.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.orm import Session
@@ -86,9 +86,9 @@ def mark_running(node: PacsNode) -> bool:
     return True
 
 
-def run_probe_job(ctx, name: str, actor: str = "system") -> None:
+def run_probe_job(ctx, name: str, actor: str = "system") -> str | None:
     """Probe `name` and record the job's outcome with the node; a node that does not answer C-ECHO
-    keeps its previous capabilities and the job fails with the reason."""
+    keeps its previous capabilities and the job fails with the reason (returned; None: completed)."""
     from app.retrievals.nodes import get_node
 
     error, caps = None, None
@@ -116,6 +116,8 @@ def run_probe_job(ctx, name: str, actor: str = "system") -> None:
             s.commit()
     except Exception as exc:  # noqa: BLE001 - e.g. the node was deleted meanwhile
         log.warning("probe of node %s: result not recorded: %s", name, exc)
+        error = error or f"result not recorded: {type(exc).__name__}"
+    return error
 
 
 def _store(session: Session, settings: Settings, node: PacsNode, caps: dict, actor: str) -> None:
@@ -132,8 +134,27 @@ def _store(session: Session, settings: Settings, node: PacsNode, caps: dict, act
                  find_cap=caps.get("find_cap"), get=caps["get"].get("works"), summary=caps.get("summary"))
 
 
-def probe_in_background(ctx, name: str, actor: str = "system") -> threading.Thread:
-    """Probe a node without holding up the request; the outcome lands in `options["probe"]`."""
-    t = threading.Thread(target=run_probe_job, args=(ctx, name, actor), name=f"probe-{name}", daemon=True)
-    t.start()
-    return t
+def queue_probe(session: Session, name: str, actor: str = "system") -> int:
+    """Queue a probe job for node `name` in the caller's transaction (its runner: app.jobs); returns its id.
+    The node is marked running (flushes nothing)."""
+    from app.jobs.queue import enqueue
+    from app.retrievals.nodes import get_node
+
+    job = enqueue(session, "probe", {"node": name}, target=f"pacs_node:{name}"[:128], actor=actor)
+    node = get_node(session, name)
+    mark_running(node)
+    node.options = {**(node.options or {}), "probe": {**node.options["probe"], "job_id": job.id}}
+    return job.id
+
+
+def settle_probe(session: Session, name: str | None, error: str) -> None:
+    """A probe job ended without its handler recording the outcome (cancelled, its runners lost): say so."""
+    from app.db.models import PacsNode
+    from sqlalchemy import select
+
+    node = session.scalar(select(PacsNode).where(PacsNode.name == name)) if name else None
+    if node is None or ((node.options or {}).get("probe") or {}).get("status") != "running":
+        return
+    node.options = {**(node.options or {}), "probe": {**node.options["probe"], "status": "failed",
+                                                      "finished_at": _now(), "error": error[:500]}}
+    session.flush()

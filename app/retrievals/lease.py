@@ -1,11 +1,14 @@
 """Who runs a retrieval: a lease in its row (runner_id + heartbeat_at).
 
-Retrievals run in the threads of whichever process started them (the API, a CLI, a cohort pull).
-A process that stops (crash, SIGKILL, host reboot) leaves its retrievals `queued`, `running` or
-`paused` with a lease that is no longer renewed; a running API takes those over once the lease is
-older than `retrieval_stale_s` and runs them again, which lists anew and fetches only what is not
-indexed yet. The claim is one compare-and-set UPDATE, so two processes never run one retrieval at
-once.
+A retrieval started through the API is a durable job (kind "retrieval", app.jobs) that a job runner (the
+API's, or `radcohort worker --queues retrieval`) claims; the job's lease says which runner runs it, this
+lease says which thread of which process is inside the retrieval right now. A CLI run or a cohort pull
+runs retrievals in its own thread with this lease alone. A process that stops (crash, SIGKILL, host
+reboot) leaves its retrievals `queued`, `running` or `paused` with a lease that is no longer renewed:
+its job is taken over by the next claim (the job lease of a retrieval goes stale after
+`retrieval_stale_s` too), and one without a job is queued again by the runners serving the retrieval
+queue (app.retrievals.service.queue_orphans). Run again, it lists anew and fetches only what is not
+indexed yet. The claim is one compare-and-set UPDATE, so two processes never run one retrieval at once.
 """
 
 from __future__ import annotations

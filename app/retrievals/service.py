@@ -1,12 +1,10 @@
-"""Retrieval records and the in-process pool that runs them in the background."""
+"""Retrieval records, and their durable jobs (kind "retrieval", app.jobs) that run them in the background."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import audit
@@ -19,7 +17,6 @@ from app.retrievals.schemas import RetrievalOut
 
 log = logging.getLogger("radcohort.retrievals")
 
-MAX_CONCURRENT = 4
 
 
 def create_retrieval(session: Session, node_name: str, query: dict, actor: str) -> Retrieval:
@@ -70,80 +67,84 @@ def to_out(r: Retrieval) -> RetrievalOut:
                         finished_at=r.finished_at)
 
 
-class RetrievalManager:
-    """A small thread pool in the API process; each job runs with its own sessions."""
+# ---------------------------------------------------------------- running them: durable jobs (app.jobs)
+def queue_retrieval(session: Session, retrieval_id: int, actor: str | None = None) -> int:
+    """Queue the retrieval's job (kind "retrieval") in the caller's transaction; returns the job id.
+    The caller wakes the local runner after commit (app.jobs.runner.wake_after_commit)."""
+    from app.jobs.queue import enqueue
 
-    def __init__(self, ctx: AppContext, max_workers: int = MAX_CONCURRENT):
-        self.ctx = ctx
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="retrieval")
-        self.futures: dict[int, Future] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._supervisor: threading.Thread | None = None
-
-    def submit(self, retrieval_id: int) -> Future:
-        with self._lock:
-            fut = self._pool.submit(self._run, retrieval_id)
-            self.futures = {k: f for k, f in self.futures.items() if not f.done()}
-            self.futures[retrieval_id] = fut
-            return fut
-
-    def adopt_orphans(self) -> list[int]:
-        """Submit the unfinished retrievals that no live process runs (app.retrievals.lease);
-        each one's run claims it first, so a race with another process runs it once."""
-        from app.retrievals.lease import orphans
-
-        with self._lock:
-            mine = {k for k, f in self.futures.items() if not f.done()}
-        adopted = [rid for rid in orphans(self.ctx) if rid not in mine]
-        for rid in adopted:
-            log.warning("retrieval %s was left unfinished by a stopped process: resuming it", rid)
-            self.submit(rid)
-        return adopted
-
-    def start_supervision(self) -> None:
-        """At start-up and then every heartbeat: take over retrievals left by stopped processes."""
-        if self._supervisor is not None:
-            return
-
-        def loop() -> None:
-            while True:
-                try:
-                    self.adopt_orphans()
-                except Exception as exc:  # noqa: BLE001 - the database may be down for a moment
-                    log.warning("looking for orphaned retrievals failed: %s", type(exc).__name__)
-                if self._stop.wait(self.ctx.settings.retrieval_heartbeat_s):
-                    return
-
-        self._supervisor = threading.Thread(target=loop, name="retrieval-supervisor", daemon=True)
-        self._supervisor.start()
-
-    def _run(self, retrieval_id: int) -> None:
-        from app.retrievals.runner import run_retrieval
-
-        try:
-            run_retrieval(self.ctx, retrieval_id)
-        except Exception as exc:  # noqa: BLE001 - never leave a job 'running' behind
-            log.exception("retrieval %s crashed", retrieval_id)
-            from datetime import datetime, timezone
-
-            from sqlalchemy import update
-
-            with self.ctx.sessions() as s:
-                s.execute(update(Retrieval).where(Retrieval.id == retrieval_id).values(
-                    status="failed", error=f"internal error: {type(exc).__name__}: {exc}"[:4000],
-                    finished_at=datetime.now(timezone.utc)))
-                s.commit()
-
-    def submit_after_commit(self, session: Session, retrieval_id: int) -> None:
-        """Start the job once the request's transaction has committed (so the runner sees the row)."""
-        event.listen(session, "after_commit", lambda _s: self.submit(retrieval_id), once=True)
-
-    def shutdown(self, wait: bool = True) -> None:
-        self._stop.set()
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+    return enqueue(session, "retrieval", {"retrieval_id": retrieval_id}, target=f"retrieval:{retrieval_id}",
+                   actor=actor).id
 
 
-def get_manager(ctx: AppContext) -> RetrievalManager:
-    """The process's retrieval pool, created on first use."""
-    return ctx.shared("retrievals", lambda: RetrievalManager(ctx))
+def run_retrieval_job(ctx: AppContext, retrieval_id: int) -> dict:
+    """The retrieval job's body: run it under its own lease (app.retrievals.lease) unless it has ended
+    already (a duplicate job, or an earlier attempt that died after finishing it)."""
+    from app.retrievals.lease import UNFINISHED
+    from app.retrievals.runner import run_retrieval
+
+    with ctx.sessions() as s:
+        r = s.get(Retrieval, retrieval_id)
+        if r is None:
+            return {"retrieval_id": retrieval_id, "status": "failed", "error": "the retrieval was deleted"}
+        if r.status not in UNFINISHED:
+            return {"retrieval_id": retrieval_id, "status": r.status, "note": "had ended already"}
+    try:
+        r = run_retrieval(ctx, retrieval_id)
+    except Exception as exc:  # noqa: BLE001 - never leave a retrieval 'running' behind
+        log.exception("retrieval %s crashed", retrieval_id)
+        error = f"internal error: {type(exc).__name__}: {exc}"[:4000]
+        with ctx.sessions() as s:
+            settle_retrieval(s, retrieval_id, "failed", error)
+            s.commit()
+        return {"retrieval_id": retrieval_id, "status": "failed", "error": error}
+    return {"retrieval_id": retrieval_id, "status": r.status, "received": r.received or 0,
+            "skipped": r.skipped or 0, "failed": r.failed or 0, "error": r.error}
+
+
+def settle_retrieval(session: Session, retrieval_id: int, status: str, error: str | None) -> None:
+    """Its job ended without the runner recording the end: mark an unfinished retrieval failed / cancelled."""
+    from datetime import datetime, timezone
+
+    r = session.get(Retrieval, retrieval_id)
+    if r is None or r.status not in ("queued", "running", "paused"):
+        return
+    r.status = "cancelled" if status == "cancelled" else "failed"
+    r.error = (error or status)[:4000]
+    r.finished_at = datetime.now(timezone.utc)
+    session.flush()
+
+
+def cancel_for_job(session: Session, retrieval_id: int, actor: str) -> None:
+    """A cancel of a running retrieval job is the retrieval's own cancel (it stops at its next boundary)."""
+    from app.policy.service import cancel
+
+    r = session.get(Retrieval, retrieval_id)
+    if r is not None and r.status in ("queued", "running", "paused"):
+        cancel(session, r, actor)
+
+
+def queue_orphans(ctx: AppContext) -> list[int]:
+    """Queue a job for each unfinished retrieval nobody runs (app.retrievals.lease.orphans: e.g. one a CLI or
+    a cohort pull ran in its own thread before its process stopped) and that no job is queued or running for.
+    A job whose own runner died is taken over by the job claim instead. Run by each runner serving
+    the retrieval queue; two racing runners at worst queue two jobs, and the retrieval's lease runs it once."""
+    from sqlalchemy import select
+
+    from app.db.base import session_scope
+    from app.db.models import Job
+    from app.retrievals.lease import orphans
+
+    found = orphans(ctx)
+    if not found:
+        return []
+    queued = []
+    with session_scope(ctx.sessions) as s:
+        busy = set(s.scalars(select(Job.target).where(Job.kind == "retrieval", Job.status.in_(("queued", "running")),
+                                                      Job.target.in_([f"retrieval:{r}" for r in found]))))
+        for rid in found:
+            if f"retrieval:{rid}" not in busy:
+                log.warning("retrieval %s was left unfinished by a stopped process: queueing it again", rid)
+                queue_retrieval(s, rid, "system")
+                queued.append(rid)
+    return queued

@@ -98,8 +98,10 @@ def view(session: Session, wl: Worklist, *, show_keys: bool, limit: int | None =
             "error": wl.error, "created_at": wl.created_at, "rows": rows}
 
 
-def start_resolve(session: Session, wl: Worklist, node_name: str, actor: str) -> None:
-    """Mark the worklist resolving on `node_name` (validated); the caller runs `resolve` after commit."""
+def start_resolve(session: Session, wl: Worklist, node_name: str, actor: str) -> int:
+    """Mark the worklist resolving on `node_name` (validated) and queue its durable resolve job (app.jobs) in
+    the caller's transaction; returns the job id."""
+    from app.jobs.queue import enqueue
     from app.retrievals.nodes import get_node
 
     get_node(session, node_name)
@@ -109,15 +111,28 @@ def start_resolve(session: Session, wl: Worklist, node_name: str, actor: str) ->
     audit.record(session, actor, "worklist.resolve", target=f"worklist:{wl.id}", node=node_name,
                  key_type=wl.key_type, identified=needs_identified(wl.key_type))
     session.flush()
+    return enqueue(session, "worklist_resolve", {"worklist_id": wl.id}, target=f"worklist:{wl.id}", actor=actor).id
+
+
+def settle_resolve(session: Session, worklist_id: int, status: str, error: str | None) -> None:
+    """Its job ended without `resolve` recording the end (cancelled while queued, runners lost): say so."""
+    wl = session.get(Worklist, worklist_id)
+    if wl is None or wl.status != "resolving":
+        return
+    wl.status, wl.error = "failed", (error or status)[:500]
+    session.flush()
 
 
 _RETURN = ("StudyInstanceUID", "StudyDate", "ModalitiesInStudy", "StudyDescription", "AccessionNumber", "PatientID")
 
 
-def resolve(ctx, worklist_id: int) -> dict:
+def resolve(ctx, worklist_id: int, checkpoint=None) -> dict:
     """C-FIND every row that is not invalid (study level) and record found / not_found / ambiguous /
     refused with the study UIDs; answers that contradict the query (a PACS ignoring a key) are dropped
-    by app.dicom.matching.verify. One PACS failure marks its row refused; the others go on."""
+    by app.dicom.matching.verify. One PACS failure marks its row refused; the others go on.
+    `checkpoint()` (a job's) is called before each write of results and may raise to stop the resolve
+    (a cancel ends it failed 'cancelled'; a hand-over leaves it resolving for the next runner)."""
+    from app.jobs.runner import JobCancelled, JobStopped
     from app.dicom.matching import verify
     from app.dicom.scu import DicomClient
     from app.retrievals.nodes import get_node
@@ -143,6 +158,8 @@ def resolve(ctx, worklist_id: int) -> dict:
         if key_type == "StudyInstanceUID":
             todo = _resolve_uid_lists(client, todo, updates, flush)
         for rid, key, filters in todo:
+            if checkpoint is not None:
+                checkpoint()
             query = {key_type: key, **filters}
             try:
                 res = client.find("STUDY", query, return_keys=_RETURN)
@@ -169,17 +186,25 @@ def resolve(ctx, worklist_id: int) -> dict:
             if len(updates) >= 200:
                 flush()
         flush()
-        final, error = "resolved", None
+        final, error, stop = "resolved", None, False
+    except JobStopped:
+        flush()  # what was resolved stays; the job goes back to the queue, or to the runner that took it over
+        raise
+    except JobCancelled:
+        flush()
+        final, error, stop = "failed", "cancelled", True
     except Exception as exc:  # noqa: BLE001 - recorded on the worklist; rows already resolved stay
         log.exception("worklist %s: resolve failed", worklist_id)
         flush()
-        final, error = "failed", f"{type(exc).__name__}: {exc}"[:500]
+        final, error, stop = "failed", f"{type(exc).__name__}: {exc}"[:500], False
     with session_scope(ctx.sessions) as s:
         wl = get_worklist(s, worklist_id)
         wl.status, wl.error = final, error
         counts = dict(s.execute(select(WorklistRow.status, func.count()).where(WorklistRow.worklist_id == worklist_id)
                                 .group_by(WorklistRow.status)).all())
         wl.summary = {**(wl.summary or {}), "counts": counts}
+    if stop:
+        raise JobCancelled("cancelled")
     return counts
 
 
@@ -216,20 +241,6 @@ def _resolve_uid_lists(client, todo: list, updates: list, flush) -> list:
         if len(updates) >= 200:
             flush()
     return rest
-
-
-def resolve_in_background(ctx, worklist_id: int) -> None:
-    import threading
-
-    threading.Thread(target=_safe_resolve, args=(ctx, worklist_id), name=f"worklist-{worklist_id}",
-                     daemon=True).start()
-
-
-def _safe_resolve(ctx, worklist_id: int) -> None:
-    try:
-        resolve(ctx, worklist_id)
-    except Exception:  # noqa: BLE001 - logged; the row says failed
-        log.exception("worklist %s: resolve failed", worklist_id)
 
 
 def create_retrieval(session: Session, wl: Worklist, actor: str, include_ambiguous: bool = False):

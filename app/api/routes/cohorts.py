@@ -11,6 +11,7 @@ from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep
 from app.cohorts import pull_runner, service
 from app.cohorts.schemas import CohortDetail, CohortIn, CohortOut, PullIn, PullOut
 from app.errors import NotFound
+from app.jobs.runner import wake_after_commit
 from app.labels.service import get_rules
 
 router = APIRouter(prefix="/cohorts", tags=["cohorts"])
@@ -39,19 +40,21 @@ def create_cohort(body: CohortIn, response: Response, session: SessionDep, setti
 
 @router.post("/pull", status_code=202, response_model=PullOut,
              responses={404: {"description": "unknown node or taxonomy"}, 422: {"description": "invalid request"}})
-def start_pull(body: PullIn, ctx: CtxDep, actor: ActorDep):
+def start_pull(body: PullIn, ctx: CtxDep, session: SessionDep, actor: ActorDep):
     """Retrieve a taxonomy's candidates from a PACS until each class has `per_class` patients
     (cohort-preview counts) or the PACS has no more; one study-date slice per retrieval.
-    Runs in the background, one pull at a time; poll `GET /api/v1/cohorts/pulls/{id}` (kept in
-    memory until the server restarts; its retrievals and audit events stay)."""
+    A durable background job (one pull at a time per runner; its id is the job's, also shown at
+    `GET /api/v1/jobs/{id}`); poll `GET /api/v1/cohorts/pulls/{id}`, cancel with `POST /api/v1/jobs/{id}/cancel`."""
     pull_runner.check_request(ctx, body.node, body.taxonomy, body.study_date)
-    return pull_runner.get_pulls(ctx).start(body.node, body.taxonomy, body.per_class, body.study_date, actor,
-                                            max_rounds=body.max_rounds)
+    out = pull_runner.start_pull(session, body.node, body.taxonomy, body.per_class, body.study_date, actor,
+                                 max_rounds=body.max_rounds)
+    wake_after_commit(ctx, session)
+    return out
 
 
 @router.get("/pulls/{pull_id}", response_model=PullOut, responses={404: {"description": "unknown pull"}})
-def get_pull(pull_id: int, ctx: CtxDep):
-    return pull_runner.get_pulls(ctx).get(pull_id)
+def get_pull(pull_id: int, session: SessionDep):
+    return pull_runner.get_pull(session, pull_id)
 
 
 class CohortList(BaseModel):

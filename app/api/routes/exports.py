@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +14,7 @@ from app.api.deps import ActorDep, CtxDep, SessionDep
 from app.db.base import session_scope
 from app.errors import RadcohortError
 from app.exports import service
+from app.jobs.runner import wake_after_commit
 
 router = APIRouter(tags=["exports"])
 
@@ -68,17 +69,17 @@ def _refuse(ctx, actor: str, target: str, fmt: str, missing: str) -> None:
 @router.post("/cohorts/{cohort_id}/exports", status_code=202, response_model=ExportOut,
              responses={403: {"description": "token lacks export (or export-identified for format dicom)"},
                         404: {"description": "unknown cohort"}, 422: {"description": "invalid request"}})
-def create_export(cohort_id: int, body: ExportIn, request: Request, background: BackgroundTasks,
-                  session: SessionDep, ctx: CtxDep, actor: ActorDep):
-    """Start an export of a frozen cohort in the background; poll `GET /api/v1/exports/{id}`. Every export is
-    audited (token, cohort, format, de-identification profile)."""
+def create_export(cohort_id: int, body: ExportIn, request: Request, session: SessionDep, ctx: CtxDep,
+                  actor: ActorDep):
+    """Start an export of a frozen cohort as a durable background job (GET /api/v1/jobs lists it); poll
+    `GET /api/v1/exports/{id}`. Every export is audited (token, cohort, format, de-identification profile)."""
     missing = service.missing_scope(body.format, _scopes(request))
     if missing:
         _refuse(ctx, actor, f"cohort:{cohort_id}", body.format, missing)
     exp = service.create_export(session, cohort_id, body.model_dump(exclude_none=True), actor=actor)
     out = service.view(exp)
-    # submitted after the response, when the request's session has committed the row
-    background.add_task(lambda: ctx.shared("exports", lambda: service.ExportManager(ctx)).submit(exp.id))
+    service.queue_export(session, exp.id, actor)  # a durable job (app.jobs), committed with the row
+    wake_after_commit(ctx, session)
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel
-from sqlalchemy import event
 
 from app import audit
 from app.api.deps import ActorDep, CtxDep, SessionDep, SettingsDep, has_scope
@@ -18,7 +17,8 @@ from app.find_policy import IDENTIFIED_SCOPE, WITHHELD, answer_rows, identifying
 from app.policy import service as policy
 from app.policy.schema import NodePatch, NodeSettingsOut
 from app.probe.schemas import ProbeJobOut
-from app.probe.service import mark_running, probe_and_store, probe_in_background, summary as probe_summary
+from app.jobs.runner import wake_after_commit
+from app.probe.service import mark_running, probe_and_store, queue_probe, summary as probe_summary
 from app.dicom.scu import DicomClient
 from app.retrievals import nodes
 from app.errors import PermanentDicomError
@@ -49,8 +49,9 @@ def create_node(body: NodeIn, session: SessionDep, actor: ActorDep, ctx: CtxDep,
                                                       "created (C-ECHO, C-FIND levels, one test C-GET/C-MOVE)")):
     """Register a PACS node (its AE title is then also accepted by our Storage SCP)."""
     node = nodes.create_node(session, body, actor)
-    if probe:
-        event.listen(session, "after_commit", lambda _s: probe_in_background(ctx, body.name), once=True)
+    if probe:  # a durable job (app.jobs), committed with the node
+        queue_probe(session, body.name, actor)
+        wake_after_commit(ctx, session)
     return NodeOut.of(node)
 
 
@@ -150,7 +151,8 @@ def probe_node(name: str, session: SessionDep, settings: SettingsDep, actor: Act
         return probe_summary(node)
     _gateway(name, node, lambda: None)  # a host that cannot be encoded is a 502 now, not a failed job
     if mark_running(node):  # one probe at a time per node: a second request reports the running one
-        event.listen(session, "after_commit", lambda _s: probe_in_background(ctx, name, actor), once=True)
+        queue_probe(session, name, actor)
+        wake_after_commit(ctx, session)
     return probe_summary(node)
 
 

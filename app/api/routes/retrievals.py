@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from app.api.deps import ActorDep, CtxDep, SessionDep
+from app.jobs.runner import wake_after_commit
 from app.policy import service as control
 from app.retrievals import service
 from app.retrievals.nodes import get_node
@@ -23,7 +24,8 @@ def create_retrieval(body: RetrievalIn, session: SessionDep, ctx: CtxDep, actor:
     r = service.create_retrieval(session, body.node, body.query, actor)
     if body.urgent:
         control.mark_urgent(session, r, get_node(session, body.node), actor)
-    service.get_manager(ctx).submit_after_commit(session, r.id)
+    service.queue_retrieval(session, r.id, actor)  # a durable job (app.jobs), committed with the row
+    wake_after_commit(ctx, session)
     return RetrievalCreated(id=r.id, status=r.status)
 
 
@@ -43,7 +45,8 @@ def get_retrieval(retrieval_id: int, session: SessionDep):
 def retry_retrieval(retrieval_id: int, session: SessionDep, ctx: CtxDep, actor: ActorDep):
     """Run a finished retrieval again (same node and query): only what is not indexed is fetched."""
     r = service.requeue_retrieval(session, retrieval_id, actor)
-    service.get_manager(ctx).submit_after_commit(session, r.id)
+    service.queue_retrieval(session, r.id, actor)
+    wake_after_commit(ctx, session)
     return RetrievalCreated(id=r.id, status=r.status)
 
 

@@ -7,12 +7,12 @@ from datetime import datetime
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import event
 
 from app import audit
 from app.api.deps import ActorDep, CtxDep, SessionDep, has_scope, require_scope
 from app.db.base import session_scope
 from app.errors import RadcohortError
+from app.jobs.runner import wake_after_commit
 from app.worklists import service
 from app.worklists.parse import MAX_BYTES, parse
 
@@ -136,8 +136,8 @@ def resolve(worklist_id: int, body: ResolveIn, request: Request, ctx: CtxDep, se
     """Dry run: C-FIND every valid row on `node` (nothing is moved); poll GET until status is resolved."""
     wl = service.get_worklist(session, worklist_id)
     _check_identified(request, ctx, actor, wl.key_type, "resolve", f"worklist:{worklist_id}")
-    service.start_resolve(session, wl, body.node, actor)
-    event.listen(session, "after_commit", lambda _s: service.resolve_in_background(ctx, worklist_id), once=True)
+    service.start_resolve(session, wl, body.node, actor)  # a durable job (app.jobs), committed with the status
+    wake_after_commit(ctx, session)
     return service.view(session, wl, show_keys=has_scope(request, IDENTIFIED), limit=0)
 
 
@@ -148,12 +148,13 @@ def resolve(worklist_id: int, body: ResolveIn, request: Request, ctx: CtxDep, se
 def retrieve(worklist_id: int, ctx: CtxDep, session: SessionDep, actor: ActorDep, body: RetrieveIn | None = None):
     """Retrieve the studies of the found rows (and ambiguous ones with include_ambiguous) as one retrieval;
     follow it at GET /api/v1/retrievals/{retrieval_id}."""
-    from app.retrievals.service import get_manager
+    from app.retrievals.service import queue_retrieval
 
     wl = service.get_worklist(session, worklist_id)
     r = service.create_retrieval(session, wl, actor, include_ambiguous=bool(body and body.include_ambiguous))
     rid = r.id
-    get_manager(ctx).submit_after_commit(session, rid)
+    queue_retrieval(session, rid, actor)
+    wake_after_commit(ctx, session)
     return RetrieveOut(retrieval_id=rid, studies=len(r.query["StudyInstanceUID"].split("\\")))
 
 
