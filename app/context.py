@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,12 +15,24 @@ from app.db.base import make_engine, make_sessionmaker
 from app.privacy import install_log_redaction
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class AppContext:
+    """Settings, engine and session factory of this process, and its process-wide objects.
+
+    A process-wide object (the API's predictor pool, the policy's per-node limiters, the job runner)
+    is keyed by its class: `ctx.shared(PredictorPool, factory)` returns a PredictorPool to the type
+    checker and to the reader, where a bag of names returned Any. Whatever is registered and has
+    `shutdown(wait=False)` is stopped by `close_shared()` (the API's shutdown)."""
+
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    extras: dict = field(default_factory=dict)
+    # the registry: class -> its one object. String keys are the old way, still used by app/jobs
+    # (docs/architecture.md, known exceptions); new code keys by class.
+    extras: dict[Any, Any] = field(default_factory=dict)
     _extras_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @classmethod
@@ -31,14 +43,33 @@ class AppContext:
         engine = make_engine(settings.database_url)
         return cls(settings=settings, engine=engine, sessions=make_sessionmaker(engine))
 
-    def shared(self, name: str, factory: Callable[[], Any]) -> Any:
-        """The process's one `name` object (a background pool ...), made by `factory()` on first use
-        and kept in `extras`, where the API's shutdown finds it."""
+    @overload
+    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T: ...
+
+    @overload
+    def shared(self, kind: str, factory: Callable[[], Any]) -> Any: ...
+
+    def shared(self, kind, factory=None):
+        """The process's one object of class `kind`, made by `factory()` (default: `kind()`) on first use."""
         with self._extras_lock:
-            obj = self.extras.get(name)
+            obj = self.extras.get(kind)
             if obj is None:
-                obj = self.extras[name] = factory()
+                obj = self.extras[kind] = factory() if factory is not None else kind()
             return obj
+
+    def existing(self, kind: type[T]) -> T | None:
+        """The process's object of class `kind` if one was made (None: none yet)."""
+        with self._extras_lock:
+            return self.extras.get(kind)
+
+    def close_shared(self) -> None:
+        """Stop every registered object that can be stopped (`shutdown(wait=False)`)."""
+        with self._extras_lock:
+            objs = list(self.extras.values())
+        for obj in objs:
+            stop = getattr(obj, "shutdown", None)
+            if callable(stop):
+                stop(wait=False)
 
     def close(self) -> None:
         self.engine.dispose()

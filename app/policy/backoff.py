@@ -78,9 +78,13 @@ class AdaptiveBackoff:
             return min(c.max_s, c.initial_s * c.factor ** (self._level - 1))
 
 
-def node_backoff(extras: dict, node_name: str, config: BackoffConfig) -> AdaptiveBackoff:
+class BackoffRegistry(dict):
+    """node name -> AdaptiveBackoff: one per process (AppContext.shared(BackoffRegistry))."""
+
+
+def node_backoff(ctx, node_name: str, config: BackoffConfig) -> AdaptiveBackoff:
     """One backoff state per node in this process (the PACS's load is shared by all our jobs)."""
-    reg = extras.setdefault("policy_backoff", {})
+    reg = ctx.shared(BackoffRegistry)
     cur = reg.get(node_name)
     if cur is None or cur.config != config:
         cur = reg[node_name] = AdaptiveBackoff(config)

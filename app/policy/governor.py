@@ -49,8 +49,8 @@ class Governor:
                 rep = s.scalar(select(Retrieval.report).where(Retrieval.id == retrieval_id)) or {}
             urgent = bool(rep.get("urgent"))
         self.urgent = urgent and self.policy.urgent.allowed
-        self.limits = node_limits(ctx.extras, node.name, self.policy, self.clock)
-        self.backoff = node_backoff(ctx.extras, node.name, self.policy.backoff.config())
+        self.limits = node_limits(ctx, node.name, self.policy, self.clock)
+        self.backoff = node_backoff(ctx, node.name, self.policy.backoff.config())
         if self.urgent and self.policy.urgent.bypass_rate_limits:
             self.limits_instances = self.limits_bytes = None
         else:

@@ -78,11 +78,15 @@ class NodeLimits:
 _registry_lock = threading.Lock()
 
 
-def node_limits(extras: dict, node_name: str, policy, clock: Clock) -> NodeLimits:
+class LimitsRegistry(dict):
+    """node name -> NodeLimits: one per process (AppContext.shared(LimitsRegistry))."""
+
+
+def node_limits(ctx, node_name: str, policy, clock: Clock) -> NodeLimits:
     """The process's limiter for a node, rebuilt when the node's limits (or the clock) change."""
     key = (policy.max_associations, policy.instances_per_minute, policy.mb_per_second, id(clock))
+    reg = ctx.shared(LimitsRegistry)
     with _registry_lock:
-        reg = extras.setdefault("policy_limits", {})
         cur = reg.get(node_name)
         if cur is None or cur.key != key:
             cur = reg[node_name] = NodeLimits(key, policy.max_associations, policy.instances_per_minute,

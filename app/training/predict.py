@@ -252,7 +252,7 @@ class PredictorPool:
     `max_models` are kept (the least recently used idle one is closed first). A process that died while
     idle is replaced before the request; one that dies while answering is restarted and asked once more
     (a second death is a 502); one that does not answer in time is killed (504) and replaced by the next
-    request. The API's shutdown closes them all (`shutdown`, through AppContext.extras)."""
+    request. The API's shutdown closes them all (`shutdown`, through AppContext.close_shared)."""
 
     def __init__(self, idle_s: float, max_models: int, log_dir: Path, threads: int | None = None):
         self.idle_s, self.max_models, self.log_dir = float(idle_s), int(max_models), Path(log_dir)
@@ -391,7 +391,7 @@ class PredictorPool:
         return [{"model_id": mid, "pid": p.proc.pid, "requests": p.requests, "alive": p.alive(),
                  "idle_seconds": round(now - p.last_used, 1)} for mid, p in items]
 
-    def shutdown(self, wait: bool = False) -> None:  # noqa: ARG002 - the signature AppContext.extras expects
+    def shutdown(self, wait: bool = False) -> None:  # noqa: ARG002 - the signature AppContext.close_shared calls
         self._stop.set()
         with self._lock:
             slots = list(self._slots.values())
@@ -406,7 +406,7 @@ class PredictorPool:
 
 def pool(ctx) -> PredictorPool:
     """The API process's one pool (made on first use, closed with the app)."""
-    return ctx.shared("predictors", lambda: PredictorPool.from_settings(ctx.settings))
+    return ctx.shared(PredictorPool, lambda: PredictorPool.from_settings(ctx.settings))
 
 
 # what the models here are trained on: projection radiographs

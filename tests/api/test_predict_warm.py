@@ -40,7 +40,7 @@ def _knee(tmp_path, name: str = "q.dcm", **kw):
 
 
 def _loaded(client) -> list[dict]:
-    pool = client.app.state.ctx.extras.get("predictors")
+    pool = client.app.state.ctx.existing(predict.PredictorPool)
     return pool.status() if pool is not None else []
 
 

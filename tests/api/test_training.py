@@ -9,6 +9,7 @@ from pathlib import Path
 
 from app.db.base import session_scope
 from app.db.models import Cohort, TrainedModel, TrainingJob
+from app.training import predict
 from app.training.testing import write_tiny_dicom
 
 
@@ -109,7 +110,7 @@ def test_models_listing_and_404s(client, ctx):
     assert r.status_code == 404
 
 
-def test_predict_rejects_bad_uploads_with_4xx_and_keeps_no_temp_files(client, ctx, tmp_path):
+def test_predict_rejects_bad_uploads_with_4xx_and_keeps_no_temp_files(client, ctx, tmp_path, monkeypatch):
     mid = _model(ctx)
     url = f"/api/v1/models/{mid}/predict"
     no_pixels = tmp_path / "nopix.dcm"
@@ -133,7 +134,7 @@ def test_predict_rejects_bad_uploads_with_4xx_and_keeps_no_temp_files(client, ct
         assert r.status_code == status, (name, r.status_code, r.text)
         assert words in r.json()["detail"], (name, r.json())
     assert client.post(url).status_code == 422  # no file part
-    ctx.extras["predict_max_upload_bytes"] = 1000
+    monkeypatch.setattr(predict, "max_upload_bytes", lambda _settings: 1000)
     r = client.post(url, files={"file": ("big.dcm", io.BytesIO(dicom.read_bytes()), "application/dicom")})
     assert r.status_code == 413 and "1000 bytes" in r.json()["detail"]
     tmp = ctx.settings.data_dir / "tmp"

@@ -59,7 +59,7 @@ def delete_model(model_id: int, session: SessionDep, ctx: CtxDep, actor: ActorDe
     training job keeps its metrics and report."""
     predict.delete_model(session, ctx.settings, model_id)
     audit.record(session, actor, "model.delete", f"model:{model_id}")
-    loaded = ctx.extras.get("predictors")
+    loaded = ctx.existing(predict.PredictorPool)
     if loaded is not None:  # its warm predictor process goes too
         loaded.discard(model_id)
     return Response(status_code=204)
@@ -81,7 +81,7 @@ def predict_upload(model_id: int, request: Request, session: SessionDep, ctx: Ct
     prediction."""
     model = predict.get_model(session, model_id)
     settings = ctx.settings
-    limit = ctx.extras.get("predict_max_upload_bytes") or predict.max_upload_bytes(settings)
+    limit = predict.max_upload_bytes(settings)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise predict.PayloadTooLarge(f"upload larger than the limit of {limit} bytes")
