@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535)
     api_tokens: str | None = Field(None, description="comma-separated bearer tokens: `token` (all scopes but "
                                    "the identified ones) or `name:token:scope1+scope2` (see app/tokens.py)")
+    login_max_failures: int = Field(10, ge=1, description="failed console sign-ins (/login) one client address "
+                                    "may make in login_window_s; the next ones get 429 with Retry-After")
+    login_window_s: int = Field(60, ge=1, description="the moving window of login_max_failures, seconds")
     api_max_body_kb: int = Field(1024, ge=1, description="largest request body of a JSON route, in KiB "
                                  "(upload routes: predict_max_upload_mb)")
     pseudonym_key: str | None = Field(None, description="HMAC key; generated once in DATA_DIR")

@@ -17,6 +17,7 @@ from app.config import Settings
 from app.errors import RadcohortError
 from app.web import auth
 from app.web.render import STATIC, STATIC_URL, error_page, flash_redirect, render
+from app.web.throttle import LoginThrottle
 
 
 def _who(request: Request) -> auth.Viewer:
@@ -77,6 +78,7 @@ def _safe_next(url: str | None) -> str:
 
 def mount(app: FastAPI, settings: Settings) -> None:
     app.mount(STATIC_URL, StaticFiles(directory=STATIC), name="console-static")
+    throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s)
 
     @app.exception_handler(auth.NotSignedIn)
     async def _not_signed_in(request: Request, _exc: auth.NotSignedIn):
@@ -107,8 +109,16 @@ def mount(app: FastAPI, settings: Settings) -> None:
         nxt = _safe_next(_text(form, "next"))
         if not auth.tokens_configured(settings):
             return RedirectResponse(nxt, status_code=303)
+        address = request.client.host if request.client else "unknown"
+        wait = throttle.retry_after(address)
+        if wait is not None:  # checked before the token: a right guess must not show through the refusal
+            response = render(request, "login.html", status=429, who=None, next=nxt, open=False,
+                              error=f"Too many failed sign-ins from your address: try again in {wait} s.")
+            response.headers["Retry-After"] = str(wait)
+            return response
         token = auth.check_login(settings, _text(form, "token") or "")
         if token is None:
+            throttle.failed(address)
             return render(request, "login.html", status=401, who=None, next=nxt, open=False,
                           error="Unknown token: use one of the API tokens.")
         response = flash_redirect(request, nxt, f"Signed in as {token.actor}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from html.parser import HTMLParser
 from urllib.parse import urljoin, urlsplit
 
@@ -9,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api import create_app
-from tests.conftest import make_settings
+from tests.conftest import _migrated_ctx, make_settings
 from tests.web.conftest import CSRF, NAMES, PATIENT_IDS, READER, TOKEN, csrf_of, sign_in
 
 PAGES = ["/", "/nodes", "/retrievals", "/instances", "/cohorts", "/training", "/models"]
@@ -84,8 +85,6 @@ def test_pages_accept_the_api_bearer_token_and_a_bad_one_is_401(console):
 
 
 def test_no_tokens_configured_means_open_like_the_api(tmp_path):
-    from tests.conftest import _migrated_ctx
-
     settings = make_settings(tmp_path)
     for ctx in _migrated_ctx(settings):
         with TestClient(create_app(settings, ctx), follow_redirects=False) as c:
@@ -137,6 +136,29 @@ def test_the_csrf_token_of_another_session_does_not_work(console, tmp_path):
 def test_the_login_form_itself_needs_its_csrf_token(console):
     c, _ = console
     assert c.post("/login", data={"token": TOKEN}).status_code == 403
+
+
+def test_failed_sign_ins_are_throttled_per_client_address(tmp_path):
+    settings = make_settings(tmp_path, api_tokens=f"alice:{TOKEN}:read", login_max_failures=3, login_window_s=2)
+    for ctx in _migrated_ctx(settings):
+        app = create_app(settings, ctx)
+        with TestClient(app, follow_redirects=False, client=("198.51.100.7", 40000)) as guesser:
+            colleague = TestClient(app, follow_redirects=False, client=("198.51.100.8", 40000))
+            for i in range(3):
+                r = sign_in(guesser, f"guess-{i}")
+                assert r.status_code == 401 and "Unknown token" in r.text
+            refused = sign_in(guesser, TOKEN)  # the right token too: a lucky guess must not show through
+            assert refused.status_code == 429, refused.text
+            assert "Too many failed sign-ins" in refused.text and "radcohort_session" not in refused.cookies
+            wait = int(refused.headers["retry-after"])
+            assert 1 <= wait <= 2
+            assert sign_in(guesser, "guess-again").status_code == 429  # refusals do not count, nor reset
+            # another address signs in as usual; the API's bearer header is not the form's business
+            assert sign_in(colleague, TOKEN).status_code == 303
+            assert guesser.get("/api/v1/cohorts", headers=BEARER).status_code == 200
+            time.sleep(wait + 0.2)  # the failures left the window
+            ok = sign_in(guesser, TOKEN)
+            assert ok.status_code == 303 and ok.cookies.get("radcohort_session")
 
 
 # ------------------------------------------------------------------ forms through the services
