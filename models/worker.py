@@ -90,11 +90,12 @@ def kill_marked(mark: str) -> int:
     return killed
 
 
-def capabilities() -> dict:
-    """What this worker offers, published in the workers table (the API validates requests against it)."""
+def capabilities(queues: list[str] | None = None) -> dict:
+    """What this worker offers, published in the workers table (the API validates requests against it):
+    the queues it serves (training and scoring, plus the job queues of app.jobs it runs alongside)."""
     from app import __version__
 
-    caps: dict = {"queues": list(workers.QUEUES), "version": __version__}
+    caps: dict = {"queues": list(dict.fromkeys([*(queues or ()), *workers.QUEUES])), "version": __version__}
     try:
         import timm
 
@@ -138,7 +139,8 @@ class Worker:
     def __init__(self, ctx: AppContext, *, poll: float | None = None, stale_after: float = 60.0,
                  max_attempts: int = jobs.DEFAULT_MAX_ATTEMPTS, nproc: int | None = None,
                  module: str = "models.run", tick: float = 1.0, cancel_grace: float = 60.0,
-                 stop_grace: float = 30.0, worker_id: str | None = None, say=None):
+                 stop_grace: float = 30.0, worker_id: str | None = None, say=None,
+                 queues: list[str] | None = None):
         self.ctx = ctx
         self.say = say or log.info  # the console: claims, epochs, ends and failures
         self.settings = ctx.settings
@@ -152,6 +154,7 @@ class Worker:
         self.stop_grace = stop_grace
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
+        self.queues = queues  # published with the capabilities (app.jobs queues run by this process too)
         self._caps: dict | None = None
         self._said: set[int] = set()
         self._beat_at = 0.0
@@ -168,7 +171,7 @@ class Worker:
     def run(self, once: bool = False) -> list[Outcome]:
         """Claim and run jobs until stopped (or, with once, until the queue is empty)."""
         outcomes: list[Outcome] = []
-        self._caps = capabilities()
+        self._caps = capabilities(self.queues)
         self._publish(force=True)
         log.info("worker %s polling every %.1f s", self.worker_id, self.poll)
         try:
@@ -203,7 +206,7 @@ class Worker:
             with session_scope(self.ctx.sessions) as s:
                 if force or not workers.heartbeat(s, self.worker_id):
                     workers.register(s, self.worker_id, socket.gethostname(), os.getpid(),
-                                     self._caps if self._caps is not None else capabilities())
+                                     self._caps if self._caps is not None else capabilities(self.queues))
         except OperationalError as exc:
             log.warning("worker heartbeat not recorded (%s)", type(exc).__name__)
 

@@ -120,7 +120,8 @@ def test_readme_walkthrough_reaches_per_class_metrics(tmp_path):
             assert job["status"] == "completed" and len(job["history"]) == 10
             assert all(h["val_accuracy"] is not None for h in job["history"])  # a held-out validation split
             health = c.get("/health").json()
-            assert health["workers"]["alive"] == 1 and health["workers"]["queues"] == ["scoring", "training"]
+            assert health["workers"]["alive"] == 1 and health["workers"]["queues"] == [  # every queue by default
+                "cohort", "export", "probe", "retrieval", "scoring", "training", "worklist"]
             predicted = c.get("/api/v1/models").json()
             assert predicted["total"] == 1 and predicted["items"][0]["classes"] == XR10
         assert '{"class":"' in output  # step 9's prediction
