@@ -41,11 +41,8 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
         # RADCOHORT_API_RUNS_JOBS=false (then only `radcohort worker` processes do)
         start_in_api(ctx)
         yield
-        # the job runner and other shared objects registered in ctx.extras stop with the app
-        for extra in list(ctx.extras.values()):
-            stop = getattr(extra, "shutdown", None)
-            if callable(stop):
-                stop(wait=False)
+        # the job runner and the other process-wide objects stop with the app
+        ctx.close_shared()
 
     app = FastAPI(
         lifespan=lifespan,

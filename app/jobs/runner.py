@@ -303,7 +303,7 @@ class JobRunner:
 
 def get_runner(ctx: AppContext) -> JobRunner:
     """This process's runner (serving every queue of the jobs table), created on first use, not started."""
-    return ctx.shared("job_runner", lambda: JobRunner(ctx, list(q.QUEUES)))
+    return ctx.shared(JobRunner, lambda: JobRunner(ctx, list(q.QUEUES)))
 
 
 def start_in_api(ctx: AppContext) -> JobRunner | None:
@@ -317,7 +317,7 @@ def start_in_api(ctx: AppContext) -> JobRunner | None:
 
 def wake_local(ctx: AppContext) -> None:
     """Wake this process's runner if it has one (after a commit that queued a job)."""
-    runner = ctx.extras.get("job_runner")
+    runner = ctx.existing(JobRunner)
     if runner is not None:
         runner.wake()
 
