@@ -149,14 +149,12 @@ def register(app: FastAPI, settings: Settings) -> None:  # noqa: C901 - one func
         return render(request, "_probe.html", who=who, node=_node_row(node), probe=pacs_api.get_probe(name, session))
 
     @app.post("/nodes/{name}/echo", include_in_schema=False)
-    def node_echo(request: Request, who: Who, form: Form, session: SessionDep, name: str):
-        node = nodes.get_node(session, name)
-        try:
-            out = pacs_api.echo(name, session, settings)
+    def node_echo(request: Request, who: Who, form: Form, session: SessionDep, ctx: CtxDep, name: str):
+        nodes.get_node(session, name)
+        try:  # the API's route keeps the verdict as the node's last echo
+            out = pacs_api.echo(name, session, settings, ctx, who.actor)
         except RadcohortError as exc:
-            nodes.remember_echo(session, node, ok=False, error=exc.message, actor=who.actor)
             return flash_redirect(request, f"/nodes/{name}", f"C-ECHO failed: {exc.message}")
-        nodes.remember_echo(session, node, ok=True, elapsed_ms=out.elapsed_ms, actor=who.actor)
         return flash_redirect(request, f"/nodes/{name}", f"C-ECHO ok in {out.elapsed_ms:.0f} ms.")
 
     @app.post("/nodes/{name}/probe", include_in_schema=False)

@@ -52,6 +52,13 @@ def test_echo_ok_and_unreachable(client, orthanc):
     assert r.status_code == 504
     assert "cannot reach" in r.json()["detail"] and "127.0.0.1" in r.json()["detail"]
     assert client.post("/api/v1/pacs-nodes/nope/echo").status_code == 404
+    # each verdict is kept as the node's last echo (the console shows it), the failure too
+    from app.db.models import PacsNode
+
+    with client.app.state.ctx.sessions() as s:
+        last = {n.name: (n.options or {}).get("last_echo") for n in s.query(PacsNode)}
+    assert last["pacs"]["ok"] is True and last["pacs"]["elapsed_ms"] > 0
+    assert last["dead"]["ok"] is False and "cannot reach" in last["dead"]["error"]
 
 
 def test_echo_wrong_ae_title_is_a_clear_gateway_error(client, orthanc_factory, settings):

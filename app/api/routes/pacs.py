@@ -21,7 +21,7 @@ from app.jobs.runner import wake_after_commit
 from app.probe.service import mark_running, probe_and_store, queue_probe, summary as probe_summary
 from app.dicom.scu import DicomClient
 from app.retrievals import nodes
-from app.errors import PermanentDicomError
+from app.errors import PermanentDicomError, RadcohortError
 from app.retrievals.schemas import EchoOut, FindIn, FindOut, NodeIn, NodeOut, check_host
 
 router = APIRouter(prefix="/pacs-nodes", tags=["pacs"])
@@ -79,12 +79,21 @@ def delete_node(name: str, session: SessionDep, actor: ActorDep):
 
 
 @router.post("/{name}/echo", response_model=EchoOut, responses=_ERRORS)
-def echo(name: str, session: SessionDep, settings: SettingsDep):
-    """C-ECHO the node; 504 when unreachable, 502 when it refuses us."""
+def echo(name: str, session: SessionDep, settings: SettingsDep, ctx: CtxDep, actor: ActorDep):
+    """C-ECHO the node; 504 when unreachable, 502 when it refuses us. The verdict is kept as the node's
+    last echo (the console's overview shows it), a failure too."""
     node = nodes.get_node(session, name)
     # interactive: at most one retry, so an unreachable node answers in seconds, not minutes
     client = DicomClient(settings, node, retries=min(settings.dicom_retries, 1))
-    return EchoOut(ok=True, elapsed_ms=round(_gateway(name, node, client.echo), 2))
+    try:
+        elapsed = _gateway(name, node, client.echo)
+    except RadcohortError as exc:
+        # the request's session rolls back with the error: the failure is kept in a session of its own
+        with session_scope(ctx.sessions) as s:
+            nodes.remember_echo(s, nodes.get_node(s, name), ok=False, error=exc.message, actor=actor)
+        raise
+    nodes.remember_echo(session, node, ok=True, elapsed_ms=elapsed, actor=actor)
+    return EchoOut(ok=True, elapsed_ms=round(elapsed, 2))
 
 
 @router.post("/{name}/find", response_model=FindOut,
