@@ -422,3 +422,14 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class NodeBucket(Base):
+    """A node's rate limit shared by every process (RADCOHORT_SHARED_NODE_LIMITS): the tokens of one token
+    bucket (instances or bytes) as of `updated` (epoch seconds), refilled and taken in one UPDATE."""
+
+    __tablename__ = "node_buckets"
+    node_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # instances | bytes
+    tokens: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)

@@ -1,8 +1,9 @@
 """Token buckets (instances/min, bytes/s) and per-node association limits, shared in-process.
 
 Every retrieval of a node takes from the same buckets and semaphore (kept in ctx.extras), so two
-jobs against one PACS together stay within its limits. Limits are per process: run one API/worker
-process per PACS if the limit must hold across processes.
+jobs against one PACS together stay within its limits. With RADCOHORT_SHARED_NODE_LIMITS the rate
+buckets (instances/min, MB/s) live in the database instead (app.policy.shared_limits) and hold across
+every process; the association limit (max_associations) is still per process.
 """
 
 from __future__ import annotations
@@ -54,17 +55,19 @@ class NodeLimits:
     """The shared limiters of one node (rebuilt when its policy changes)."""
 
     def __init__(self, key: tuple, max_associations: int, instances_per_minute: float | None,
-                 mb_per_second: float | None, clock: Clock, unit_seconds: float = 2.0):
+                 mb_per_second: float | None, clock: Clock, unit_seconds: float = 2.0, bucket=None):
         self.key = key
         self.slots = threading.BoundedSemaphore(max_associations)
         self.max_associations = max_associations
+        # bucket(kind, rate, capacity): a shared (database) bucket instead of this process's own
+        make = bucket or (lambda _kind, rate, capacity: TokenBucket(rate, capacity, clock))
         self.instances = None
         self.unit_max = None
         if instances_per_minute:
             per_s = instances_per_minute / 60.0
             self.unit_max = max(1, int(per_s * unit_seconds))  # instances per retrieve
-            self.instances = TokenBucket(per_s, self.unit_max, clock)
-        self.bytes = TokenBucket(mb_per_second * 1e6, mb_per_second * 1e6, clock) if mb_per_second else None
+            self.instances = make("instances", per_s, self.unit_max)
+        self.bytes = make("bytes", mb_per_second * 1e6, mb_per_second * 1e6) if mb_per_second else None
 
     @contextmanager
     def association(self) -> Iterator[None]:
@@ -89,6 +92,12 @@ def node_limits(ctx, node_name: str, policy, clock: Clock) -> NodeLimits:
     with _registry_lock:
         cur = reg.get(node_name)
         if cur is None or cur.key != key:
+            shared = None
+            if ctx.settings.shared_node_limits:  # the rate buckets in the database, for every process
+                from app.policy.shared_limits import SharedTokenBucket
+
+                shared = (lambda kind, rate, capacity:  # noqa: E731
+                          SharedTokenBucket(ctx.sessions, node_name, kind, rate, capacity, clock))
             cur = reg[node_name] = NodeLimits(key, policy.max_associations, policy.instances_per_minute,
-                                              policy.mb_per_second, clock)
+                                              policy.mb_per_second, clock, bucket=shared)
         return cur
