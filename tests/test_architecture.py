@@ -258,3 +258,26 @@ def test_app_imports_of_models_are_the_spec_or_from_the_products_and_entry_layer
 
 
 LAYER_INDEX = {name: i for i, (name, _p, _m) in enumerate(LAYERS)}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return "models" if parts[0] == "models" else ".".join(parts[:2])
+
+
+if __name__ == "__main__":  # `python tests/test_architecture.py`: the package graph and what breaks the rules
+    modules = all_modules()
+    edges: dict[str, set[str]] = {}
+    found = [i for name, path in modules.items() for i in imports_of(name, path, modules)]
+    for i in found:
+        a, b = _package(i.importer), _package(i.target)
+        if a != b and not is_kernel(i.target):
+            edges.setdefault(a, set()).add(b)
+    for a in sorted(edges):
+        print(f"{a:16} -> {', '.join(sorted(edges[a]))}")
+    print()
+    for i in found:
+        why = violation(i)
+        if why:
+            tag = "allowed" if (i.importer, i.target) in ALLOWED else "NEW"
+            print(f"[{tag}] {i.path.relative_to(ROOT)}:{i.line}: {i.importer} -> {i.target}: {why}")
