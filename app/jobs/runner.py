@@ -51,6 +51,11 @@ class JobRun:
     _progress: dict = field(default_factory=dict)
     _written: float = 0.0
 
+    @property
+    def state(self) -> dict:
+        """The progress as last reported (after a takeover: what the previous holder recorded)."""
+        return dict(self._progress)
+
     def checkpoint(self) -> None:
         """Raise JobCancelled / JobStopped when the job must stop here (cheap: reads events only)."""
         if self.lost.is_set():

@@ -21,7 +21,7 @@ def _record(run: JobRun) -> dict:
 
 def _steps(run: JobRun) -> dict:
     """payload {steps, delay}: one audited step at a time, resumed after a takeover from the progress."""
-    start = int(run._progress.get("step", 0))
+    start = int(run.state.get("step", 0))
     for i in range(start, int(run.payload["steps"])):
         run.checkpoint()
         time.sleep(float(run.payload.get("delay", 0.1)))

@@ -44,18 +44,20 @@ class JobList(BaseModel):
     items: list[JobOut]
 
 
-def _note(session, ctx, job) -> str | None:
-    if job.status != "queued" or ctx.settings.api_runs_jobs:
+def _served(session, ctx) -> set[str] | None:
+    """The queues some live process serves (None: this API runs every job queue itself)."""
+    if ctx.settings.api_runs_jobs:
         return None
     from app.training.workers import alive
 
-    if any(job.queue in ((w.capabilities or {}).get("queues") or []) for w in alive(session)):
-        return None
-    return f"queued — no worker serves the {job.queue} queue: start `radcohort worker --queues {job.queue}`"
+    return {q for w in alive(session) for q in ((w.capabilities or {}).get("queues") or [])}
 
 
-def _out(session, ctx, job) -> JobOut:
-    return JobOut(**jobs.view(job), note=_note(session, ctx, job))
+def _out(job, served: set[str] | None) -> JobOut:
+    note = None
+    if job.status == "queued" and served is not None and job.queue not in served:
+        note = f"queued — no worker serves the {job.queue} queue: start `radcohort worker --queues {job.queue}`"
+    return JobOut(**jobs.view(job), note=note)
 
 
 @router.get("", response_model=JobList)
@@ -64,12 +66,13 @@ def list_jobs(session: SessionDep, ctx: CtxDep, kind: str | None = Query(None, m
               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
     """Newest first; filter by kind, queue and status."""
     total, rows = jobs.list_jobs(session, kind=kind, queue=queue, status=status, limit=limit, offset=offset)
-    return JobList(total=total, items=[_out(session, ctx, j) for j in rows])
+    served = _served(session, ctx)
+    return JobList(total=total, items=[_out(j, served) for j in rows])
 
 
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"description": "unknown job"}})
 def get_job(job_id: int, session: SessionDep, ctx: CtxDep):
-    return _out(session, ctx, jobs.get_job(session, job_id))
+    return _out(jobs.get_job(session, job_id), _served(session, ctx))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut,
@@ -83,4 +86,4 @@ def cancel_job(job_id: int, request: Request, session: SessionDep, ctx: CtxDep, 
     scope = CANCEL_SCOPE.get(job.kind, "retrieve")
     if not has_scope(request, scope):
         raise HTTPException(status_code=403, detail=f"this token lacks the scope {scope!r}")
-    return _out(session, ctx, jobs.cancel_job(session, job_id, actor))
+    return _out(jobs.cancel_job(session, job_id, actor), _served(session, ctx))
