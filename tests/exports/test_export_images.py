@@ -144,3 +144,25 @@ def test_an_export_whose_process_died_reads_failed(export_env):
         eid = e.id
     body = client.get(f"/api/v1/exports/{eid}", headers=H["exporter"]).json()
     assert body["status"] == "failed" and "interrupted" in body["error"]
+
+
+def test_delete_removes_the_archive_keeps_the_row_and_is_audited(export_env):
+    from app.db.models import AuditEvent
+
+    client, ctx, cid, _ids, _orig = export_env
+    done, dl = _run(client, cid, format="png", image_size=32)
+    assert dl.status_code == 200
+    eid = done["id"]
+    folder = ctx.settings.data_dir / "exports" / str(eid)
+    assert any(folder.rglob("*"))
+    assert client.delete(f"/api/v1/exports/{eid}", headers=H["reader"]).status_code == 403  # no export scope
+    assert any(folder.rglob("*"))
+    assert client.delete(f"/api/v1/exports/{eid}", headers=H["exporter"]).status_code == 204
+    assert not folder.exists()
+    assert client.get(f"/api/v1/exports/{eid}", headers=H["exporter"]).json()["status"] == "deleted"
+    r = client.get(f"/api/v1/exports/{eid}/download", headers=H["exporter"])
+    assert r.status_code == 409 and "deleted" in r.json()["detail"]
+    assert client.delete("/api/v1/exports/99999", headers=H["exporter"]).status_code == 404
+    with ctx.sessions() as s:
+        assert s.query(AuditEvent).filter_by(action="export.delete", target=f"export:{eid}").count() == 1
+

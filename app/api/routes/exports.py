@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -120,3 +120,18 @@ def download(export_id: int, request: Request, session: SessionDep, ctx: CtxDep,
         _refuse(ctx, actor, f"export:{export_id}", exp.format, missing)
     path, media = service.archive_for_download(session, ctx.settings.data_dir, exp, actor=actor)
     return FileResponse(path, media_type=media, filename=path.name)
+
+
+@router.delete("/exports/{export_id}", status_code=204,
+               responses={403: {"description": "token lacks the scope for this export"},
+                          404: {"description": "unknown export"}, 409: {"description": "queued or running: cancel it first"}})
+def delete_export(export_id: int, request: Request, session: SessionDep, ctx: CtxDep, actor: ActorDep):
+    """Remove a finished (or failed, cancelled) export's files from the server: shared data should not linger.
+    The row stays, with status `deleted`, and so does its audit trail; the deletion is audited."""
+    exp = service.get_export(session, export_id)
+    missing = service.missing_scope(exp.format, _scopes(request))
+    if missing:
+        _refuse(ctx, actor, f"export:{export_id}", exp.format, missing)
+    service.delete_archive(session, ctx.settings.data_dir, export_id, actor)
+    return Response(status_code=204)
+
