@@ -65,9 +65,9 @@ class Settings(BaseSettings):
     jobs_heartbeat_s: float = Field(5.0, gt=0, description="how often a job runner renews the leases of its jobs")
     jobs_stale_s: float = Field(30.0, gt=0, description="a job whose lease is this old was left by a stopped "
                                 "runner: the next claim takes it over (retrieval jobs: retrieval_stale_s)")
-    shared_node_limits: bool = Field(False, description="a node's instances/min and MB/s limits are kept in the "
-                                     "database and hold across every process retrieving from it (several "
-                                     "workers or APIs); false: each process keeps its own")
+    shared_node_limits: bool = Field(False, description="a node's max_associations, instances/min and MB/s "
+                                     "limits are kept in the database and hold across every process retrieving "
+                                     "from it (several workers or APIs); false: each process keeps its own")
     label_rules: Path | None = Field(None, description="labels rules file (YAML); built-in when unset")
     worker_poll_seconds: float = Field(2.0, gt=0)
     worker_gpus: int | None = Field(None, description="GPUs for one job (torchrun); all when unset")

@@ -433,3 +433,15 @@ class NodeBucket(Base):
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # instances | bytes
     tokens: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
+
+
+class NodeSlot(Base):
+    """One of a node's `max_associations` association slots, shared by every process
+    (RADCOHORT_SHARED_NODE_LIMITS): held under a lease (holder + heartbeat, epoch seconds) while a C-FIND,
+    C-MOVE or C-GET association is open; a stopped holder's slot is free again once its lease is stale."""
+
+    __tablename__ = "node_slots"
+    node_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(160))
+    heartbeat: Mapped[float | None] = mapped_column(Float)

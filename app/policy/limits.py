@@ -2,8 +2,8 @@
 
 Every retrieval of a node takes from the same buckets and semaphore (kept in ctx.extras), so two
 jobs against one PACS together stay within its limits. With RADCOHORT_SHARED_NODE_LIMITS the rate
-buckets (instances/min, MB/s) live in the database instead (app.policy.shared_limits) and hold across
-every process; the association limit (max_associations) is still per process.
+buckets (instances/min, MB/s) and the association slots (max_associations) live in the database
+instead (app.policy.shared_limits) and hold across every process.
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ class NodeLimits:
     """The shared limiters of one node (rebuilt when its policy changes)."""
 
     def __init__(self, key: tuple, max_associations: int, instances_per_minute: float | None,
-                 mb_per_second: float | None, clock: Clock, unit_seconds: float = 2.0, bucket=None):
+                 mb_per_second: float | None, clock: Clock, unit_seconds: float = 2.0, bucket=None,
+                 shared_slots=None):
         self.key = key
         self.slots = threading.BoundedSemaphore(max_associations)
+        self.shared_slots = shared_slots  # app.policy.shared_limits.SharedSlots: the slots of every process
         self.max_associations = max_associations
         # bucket(kind, rate, capacity): a shared (database) bucket instead of this process's own
         make = bucket or (lambda _kind, rate, capacity: TokenBucket(rate, capacity, clock))
@@ -73,7 +75,11 @@ class NodeLimits:
     def association(self) -> Iterator[None]:
         self.slots.acquire()
         try:
-            yield
+            if self.shared_slots is None:
+                yield
+            else:
+                with self.shared_slots.held():
+                    yield
         finally:
             self.slots.release()
 
@@ -92,12 +98,15 @@ def node_limits(ctx, node_name: str, policy, clock: Clock) -> NodeLimits:
     with _registry_lock:
         cur = reg.get(node_name)
         if cur is None or cur.key != key:
-            shared = None
-            if ctx.settings.shared_node_limits:  # the rate buckets in the database, for every process
-                from app.policy.shared_limits import SharedTokenBucket
+            shared, slots = None, None
+            if ctx.settings.shared_node_limits:  # buckets and slots in the database, for every process
+                from app.policy.shared_limits import SharedSlots, SharedTokenBucket
 
                 shared = (lambda kind, rate, capacity:  # noqa: E731
                           SharedTokenBucket(ctx.sessions, node_name, kind, rate, capacity, clock))
+                s = ctx.settings
+                slots = SharedSlots(ctx.sessions, node_name, policy.max_associations, clock,
+                                    heartbeat_s=s.jobs_heartbeat_s, stale_s=s.jobs_stale_s)
             cur = reg[node_name] = NodeLimits(key, policy.max_associations, policy.instances_per_minute,
-                                              policy.mb_per_second, clock, bucket=shared)
+                                              policy.mb_per_second, clock, bucket=shared, shared_slots=slots)
         return cur

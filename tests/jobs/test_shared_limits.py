@@ -89,3 +89,93 @@ def test_a_shared_bucket_matches_the_in_process_one(any_ctx):
         assert shared.take(n) == pytest.approx(mine.take(n))
         assert shared.debt_wait() == pytest.approx(mine.debt_wait())
     assert other.take(1) == pytest.approx(0.1)  # another node's bucket is its own
+
+
+# ------------------------------------------------------------------ association slots
+HOLD_S, THREADS, ROUNDS = 0.3, 3, 3
+
+
+def _associations(url: str, data_dir: str, shared: bool, barrier, out) -> None:
+    import threading
+
+    from app.config import Settings
+    from app.context import AppContext
+    from app.policy.clock import SystemClock
+    from app.policy.limits import node_limits
+
+    ctx = AppContext.build(Settings(_env_file=None, database_url=url, data_dir=data_dir, pseudonym_key="k",
+                                    shared_node_limits=shared, jobs_heartbeat_s=0.2, jobs_stale_s=5.0))
+    policy = SimpleNamespace(max_associations=2, instances_per_minute=None, mb_per_second=None)
+    limits = node_limits(ctx, "pacs", policy, SystemClock())
+    spans: list[tuple[float, float]] = []
+
+    def one() -> None:
+        for _ in range(ROUNDS):
+            with limits.association():  # what the governor wraps every C-FIND/C-MOVE/C-GET in
+                t = time.time()
+                time.sleep(HOLD_S)
+                spans.append((t, time.time()))
+
+    try:
+        barrier.wait(60)
+        threads = [threading.Thread(target=one) for _ in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        out.put(spans)
+        ctx.close()
+
+
+def _most_at_once(ctx, shared: bool) -> int:
+    spawn = mp.get_context("spawn")
+    barrier, out = spawn.Barrier(2), spawn.Queue()
+    procs = [spawn.Process(target=_associations, args=(ctx.settings.database_url, str(ctx.settings.data_dir),
+                                                       shared, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    spans = [s for _ in procs for s in out.get(timeout=180)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert len(spans) == 2 * THREADS * ROUNDS
+    events = sorted([(a, 1) for a, _b in spans] + [(b, -1) for _a, b in spans], key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _t, d in events:
+        now += d
+        most = max(most, now)
+    return most
+
+
+def test_two_processes_share_one_nodes_association_slots(any_ctx):
+    assert _most_at_once(any_ctx, shared=True) <= 2  # max_associations 2, whichever process holds them
+
+
+def test_without_shared_limits_each_process_has_its_own_slots(tmp_path):
+    from tests.conftest import _migrated_ctx, make_settings
+
+    for ctx in _migrated_ctx(make_settings(tmp_path)):
+        assert _most_at_once(ctx, shared=False) > 2  # the control: 2 per process
+
+
+def test_a_stopped_holders_slot_is_free_again_once_its_lease_is_stale(any_ctx):
+    from sqlalchemy import update
+
+    from app.db.models import NodeSlot
+    from app.policy.clock import SystemClock
+    from app.policy.shared_limits import SharedSlots
+
+    ctx = any_ctx
+    a = SharedSlots(ctx.sessions, "pacs", 1, SystemClock(), heartbeat_s=0.1, stale_s=2.0)
+    b = SharedSlots(ctx.sessions, "pacs", 1, SystemClock(), heartbeat_s=0.1, stale_s=2.0)
+    assert a.try_acquire() == 0
+    time.sleep(0.5)
+    assert b.try_acquire() is None  # a live holder (renewed) keeps it
+    a.release(0)
+    assert b.try_acquire() == 0
+    with a.sessions() as s:  # b's process "stops": its lease is no longer renewed
+        b._held.clear()
+        s.execute(update(NodeSlot).values(heartbeat=time.time() - 10))
+        s.commit()
+    assert a.try_acquire() == 0
