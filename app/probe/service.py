@@ -69,7 +69,9 @@ def _now() -> str:
 def probe_state(node: PacsNode) -> dict:
     """The node's last probe job: status, times, error and one-line summary ('never' if none ran)."""
     state = dict((node.options or {}).get("probe") or {"status": "never"})
-    if state.get("status") == "running" and state.get("started_at"):
+    # a probe run as a durable job ends through its job (taken over, or settled failed); only a probe
+    # without one (before jobs existed) is judged interrupted by its age
+    if state.get("status") == "running" and state.get("started_at") and not state.get("job_id"):
         if datetime.now(timezone.utc) - datetime.fromisoformat(state["started_at"]) > STALE_AFTER:
             state.update(status="failed", error="interrupted (the probe did not finish)")
     if "summary" not in state:

@@ -124,3 +124,21 @@ def test_a_retrieval_is_a_job_and_one_nobody_runs_is_queued_again(quiet_api):
     assert queue_orphans(ctx) == []  # its job is queued: not twice
     with ctx.sessions() as s:
         assert s.scalar(select(Job.status).where(Job.target == f"retrieval:{rid}").order_by(Job.id.desc())) == "queued"
+
+
+def test_a_probe_waiting_for_a_worker_is_not_judged_interrupted_by_its_age(quiet_api):
+    from datetime import datetime, timezone
+
+    from app.db.models import PacsNode
+
+    client, ctx = quiet_api
+    job_id = client.post("/api/v1/pacs-nodes/dead/probe").json()["probe"]["job_id"]
+    with session_scope(ctx.sessions) as s:
+        node = s.scalar(select(PacsNode).where(PacsNode.name == "dead"))
+        long_ago = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+        node.options = {**node.options, "probe": {**node.options["probe"], "started_at": long_ago}}
+    state = client.get("/api/v1/pacs-nodes/dead/probe").json()["probe"]
+    assert state["status"] == "running" and state["job_id"] == job_id  # queued: its job ends it, not its age
+    _run(ctx, "probe")
+    state = client.get("/api/v1/pacs-nodes/dead/probe").json()["probe"]
+    assert state["status"] == "failed" and "C-ECHO" in state["error"]
