@@ -317,6 +317,10 @@ def test_train_from_the_form_then_classify_an_upload(console):
     tiles[0].click()
     c.wait_text("Labels")
     assert driver.current_url == target and "/instances/" in target
+    labels_of_image = {tr.find_elements(By.TAG_NAME, "td")[0].text: tr.find_elements(By.TAG_NAME, "td")[1].text
+                       for tr in driver.find_elements(By.XPATH, "//h2[starts-with(., 'Labels')]/../table/tbody/tr")}
+    assert labels_of_image.get("body part") not in (None, "", "—"), labels_of_image
+    assert urlsplit(target).path.rsplit("/", 1)[1] in driver.find_element(By.TAG_NAME, "h1").text
     c.shot("misclassified-instance")
     # 6. /models/{id}: classify a file of the index; every class gets a probability
     driver.find_element(By.LINK_TEXT, "Models").click()
