@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import time
 from collections import defaultdict
 
 from sqlalchemy import bindparam, func, insert, select, update
@@ -135,12 +136,23 @@ def resolve(ctx, worklist_id: int, checkpoint=None) -> dict:
     from app.jobs.runner import JobCancelled, JobStopped
     from app.dicom.matching import verify
     from app.dicom.scu import DicomClient
+    from app.policy.find_gate import FindGate, PacsUnreachable
     from app.retrievals.nodes import get_node
+
+    def nap(seconds: float) -> None:
+        """A backoff wait that still sees a cancel (the job's checkpoint) every second."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if checkpoint is not None:
+                checkpoint()
+            time.sleep(min(1.0, left))
 
     with session_scope(ctx.sessions) as s:
         wl = get_worklist(s, worklist_id)
         node = get_node(s, wl.node_name)
-        client = DicomClient(ctx.settings, node)
+        # the node's etiquette: association slots shared with its retrievals, adaptive backoff
+        gate = FindGate(ctx, node, sleep=nap)
+        client = DicomClient(ctx.settings, node, sleep=gate.retry_sleep)
         key_type = wl.key_type
         todo = [(rid, key, filters) for rid, _row, key, filters, status, _st, _d in _rows(s, worklist_id)
                 if status != "invalid"]
@@ -156,13 +168,19 @@ def resolve(ctx, worklist_id: int, checkpoint=None) -> dict:
 
     try:
         if key_type == "StudyInstanceUID":
-            todo = _resolve_uid_lists(client, todo, updates, flush)
-        for rid, key, filters in todo:
+            todo = _resolve_uid_lists(gate, client, todo, updates, flush)
+        for n, (rid, key, filters) in enumerate(todo):
             if checkpoint is not None:
                 checkpoint()
             query = {key_type: key, **filters}
             try:
-                res = client.find("STUDY", query, return_keys=_RETURN)
+                res = gate.find(client, "STUDY", query, return_keys=_RETURN)
+            except PacsUnreachable as exc:
+                # stop paying a growing backoff per row: the rows not tried stay pending for a later resolve
+                updates.append({"rid": rid, "st": "refused", "uids": [], "det": f"PACS: {exc}"[:500]})
+                flush()
+                raise _Unreachable(f"the PACS could not be reached for {gate.unreachable_stop} rows in a row; "
+                                   f"{len(todo) - n - 1} row(s) not tried: resolve again later") from exc
             except DicomError as exc:
                 updates.append({"rid": rid, "st": "refused", "uids": [], "det": f"PACS: {exc.message}"[:500]})
                 continue
@@ -193,6 +211,8 @@ def resolve(ctx, worklist_id: int, checkpoint=None) -> dict:
     except JobCancelled:
         flush()
         final, error, stop = "failed", "cancelled", True
+    except _Unreachable as exc:
+        final, error, stop = "failed", str(exc), False
     except Exception as exc:  # noqa: BLE001 - recorded on the worklist; rows already resolved stay
         log.exception("worklist %s: resolve failed", worklist_id)
         flush()
@@ -202,7 +222,7 @@ def resolve(ctx, worklist_id: int, checkpoint=None) -> dict:
         wl.status, wl.error = final, error
         counts = dict(s.execute(select(WorklistRow.status, func.count()).where(WorklistRow.worklist_id == worklist_id)
                                 .group_by(WorklistRow.status)).all())
-        wl.summary = {**(wl.summary or {}), "counts": counts}
+        wl.summary = {**(wl.summary or {}), "counts": counts, "pacs": gate.stats}
     if stop:
         raise JobCancelled("cancelled")
     return counts
@@ -211,21 +231,28 @@ def resolve(ctx, worklist_id: int, checkpoint=None) -> dict:
 UID_LIST = 100
 
 
-def _resolve_uid_lists(client, todo: list, updates: list, flush) -> list:
+class _Unreachable(Exception):
+    """The resolve stopped: the PACS could not be reached for several rows in a row."""
+
+
+def _resolve_uid_lists(gate, client, todo: list, updates: list, flush) -> list:
     """StudyInstanceUID rows without filters, UID_LIST at a time by UID list matching (one association
     per hundred rows instead of one per row). Returns the rows left for one C-FIND each: those with
     filters, and every row of a list the PACS refused or answered with nothing (a PACS without list
     matching answers nothing; a row then costs its own C-FIND)."""
     from app.dicom.matching import verify
     from app.errors import DicomError
+    from app.policy.find_gate import PacsUnreachable
 
     plain = [t for t in todo if not t[2]]
     rest = [t for t in todo if t[2]]
     for i in range(0, len(plain), UID_LIST):
         chunk = plain[i:i + UID_LIST]
         try:
-            res = client.find("STUDY", {"StudyInstanceUID": "\\".join(k for _r, k, _f in chunk)},
-                              return_keys=("StudyInstanceUID",))
+            res = gate.find(client, "STUDY", {"StudyInstanceUID": "\\".join(k for _r, k, _f in chunk)},
+                            return_keys=("StudyInstanceUID",))
+        except PacsUnreachable:
+            return rest + plain[i:]  # the row loop tries these one by one and stops on the same verdict
         except DicomError:
             rest += chunk
             continue

@@ -247,3 +247,68 @@ def test_list_worklists(api):
     body = api.get("/api/v1/worklists", headers=HP).json()
     assert body["total"] == 2 and [i["id"] for i in body["items"]] == [b["id"], a["id"]]
     assert body["items"][1]["counts"] == {"pending": 1, "invalid": 1}
+
+
+def test_resolve_of_an_unreachable_pacs_backs_off_then_stops_and_leaves_the_rest_pending(api, app_ctx):
+    """The node's etiquette applies to a resolve: each failure to reach the PACS raises the node's
+    backoff (each next find waits longer), and five in a row end the resolve; rows not tried stay pending."""
+    from app.policy.backoff import node_backoff
+    from app.policy.schema import policy_of
+
+    policy = {"backoff": {"initial_s": 0.05, "factor": 2.0, "max_s": 1.0}}
+    r = api.post("/api/v1/pacs-nodes", headers=HA, json={"name": "dead", "ae_title": "NOBODY", "host": "127.0.0.1",
+                                                          "port": free_port()})
+    assert r.status_code == 201, r.text
+    assert api.patch("/api/v1/pacs-nodes/dead", headers=HA, json={"policy": policy}).status_code == 200
+    # filters make every row its own C-FIND (no UID list)
+    wl = _up(api, "StudyInstanceUID,StudyDate\n" + "".join(f"1.2.3.{i},20120101\n" for i in range(12)),
+             headers=HP).json()
+    t0 = time.monotonic()
+    assert api.post(f"/api/v1/worklists/{wl['id']}/resolve", json={"node": "dead"}, headers=HP).status_code == 202
+    body = _wait(api, wl["id"])
+    took = time.monotonic() - t0
+    assert body["status"] == "failed" and "could not be reached for 5 rows" in body["error"]
+    assert "7 row(s) not tried" in body["error"]
+    statuses = [x["status"] for x in sorted(body["rows"], key=lambda x: x["row"])]
+    assert statuses == ["refused"] * 5 + ["pending"] * 7
+    # waits of 0.05, 0.1, 0.2, 0.4 s before finds 2-5 (each scaled by the jitter-free level delay)
+    assert took >= 0.7
+    backoff = node_backoff(app_ctx, "dead", policy_of({"policy": policy}).backoff.config())
+    assert backoff.level >= 5
+
+
+@pytest.mark.orthanc
+def test_resolve_takes_the_nodes_association_slots_shared_with_retrievals(api, app_ctx, orthanc_factory, tmp_path):
+    from app.policy.clock import SYSTEM_CLOCK
+    from app.policy.limits import node_limits
+    from app.policy.schema import policy_of
+    import threading
+
+    orthanc = orthanc_factory(modalities={"radcohort": (app_ctx.settings.ae_title, "127.0.0.1",
+                                                        app_ctx.settings.scp_port)})
+    studies = make_studies(tmp_path / "g", ["20120101", "20130101"], instances_per_series=1)
+    upload_all(orthanc, sorted((tmp_path / "g").iterdir()))
+    policy = {"max_associations": 1}
+    api.post("/api/v1/pacs-nodes", headers=HA, json={"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                                      "port": orthanc.dicom_port})
+    assert api.patch("/api/v1/pacs-nodes/pacs", headers=HA, json={"policy": policy}).status_code == 200
+    wl = _up(api, "StudyInstanceUID,StudyDate\n" + "".join(f"{st.study_uid},{st.study_date}\n" for st in studies),
+             headers=HP).json()
+    # a retrieval of this node holds its only association slot for 1.5 s
+    limits = node_limits(app_ctx, "pacs", policy_of({"policy": policy}), SYSTEM_CLOCK)
+    held = threading.Event()
+
+    def hold():
+        with limits.association():
+            held.set()
+            time.sleep(1.5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    t0 = time.monotonic()
+    assert api.post(f"/api/v1/worklists/{wl['id']}/resolve", json={"node": "pacs"}, headers=HP).status_code == 202
+    body = _wait(api, wl["id"])
+    t.join()
+    assert body["status"] == "resolved" and time.monotonic() - t0 >= 1.2  # it waited for the slot
+    assert [x["status"] for x in body["rows"]] == ["found", "found"], [x["detail"] for x in body["rows"]]
