@@ -12,7 +12,9 @@ import socket
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, func, or_, select, update
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import audit
@@ -26,6 +28,11 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 UNFINISHED = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
 MAX_ATTEMPTS = 3  # a job whose runner died this many times is failed, not retried again
+
+
+def _rows(result: Any) -> int:
+    """Rows an UPDATE matched (the compare-and-set's verdict)."""
+    return cast(CursorResult, result).rowcount
 
 
 def utcnow() -> datetime:
@@ -104,7 +111,7 @@ def cancel_job(session: Session, job_id: int, actor: str) -> Job:
     res = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
                           .values(status="cancelled", cancel_requested=True, finished_at=utcnow(),
                                   error="cancelled before it started"))
-    if res.rowcount == 0:
+    if _rows(res) == 0:
         session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
     session.flush()
     session.refresh(job)
@@ -146,11 +153,11 @@ def claim_next(session: Session, runner_id: str, queue: str, *, stale_after: flo
         if status == "running" and (cancel_requested or attempts >= max_attempts):
             end, error = (("cancelled", "cancelled; its runner stopped") if cancel_requested else
                           ("failed", f"its runner was lost {attempts} times (killed or stalled); not retried again"))
-            if session.execute(update(Job).where(*guard).values(status=end, error=error, runner_id=None,
-                                                                finished_at=now)).rowcount == 1:
+            if _rows(session.execute(update(Job).where(*guard).values(status=end, error=error, runner_id=None,
+                                                                      finished_at=now))) == 1:
                 job = session.get(Job, job_id, populate_existing=True)
-                h = find_handler(job.kind)
-                if h is not None and h.settle is not None:
+                h = find_handler(job.kind) if job is not None else None
+                if job is not None and h is not None and h.settle is not None:
                     h.settle(session, job, end, error)
             continue
         previous = None
@@ -159,7 +166,7 @@ def claim_next(session: Session, runner_id: str, queue: str, *, stale_after: flo
         res = session.execute(update(Job).where(*guard).values(
             status="running", runner_id=runner_id, heartbeat_at=now, attempts=attempts + 1,
             started_at=func.coalesce(Job.started_at, now), error=None))
-        if res.rowcount == 1:
+        if _rows(res) == 1:
             if previous:
                 audit.record(session, "system", "job.takeover", f"job:{job_id}", previous_runner=previous,
                              runner=runner_id)
@@ -184,13 +191,13 @@ def heartbeat(session: Session, runner_id: str, leases: dict[int, int]) -> dict[
     for jid, attempts in leases.items():
         r = rows.get(jid)
         ours = r is not None and r[0] == runner_id and r[1] == attempts and r[2] == "running"
-        out[jid] = (ours, bool(ours and r[3]))
+        out[jid] = (ours, bool(r is not None and ours and r[3]))
     return out
 
 
 def set_progress(session: Session, job_id: int, runner_id: str, attempts: int, progress: dict) -> bool:
-    return session.execute(update(Job).where(*_owned(job_id, runner_id, attempts))
-                           .values(progress=progress, heartbeat_at=utcnow())).rowcount == 1
+    return _rows(session.execute(update(Job).where(*_owned(job_id, runner_id, attempts))
+                                 .values(progress=progress, heartbeat_at=utcnow()))) == 1
 
 
 def finish(session: Session, job_id: int, runner_id: str, attempts: int, status: str, *,
@@ -201,13 +208,13 @@ def finish(session: Session, job_id: int, runner_id: str, attempts: int, status:
               "error": error[:8000] if error else None}
     if result is not None:
         values["result"] = result
-    return session.execute(update(Job).where(*_owned(job_id, runner_id, attempts)).values(**values)).rowcount == 1
+    return _rows(session.execute(update(Job).where(*_owned(job_id, runner_id, attempts)).values(**values))) == 1
 
 
 def release(session: Session, job_id: int, runner_id: str, attempts: int) -> bool:
     """Give a held job back to the queue (its runner is stopping); the next claim runs it again."""
-    return session.execute(update(Job).where(*_owned(job_id, runner_id, attempts))
-                           .values(status="queued", runner_id=None, heartbeat_at=None)).rowcount == 1
+    return _rows(session.execute(update(Job).where(*_owned(job_id, runner_id, attempts))
+                                 .values(status="queued", runner_id=None, heartbeat_at=None))) == 1
 
 
 # ---------------------------------------------------------------- the API's shape

@@ -17,8 +17,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import CursorResult, case, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,8 +102,9 @@ class SharedSlots:
         with session_scope(self.sessions) as s:
             self._ensure(s)
             for i in range(self.size):
-                n = s.execute(update(T).where(T.node_name == self.node, T.slot == i, or_(
-                    T.holder.is_(None), T.heartbeat < now - self.stale_s)).values(holder=holder, heartbeat=now)).rowcount
+                res = s.execute(update(T).where(T.node_name == self.node, T.slot == i, or_(
+                    T.holder.is_(None), T.heartbeat < now - self.stale_s)).values(holder=holder, heartbeat=now))
+                n = cast(CursorResult, res).rowcount
                 if n == 1:
                     with self._lock:
                         self._held[i] = holder
