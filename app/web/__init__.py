@@ -13,9 +13,10 @@ from starlette.requests import cookie_parser
 from app.config import Settings
 
 # the console's fixed paths (app.web.routes); everything else stays the API's
-CONSOLE_PREFIXES = ("/login", "/logout", "/overview", "/nodes", "/retrievals", "/instances", "/cohorts", "/training",
-                    "/models", "/static/console")
-_UPLOAD = re.compile(r"^/models/[^/]+/predict$")
+CONSOLE_PREFIXES = ("/login", "/logout", "/overview", "/nodes", "/retrievals", "/worklists", "/instances", "/cohorts",
+                    "/training", "/models", "/static/console")
+# the console's multipart uploads: a DICOM file to classify, a worklist
+_UPLOAD = re.compile(r"^/models/[^/]+/predict$|^/worklists/upload$")
 
 
 def is_console_path(path: str) -> bool:

@@ -1,4 +1,5 @@
-"""The console's resource pages: overview, PACS nodes, retrievals, index, cohorts, training, models.
+"""The console's resource pages: overview, PACS nodes, retrievals, index, cohorts, training, models
+(worklists and a cohort's exports: app.web.research).
 
 Each handler parses (a query string or a CSRF-checked form), calls the service or the API's own route
 function with the signed-in actor, and renders a template. Writes redirect (post/redirect/get) with a
@@ -35,7 +36,7 @@ from app.retrievals import nodes, service as retrievals
 from app.retrievals.schemas import NodeIn, RetrievalIn
 from app.training import jobs, predict, workers
 from app.training.params import DEPTH_PRESETS, EXPERIMENTS, TrainingJobCreate
-from app.web import charts
+from app.web import charts, research
 from app.web.render import flash_redirect, render
 from app.web.routes import Form, Who, _errors, _status, _text
 
@@ -388,12 +389,17 @@ def register(app: FastAPI, settings: Settings) -> None:  # noqa: C901 - one func
             return _cohorts_page(request, who, session, tax_form=values, tax_errors=_errors(exc), status=_status(exc))
         return flash_redirect(request, "/cohorts", f"Taxonomy {values['name']} saved: pick it below.")
 
-    @app.get("/cohorts/{cohort_id}", include_in_schema=False)
-    def cohort_page(request: Request, who: Who, session: SessionDep, cohort_id: int):
+    def _cohort_page(request, who, session, cohort_id, export_form=None, export_errors=None, status=200):
         c = cohort_service.get_cohort(session, cohort_id)
         _, used = jobs.list_jobs(session, cohort_id=cohort_id, limit=20)
-        return render(request, "cohort.html", who=who, c=c, chart=_cohort_chart(c), jobs=used,
-                      parquet=importlib.util.find_spec("pyarrow") is not None)
+        return render(request, "cohort.html", status=status, who=who, c=c, chart=_cohort_chart(c), jobs=used,
+                      parquet=importlib.util.find_spec("pyarrow") is not None,
+                      export_form=export_form or research.EXPORT_DEFAULTS, export_errors=export_errors or [],
+                      **research.exports_context(request, session, cohort_id))
+
+    @app.get("/cohorts/{cohort_id}", include_in_schema=False)
+    def cohort_page(request: Request, who: Who, session: SessionDep, cohort_id: int):
+        return _cohort_page(request, who, session, cohort_id)
 
     @app.get("/cohorts/{cohort_id}/manifest.{fmt}", include_in_schema=False)
     def cohort_manifest(request: Request, who: Who, session: SessionDep, cohort_id: int, fmt: str):
@@ -522,3 +528,6 @@ def register(app: FastAPI, settings: Settings) -> None:  # noqa: C901 - one func
                              title="class probabilities")
         return render(request, "model.html", who=who, m=m, result=result, chart=chart, probabilities=probs,
                       filename=upload.filename)
+
+    # ================================================================== worklists, a cohort's exports
+    research.register(app, settings, _cohort_page)

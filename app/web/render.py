@@ -21,8 +21,8 @@ STATIC = HERE / "static"
 STATIC_URL = "/static/console"
 FLASH_COOKIE = "radcohort_flash"
 
-NAV = [("/", "Overview"), ("/nodes", "PACS nodes"), ("/retrievals", "Retrievals"), ("/instances", "Index"),
-       ("/cohorts", "Cohorts"), ("/training", "Training"), ("/models", "Models")]
+NAV = [("/", "Overview"), ("/nodes", "PACS nodes"), ("/retrievals", "Retrievals"), ("/worklists", "Worklists"),
+       ("/instances", "Index"), ("/cohorts", "Cohorts"), ("/training", "Training"), ("/models", "Models")]
 
 # scripts and styles from this app only; images from this app or inline (SVG charts are markup)
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "

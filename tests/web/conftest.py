@@ -14,11 +14,14 @@ from app.db.models import PacsNode, Retrieval, TrainedModel, TrainingJob
 from app.labels.service import make_labeler
 from app.labels.testing import add_index_rows
 from app.training.testing import write_tiny_dicom
+from app.worklists import service as worklist_service
 from tests.conftest import _migrated_ctx, make_settings
 
 TOKEN = "console-test-token"
 READER = "reader-token"
-TOKENS = f"alice:{TOKEN}:read+retrieve+train+export,bob:{READER}:read"
+IDENT = "identified-token"
+TOKENS = (f"alice:{TOKEN}:read+retrieve+train+export,bob:{READER}:read,"
+          f"carol:{IDENT}:read+retrieve+export+find-identified+export-identified")
 # identifiers the console must never show
 NAMES = ["YAMADA^HANAKO", "DOE^JOHN", "MUSTERMANN^ERIKA", "SUZUKI^ICHIRO"]
 PATIENT_IDS = ["PID-7781-SECRET", "PID-9902-SECRET", "PID-3141-SECRET", "PID-2718-SECRET"]
@@ -52,8 +55,14 @@ def seed(ctx) -> dict:
                       report={"suboperations": {"completed": 24, "failed": 1}, "failure_reasons": {"0xA702": 1}},
                       started_at=datetime.now(timezone.utc), finished_at=datetime.now(timezone.utc))
         s.add(r)
+        # a ward's list by PatientID (identified: keys shown only with find-identified), a description naming
+        # the patient, and a row with a bad date
+        ward = (f"PatientID,StudyDate,StudyDescription\n{PATIENT_IDS[0]},20150601,knee {NAMES[0]}\n"
+                f"{PATIENT_IDS[1]},2015-02-30,\n")
+        wl = worklist_service.upload(s, ward.encode(), "ward.csv", None, "token:carol")
         s.commit()
         out["retrieval"] = r.id
+        out["worklist"] = wl["id"]
     return out
 
 
@@ -88,7 +97,8 @@ def add_training(ctx, cohort_id: int, uids: list[str]) -> dict:
 @pytest.fixture
 def console(tmp_path):
     """(client with follow_redirects off, seeded ids) with tokens configured."""
-    settings = make_settings(tmp_path, api_tokens=TOKENS)
+    # no C-FIND retries: a PACS node that is not there fails a request at once
+    settings = make_settings(tmp_path, api_tokens=TOKENS, dicom_retries=0)
     for ctx in _migrated_ctx(settings):
         ids = seed(ctx)
         with TestClient(create_app(settings, ctx), follow_redirects=False) as c:

@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 
 from app.api import create_app
 from tests.conftest import _migrated_ctx, make_settings
-from tests.web.conftest import CSRF, NAMES, PATIENT_IDS, READER, TOKEN, csrf_of, sign_in
+from tests.web.conftest import CSRF, IDENT, NAMES, PATIENT_IDS, READER, TOKEN, csrf_of, sign_in
 
-PAGES = ["/", "/nodes", "/retrievals", "/instances", "/cohorts", "/training", "/models"]
+PAGES = ["/", "/nodes", "/retrievals", "/worklists", "/instances", "/cohorts", "/training", "/models"]
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -112,7 +112,9 @@ def test_the_api_and_its_offline_docs_are_unchanged(console):
 
 # ------------------------------------------------------------------ CSRF
 @pytest.mark.parametrize("path", ["/nodes", "/retrievals", "/cohorts", "/training", "/logout",
-                                  "/nodes/main-pacs/echo", "/retrievals/1/cancel", "/training/1/cancel"])
+                                  "/nodes/main-pacs/echo", "/retrievals/1/cancel", "/training/1/cancel",
+                                  "/worklists/upload", "/worklists/1/resolve", "/worklists/1/retrieve",
+                                  "/cohorts/1/exports", "/cohorts/1/exports/1/delete"])
 def test_a_form_without_its_csrf_token_is_refused_403_with_a_message(console, path):
     c, _ = console
     sign_in(c)
@@ -299,7 +301,9 @@ def test_index_filters_by_label(console):
 
 @pytest.mark.parametrize("path", ["/retrievals/999", "/nodes/nosuch", "/training/999", "/cohorts/999", "/models/999",
                                   "/instances/1.2.3.999", "/instances/abc", "/training/999/live",
-                                  "/cohorts/999/manifest.csv", "/cohorts/1/manifest.xlsx", "/nodes/nosuch/live"])
+                                  "/cohorts/999/manifest.csv", "/cohorts/1/manifest.xlsx", "/nodes/nosuch/live",
+                                  "/worklists/999", "/worklists/999/live", "/worklists/999/results.csv",
+                                  "/cohorts/999/exports/live", "/cohorts/1/exports/999/download"])
 def test_unknown_ids_are_404_pages(console, path):
     c, _ = console
     sign_in(c)
@@ -347,11 +351,13 @@ def test_every_internal_link_on_every_page_resolves_and_no_page_shows_an_identif
     c, ids = console
     sign_in(c)
     pages = crawl(c, PAGES + [f"/training/{ids['running']}", f"/training/{ids['running']}/live", "/overview/jobs",
-                              f"/retrievals/{ids['retrieval']}/live", "/nodes/main-pacs/live"])
+                              f"/retrievals/{ids['retrieval']}/live", "/nodes/main-pacs/live",
+                              f"/worklists/{ids['worklist']}/live", f"/cohorts/{ids['cohort']}/exports/live"])
     visited = set(pages)
     for must in (f"/training/{ids['done']}", f"/cohorts/{ids['cohort']}", f"/retrievals/{ids['retrieval']}",
                  f"/models/{ids['model']}", "/nodes/main-pacs", f"/instances/{ids['uids'][0]}",
-                 f"/cohorts/{ids['cohort']}/manifest.csv", "/static/console/console.js"):
+                 f"/cohorts/{ids['cohort']}/manifest.csv", "/static/console/console.js",
+                 f"/worklists/{ids['worklist']}", f"/worklists/{ids['worklist']}/results.csv"):
         assert must in visited, f"{must} not reachable by links"
     assert len(visited) > 40
     text = "\n".join(pages.values())
@@ -372,3 +378,183 @@ def test_security_headers_on_pages(console):
     r = c.get("/", headers=BEARER)
     assert "script-src 'self'" in r.headers["content-security-policy"]
     assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"
+
+
+# ------------------------------------------------------------------ worklists (issue #17)
+POLL = {"X-Console-Poll": "1"}
+HIDDEN_KEY = '<span class="muted">hidden</span>'
+
+
+def poll_until_final(c, url: str, timeout: float = 90) -> str:
+    """The live fragment at `url`, re-fetched like console.js does until it says the job has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = c.get(url, headers=POLL)
+        assert r.status_code == 200 and "<html" not in r.text, (url, r.status_code, r.text[:300])
+        head = r.text[:r.text.index(">")]
+        if "data-final" in head:
+            return r.text
+        assert "data-poll=" in head, head
+        assert time.monotonic() < deadline, f"{url} still live after {timeout} s: {r.text[:500]}"
+        time.sleep(0.2)
+
+
+def test_worklist_keys_are_shown_only_with_find_identified_as_the_api_does(console):
+    c, ids = console
+    wid = ids["worklist"]
+    sign_in(c)  # alice: retrieve, not find-identified
+    page = c.get(f"/worklists/{wid}").text
+    assert "ward.csv" in page and page.count(HIDDEN_KEY) == 2 and "not a calendar date" in page
+    assert PATIENT_IDS[0] not in page and PATIENT_IDS[1] not in page and NAMES[0] not in page
+    assert 'id="worklist-resolve"' not in page and "find-identified" in page
+    # the page hides what the API hides, and refuses what it refuses (403, audited by the API's route)
+    api = c.get(f"/api/v1/worklists/{wid}", headers=BEARER).json()
+    assert [r["key"] for r in api["rows"]] == [None, None]
+    csrf = CSRF.search(page).group(1)
+    r = c.post(f"/worklists/{wid}/resolve", data={"csrf_token": csrf, "node": "main-pacs"})
+    assert r.status_code == 403 and "find-identified" in r.text and PATIENT_IDS[0] not in r.text
+    assert c.get(f"/api/v1/worklists/{wid}", headers=BEARER).json()["status"] == "uploaded"
+    assert PATIENT_IDS[0] not in c.get(f"/worklists/{wid}/results.csv").text
+    # a token with find-identified sees the keys (and the description typed next to them)
+    c.cookies.clear()
+    sign_in(c, token=IDENT)
+    page = c.get(f"/worklists/{wid}").text
+    assert PATIENT_IDS[0] in page and PATIENT_IDS[1] in page and NAMES[0] in page and HIDDEN_KEY not in page
+    assert 'id="worklist-resolve"' in page
+    assert PATIENT_IDS[0] in c.get(f"/worklists/{wid}/results.csv").text
+
+
+def test_worklist_upload_shows_per_file_and_per_row_errors(console):
+    c, _ = console
+    sign_in(c)
+    csrf = csrf_of(c, "/worklists")
+    up = lambda name, data, **form: c.post("/worklists/upload", data={"csrf_token": csrf, **form},  # noqa: E731
+                                           files={"file": (name, data)})
+    bad = up("scan.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    assert bad.status_code == 415 and "not CSV or XLSX" in bad.text and 'id="worklist-upload"' in bad.text
+    bad = up("list.csv", b"Name,Notes\nx,y\n")
+    assert bad.status_code == 422 and "no key column" in bad.text
+    bad = up("list.csv", b"StudyInstanceUID\n1.2.3\n", column="Modality")
+    assert bad.status_code == 422 and "not a key column" in bad.text and "Please check" in bad.text
+    bad = up("ids.csv", f"PatientID\n{PATIENT_IDS[2]}\n".encode())
+    assert bad.status_code == 403 and "find-identified" in bad.text and PATIENT_IDS[2] not in bad.text
+    before = c.get("/api/v1/worklists", headers=BEARER).json()["total"]
+    ok = up("uids.csv", b"StudyInstanceUID;Notes\n1.2.840.1;a\nnot-a-uid;b\n1.2.840.1;c\n")
+    assert ok.status_code == 303, ok.text
+    assert c.get("/api/v1/worklists", headers=BEARER).json()["total"] == before + 1
+    page = c.get(ok.headers["location"]).text
+    assert "3 rows by StudyInstanceUID, 2 invalid" in page  # the flash
+    assert "not a UID" in page and "duplicate of row 2" in page and "unknown column" in page
+    assert "<code>1.2.840.1</code>" in page  # a StudyInstanceUID list needs no find-identified
+    listing = c.get("/worklists").text
+    assert "uids.csv" in listing and "invalid 2" in listing and "pending 1" in listing
+    # a read-only token gets no form, and the API's refusal if it posts anyway
+    c.cookies.clear()
+    sign_in(c, token=READER)
+    page = c.get("/worklists").text
+    assert 'id="worklist-upload"' not in page and "lacks the scope" in page
+    r = c.post("/worklists/upload", data={"csrf_token": CSRF.search(page).group(1)},
+               files={"file": ("uids.csv", b"StudyInstanceUID\n1.2.3\n")})
+    assert r.status_code == 403 and "lacks the scope &#39;retrieve&#39;" in r.text
+
+
+def test_worklist_resolve_updates_itself_then_retrieve_leads_to_the_retrieval(console):
+    from sqlalchemy import update
+
+    from app.db.models import Worklist, WorklistRow
+    from app.devtools.orthanc import free_port
+
+    c, _ = console
+    sign_in(c)
+    assert c.post("/api/v1/pacs-nodes", headers=BEARER, json={"name": "dead", "ae_title": "NOBODY",
+                                                               "host": "127.0.0.1", "port": free_port()}).status_code == 201
+    backoff = {"policy": {"backoff": {"initial_s": 0.05, "factor": 2.0, "max_s": 0.2}}}  # the node's etiquette, fast
+    assert c.patch("/api/v1/pacs-nodes/dead", headers=BEARER, json=backoff).status_code == 200
+    csrf = csrf_of(c, "/worklists")
+    ok = c.post("/worklists/upload", data={"csrf_token": csrf},
+                files={"file": ("uids.csv", b"StudyInstanceUID\n1.2.840.11\n1.2.840.12\n")})
+    assert ok.status_code == 303
+    url = ok.headers["location"]
+    wid = int(url.rsplit("/", 1)[1])
+    assert 'id="worklist-retrieve"' not in c.get(url).text  # nothing to retrieve before a resolve
+    r = c.post(f"{url}/resolve", data={"csrf_token": csrf, "node": "nosuch"})
+    assert r.status_code == 404 and "nosuch" in r.text and 'id="worklist-resolve"' in r.text
+    r = c.post(f"{url}/resolve", data={"csrf_token": csrf, "node": "dead"})
+    assert r.status_code == 303 and r.headers["location"] == url
+    final = poll_until_final(c, f"{url}/live")
+    assert final.count("s-refused") >= 2 and "PACS: " in final
+    assert c.get(f"/api/v1/worklists/{wid}", headers=BEARER).json()["status"] in ("resolved", "failed")
+    # while a worklist is resolving, its page polls its live part and offers no second resolve
+    with c.ctx.sessions() as s:
+        s.get(Worklist, wid).status = "resolving"
+        s.commit()
+    for got in (c.get(url).text, c.get(f"{url}/live", headers=POLL).text):
+        assert f'<div id="worklist-live" data-poll="/worklists/{wid}/live"' in got
+        assert 'id="worklist-resolve"' not in got and 'id="worklist-retrieve"' not in got
+    # found rows (as a PACS would have answered), then the button starts one retrieval of their studies
+    with c.ctx.sessions() as s:
+        s.execute(update(WorklistRow).where(WorklistRow.worklist_id == wid, WorklistRow.row == 2)
+                  .values(status="found", studies=["1.2.840.11"], detail=None))
+        s.get(Worklist, wid).status = "resolved"
+        s.commit()
+    page = c.get(url).text
+    assert 'id="worklist-retrieve"' in page
+    r = c.post(f"{url}/retrieve", data={"csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["location"].startswith("/retrievals/")
+    rid = int(r.headers["location"].rsplit("/", 1)[1])
+    got = c.get(f"/api/v1/retrievals/{rid}", headers=BEARER).json()
+    assert got["node"] == "dead" and got["query"] == {"StudyInstanceUID": "1.2.840.11"}
+    assert f'href="/retrievals/{rid}"' in c.get(url).text
+
+
+# ------------------------------------------------------------------ exports on the cohort page (issue #17)
+def test_export_from_the_cohort_page_runs_to_done_downloads_and_deletes(console):
+    import io
+    import zipfile
+
+    c, ids = console
+    cid = ids["cohort"]
+    sign_in(c)
+    page = c.get(f"/cohorts/{cid}").text
+    assert 'id="export-form"' in page and 'value="png"' in page and 'value="dicom"' not in page
+    csrf = CSRF.search(page).group(1)
+    # identified output is refused without export-identified, as the API refuses it (and audits it)
+    r = c.post(f"/cohorts/{cid}/exports", data={"csrf_token": csrf, "format": "dicom"})
+    assert r.status_code == 403 and "export-identified" in r.text
+    r = c.post(f"/cohorts/{cid}/exports", data={"csrf_token": csrf, "format": "png", "image_size": "5"})
+    assert r.status_code == 422 and "image_size" in r.text and 'value="5"' in r.text
+    r = c.post(f"/cohorts/{cid}/exports", data={"csrf_token": csrf, "format": "png", "image_size": "32",
+                                                "burned_in": "flag"})
+    assert r.status_code == 303 and r.headers["location"] == f"/cohorts/{cid}#exports"
+    eid = c.get("/api/v1/exports", headers=BEARER).json()["items"][0]["id"]
+    assert c.get(f"/api/v1/exports/{eid}", headers=BEARER).json()["params"]["image_size"] == 32
+    final = poll_until_final(c, f"/cohorts/{cid}/exports/live")
+    assert f'id="export-{eid}"' in final and "s-done" in final, final
+    link = f"/cohorts/{cid}/exports/{eid}/download"
+    assert f'href="{link}"' in final
+    got = c.get(link)
+    assert got.status_code == 200 and got.headers["content-type"] == "application/zip"
+    names = zipfile.ZipFile(io.BytesIO(got.content)).namelist()
+    assert "manifest.csv" in names and "dataset_card.json" in names and any(n.endswith(".png") for n in names)
+    assert c.get(f"/cohorts/999/exports/{eid}/download").status_code == 404  # only through its own cohort
+    # a read-only token sees the export, but no form, no download and no delete; posting is refused
+    c.cookies.clear()
+    sign_in(c, token=READER)
+    page = c.get(f"/cohorts/{cid}").text
+    assert f'id="export-{eid}"' in page and 'id="export-form"' not in page and f'href="{link}"' not in page
+    r = c.post(f"/cohorts/{cid}/exports", data={"csrf_token": CSRF.search(page).group(1), "format": "png"})
+    assert r.status_code == 403 and "lacks the scope &#39;export&#39;" in r.text
+    # export-identified offers the identified format
+    c.cookies.clear()
+    sign_in(c, token=IDENT)
+    assert 'value="dicom"' in c.get(f"/cohorts/{cid}").text
+    # delete the files: the row stays, marked deleted, without a download link
+    c.cookies.clear()
+    sign_in(c)
+    csrf = csrf_of(c, f"/cohorts/{cid}")
+    r = c.post(f"/cohorts/{cid}/exports/{eid}/delete", data={"csrf_token": csrf})
+    assert r.status_code == 303
+    live = c.get(f"/cohorts/{cid}/exports/live", headers=POLL).text
+    assert "s-deleted" in live and f'href="{link}"' not in live
+    assert c.get(f"/api/v1/exports/{eid}", headers=BEARER).json()["status"] == "deleted"
+    assert c.get(link).status_code == 409
