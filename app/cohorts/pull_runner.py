@@ -125,14 +125,16 @@ def class_counts(ctx: AppContext, taxonomy_name: str) -> dict[str, int]:
 
 def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class: int,
                   study_date_range: str | tuple = DEFAULT_RANGE, max_rounds: int = DEFAULT_MAX_ROUNDS,
-                  actor: str = "cli", slices: int = DEFAULT_SLICES, progress=None) -> dict[str, Any]:
+                  actor: str = "cli", slices: int = DEFAULT_SLICES, progress=None,
+                  on_retrieval=None) -> dict[str, Any]:
     """Retrieve until every class has `per_class` patients or its queries are exhausted.
 
     Returns {"classes": {name: {before, after, quota, retrievals: [ids], exhausted, rounds: [{window,
     retrieval, series, status}], checked: {answers, matched, mismatched, unverifiable, duplicates,
     unverifiable_keys: {key: n}, capped_finds}, not_sent: [keys]}},
     "retrievals": n, "stopped": "done" | "max_rounds" | "find_failed" | "retrieval_failed", "error"}.
-    At most `max_rounds` retrievals are started in all.
+    At most `max_rounds` retrievals are started in all. `progress(class, retrieval id, status, received,
+    counts)` is called after each retrieval, `on_retrieval(retrieval id)` before it runs.
     """
     if per_class < 1:
         raise InvalidInput("per_class: must be at least 1")
@@ -202,6 +204,8 @@ def pull_to_quota(ctx: AppContext, node_name: str, taxonomy_name: str, per_class
                         rid = create_retrieval(s, node_name, rq, actor).id
                     rounds += 1
                     fetched.update(rq["SeriesInstanceUID"].split("\\"))
+                    if on_retrieval:
+                        on_retrieval(rid)  # the one running now (a job's cancel is passed on to it)
                     r = run_retrieval(ctx, rid)
                     report[name]["retrievals"].append(rid)
                     report[name]["rounds"].append({"window": window, "retrieval": rid,

@@ -33,10 +33,24 @@ def _pull(run: JobRun) -> dict:
 
     def progress(cls, rid, status, received, counts) -> None:
         run.progress(force=True, class_name=cls, retrieval=rid, retrieval_status=status, counts=counts)
+        run.poll_cancel()  # a cancel cancels the running retrieval too: seen here at once, not a heartbeat later
         run.checkpoint()  # between two retrievals: cancel or hand over here
 
+    def starting(rid: int) -> None:
+        run.progress(force=True, current_retrieval=rid)
+
     return pull_to_quota(run.ctx, p["node"], p["taxonomy"], int(p["per_class"]), p["study_date"],
-                         max_rounds=int(p.get("max_rounds") or 200), actor=run.actor or "system", progress=progress)
+                         max_rounds=int(p.get("max_rounds") or 200), actor=run.actor or "system", progress=progress,
+                         on_retrieval=starting)
+
+
+def _pull_cancel(session, job, actor) -> None:
+    """A pull waits for its running retrieval: cancel that one too, so the pull stops at its next boundary."""
+    from app.retrievals.service import cancel_for_job
+
+    rid = (job.progress or {}).get("current_retrieval")
+    if rid:
+        cancel_for_job(session, int(rid), actor)
 
 
 # ---------------------------------------------------------------- export (queue export)
@@ -109,7 +123,7 @@ def _adopt_retrievals(ctx) -> None:
 
 
 register(Handler("probe", "probe", _probe, settle=_probe_settle, slots=2))
-register(Handler("cohort_pull", "cohort", _pull, slots=1))  # pulls contend for the same PACS: one at a time
+register(Handler("cohort_pull", "cohort", _pull, on_cancel=_pull_cancel, slots=1))  # pulls contend for the same PACS: one at a time
 register(Handler("export", "export", _export, settle=_export_settle, slots=1))  # exports compete for the disk
 register(Handler("worklist_resolve", "worklist", _resolve, settle=_resolve_settle, slots=2))
 register(Handler("retrieval", "retrieval", _retrieval, settle=_retrieval_settle, on_cancel=_retrieval_cancel,

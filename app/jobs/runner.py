@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from app.context import AppContext
@@ -64,6 +65,15 @@ class JobRun:
             raise JobCancelled("cancelled")
         if self.stopping.is_set():
             raise JobStopped("the runner is stopping")
+
+    def poll_cancel(self) -> bool:
+        """Read the cancel flag from the database now (between heartbeats), e.g. before a costly step."""
+        from app.db.models import Job
+
+        with self.ctx.sessions() as s:
+            if s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)):
+                self.cancel.set()
+        return self.cancel.is_set()
 
     def progress(self, force: bool = False, **values) -> None:
         """Merge `values` into the job's progress (written at most twice a second)."""

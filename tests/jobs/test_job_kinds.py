@@ -142,3 +142,18 @@ def test_a_probe_waiting_for_a_worker_is_not_judged_interrupted_by_its_age(quiet
     _run(ctx, "probe")
     state = client.get("/api/v1/pacs-nodes/dead/probe").json()["probe"]
     assert state["status"] == "failed" and "C-ECHO" in state["error"]
+
+
+def test_a_pulls_cancel_also_cancels_its_running_retrieval(quiet_api):
+    from app.jobs import queue as q
+
+    client, ctx = quiet_api
+    rid = client.post("/api/v1/retrievals", json={"node": "dead", "query": {"StudyDate": "20120101"}}).json()["id"]
+    pid = client.post("/api/v1/cohorts/pull", json={"node": "dead", "taxonomy": "xr10", "per_class": 5}).json()["id"]
+    with session_scope(ctx.sessions) as s:  # as its runner has it: running, inside retrieval `rid`
+        job = q.claim_next(s, "here:1:x", "cohort", stale_after=30)
+        assert job.id == pid
+        q.set_progress(s, pid, "here:1:x", job.attempts, {"current_retrieval": rid})
+    r = client.post(f"/api/v1/jobs/{pid}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "running" and r.json()["cancel_requested"]
+    assert client.get(f"/api/v1/retrievals/{rid}").json()["status"] == "cancelled"
