@@ -39,8 +39,18 @@ def _require(request: Request, scope: str) -> None:
 def exports_context(request: Request, session, cohort_id: int) -> dict:
     """The cohort's exports as `GET /api/v1/exports` lists them for this token (identified ones only with
     export-identified), and what the export form may offer."""
-    listing = export_api.list_exports(request, session, limit=1000, offset=0)
-    items = [e for e in listing.items if e.cohort_id == cohort_id]
+    def mine():
+        return [e for e in export_api.list_exports(request, session, limit=1000, offset=0).items
+                if e.cohort_id == cohort_id]
+
+    items = mine()
+    active = [e.id for e in items if e.status in ACTIVE_EXPORT]
+    for export_id in active:
+        # as GET /exports/{id} does: one whose process died with no job left to finish it reads failed,
+        # so the page stops polling it
+        export_service.get_export(session, export_id)
+    if active:
+        items = mine()
     return {"exports": items, "exports_active": any(e.status in ACTIVE_EXPORT for e in items),
             "can_export": has_scope(request, "export"),
             # downloading or deleting needs what reading one needs (the API's missing_scope)

@@ -226,8 +226,18 @@ def test_retrieve_index_and_build_a_cohort(console):
     c.wait_text("saved")
     c.found["cohort"] = int(re.search(r"/cohorts/(\d+)$", urlsplit(driver.current_url).path).group(1))
     c.shot("cohort")
-    # 6. the remaining pages
-    for label in ("Training", "Models", "Overview", "PACS nodes", "Retrievals"):
+    # 6. export it from the cohort page (png, 32 px); the exports part follows it to done without a reload
+    Select(driver.find_element(By.NAME, "format")).select_by_value("png")
+    c.fill("image_size", "32")
+    driver.find_element(By.CSS_SELECTOR, "#export-form button[type=submit]").click()
+    c.wait_text("queued; its progress shows below")
+    driver.execute_script("document.body.dataset.noReload = 'yes'")
+    WebDriverWait(driver, 120, poll_frequency=0.5).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#exports-live[data-final] a.download"))
+    assert driver.execute_script("return document.body.dataset.noReload") == "yes", "the page was reloaded"
+    c.shot("cohort-export")
+    # 7. the remaining pages
+    for label in ("Training", "Models", "Overview", "PACS nodes", "Retrievals", "Worklists"):
         driver.find_element(By.LINK_TEXT, label).click()
         WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "nav a.here"))
         c.shot(label.lower().replace(" ", "-"))

@@ -426,6 +426,10 @@ def test_worklist_keys_are_shown_only_with_find_identified_as_the_api_does(conso
 
 def test_worklist_upload_shows_per_file_and_per_row_errors(console):
     c, _ = console
+    # an upload's body is read only for a signed-in session (or a bearer token), like /models/{id}/predict
+    anon = c.post("/worklists/upload", files={"file": ("uids.csv", b"StudyInstanceUID\n1.2.3\n")})
+    assert anon.status_code == 401
+    assert c.get("/worklists").status_code == 303  # the page itself sends you to the sign-in form
     sign_in(c)
     csrf = csrf_of(c, "/worklists")
     up = lambda name, data, **form: c.post("/worklists/upload", data={"csrf_token": csrf, **form},  # noqa: E731
@@ -558,3 +562,27 @@ def test_export_from_the_cohort_page_runs_to_done_downloads_and_deletes(console)
     assert "s-deleted" in live and f'href="{link}"' not in live
     assert c.get(f"/api/v1/exports/{eid}", headers=BEARER).json()["status"] == "deleted"
     assert c.get(link).status_code == 409
+
+
+def test_an_export_whose_process_died_stops_being_polled(console):
+    """A running export whose process is gone and that no job will finish reads failed, as GET /exports/{id}
+    says, so the cohort page's live part ends instead of polling for ever."""
+    import socket
+    import subprocess
+    import sys
+
+    from app.db.models import Export
+
+    c, ids = console
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with c.ctx.sessions() as s:
+        exp = Export(cohort_id=ids["cohort"], format="png", params={"format": "png", "image_size": 32},
+                     status="running", done=3, total=24, report={"runner": f"{socket.gethostname()}:{gone.pid}"})
+        s.add(exp)
+        s.commit()
+        eid = exp.id
+    sign_in(c)
+    live = c.get(f"/cohorts/{ids['cohort']}/exports/live", headers=POLL).text
+    assert live.startswith('<div id="exports-live" data-final') and "interrupted" in live
+    assert c.get(f"/api/v1/exports/{eid}", headers=BEARER).json()["status"] == "failed"
