@@ -104,11 +104,15 @@ def view(exp: Export) -> dict:
             "created_at": exp.created_at, "finished_at": exp.finished_at}
 
 
-def list_exports(session: Session, limit: int, offset: int, *, identified: bool) -> tuple[int, list[dict]]:
-    """(total, newest first page); without `identified`, exports of identified output are left out."""
+def list_exports(session: Session, limit: int, offset: int, *, identified: bool,
+                 cohort_id: int | None = None) -> tuple[int, list[dict]]:
+    """(total, newest first page), of one cohort if given; without `identified`, exports of identified
+    output are left out."""
     from sqlalchemy import func, select
 
     q = select(Export)
+    if cohort_id is not None:
+        q = q.where(Export.cohort_id == cohort_id)
     if not identified:
         q = q.where(Export.format.not_in(sorted(IDENTIFIED_FORMATS)))
     total = session.scalar(select(func.count()).select_from(q.subquery())) or 0

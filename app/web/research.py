@@ -40,8 +40,7 @@ def exports_context(request: Request, session, cohort_id: int) -> dict:
     """The cohort's exports as `GET /api/v1/exports` lists them for this token (identified ones only with
     export-identified), and what the export form may offer."""
     def mine():
-        return [e for e in export_api.list_exports(request, session, limit=1000, offset=0).items
-                if e.cohort_id == cohort_id]
+        return list(export_api.list_exports(request, session, limit=1000, offset=0, cohort_id=cohort_id).items)
 
     items = mine()
     active = [e.id for e in items if e.status in ACTIVE_EXPORT]

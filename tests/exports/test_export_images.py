@@ -163,6 +163,11 @@ def test_delete_removes_the_archive_keeps_the_row_and_is_audited(export_env):
     r = client.get(f"/api/v1/exports/{eid}/download", headers=H["exporter"])
     assert r.status_code == 409 and "deleted" in r.json()["detail"]
     assert client.delete("/api/v1/exports/99999", headers=H["exporter"]).status_code == 404
+    # the list by cohort
+    mine = client.get(f"/api/v1/exports?cohort_id={cid}", headers=H["exporter"]).json()
+    assert eid in [e["id"] for e in mine["items"]] and all(e["cohort_id"] == cid for e in mine["items"])
+    assert client.get(f"/api/v1/exports?cohort_id={cid + 1000}", headers=H["exporter"]).json()["total"] == 0
+    assert client.get("/api/v1/exports?cohort_id=0", headers=H["exporter"]).status_code == 422
     with ctx.sessions() as s:
         assert s.query(AuditEvent).filter_by(action="export.delete", target=f"export:{eid}").count() == 1
 

@@ -90,9 +90,10 @@ class ExportList(BaseModel):
 
 @router.get("/exports", response_model=ExportList)
 def list_exports(request: Request, session: SessionDep, limit: int = Query(100, ge=1, le=1000),
-                 offset: int = Query(0, ge=0)):
+                 offset: int = Query(0, ge=0),
+                 cohort_id: int | None = Query(None, ge=1, le=2**31 - 1, description="only this cohort's exports")):
     """Newest first (identified exports only for tokens with export-identified)."""
-    total, items = service.list_exports(session, limit, offset,
+    total, items = service.list_exports(session, limit, offset, cohort_id=cohort_id,
                                         identified="export-identified" in _scopes(request))
     return ExportList(total=total, items=items)
 
