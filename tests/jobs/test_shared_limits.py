@@ -179,3 +179,50 @@ def test_a_stopped_holders_slot_is_free_again_once_its_lease_is_stale(any_ctx):
         s.execute(update(NodeSlot).values(heartbeat=time.time() - 10))
         s.commit()
     assert a.try_acquire() == 0
+
+
+# ------------------------------------------------------------------ real retrievals, two processes, one PACS
+def test_two_processes_retrieving_from_one_pacs_stay_within_its_instances_per_minute(tmp_path, orthanc_factory):
+    """Two `radcohort retrieve` processes each retrieve 30 instances from one Orthanc whose policy allows
+    600/min (10/s): with shared limits the 60 arrive over about 4 s (paced one after another, 20 per
+    retrieve at 2, 4, 5 and 6 s); each process pacing itself alone would let both bring theirs at 2 and 3 s."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sqlalchemy import func, select
+
+    from app.db.base import session_scope
+    from app.db.models import Instance, Retrieval
+    from app.retrievals.nodes import create_node
+    from app.retrievals.schemas import NodeIn
+    from app.wiring import storage_scp
+    from tests.conftest import _migrated_ctx, make_settings
+    from tests.dicom.helpers import make_studies, upload_all
+
+    settings = make_settings(tmp_path, shared_node_limits=True, arrival_timeout=10.0)
+    orthanc = orthanc_factory(modalities={"radcohort": (settings.ae_title, "127.0.0.1", settings.scp_port)})
+    studies = make_studies(tmp_path / "gen", ["20120101", "20130101"], instances_per_series=30)
+    upload_all(orthanc, sorted((tmp_path / "gen").iterdir()))
+    radcohort = str(Path(sys.executable).with_name("radcohort"))
+    env = {**os.environ, "RADCOHORT_DATABASE_URL": settings.database_url, "RADCOHORT_DATA_DIR": str(settings.data_dir),
+           "RADCOHORT_PSEUDONYM_KEY": "test-pseudonym-key", "RADCOHORT_SHARED_NODE_LIMITS": "true",
+           "RADCOHORT_SCP_PORT": str(settings.scp_port), "RADCOHORT_LOG_LEVEL": "WARNING"}
+    for ctx in _migrated_ctx(settings):
+        with session_scope(ctx.sessions) as s:
+            node = create_node(s, NodeIn(name="pacs", ae_title=orthanc.aet, host="127.0.0.1",
+                                         port=orthanc.dicom_port), "test")
+            node.options = {"policy": {"instances_per_minute": 600}}
+        with storage_scp(ctx):  # one receiver for both (as `radcohort serve` would be)
+            procs = [subprocess.Popen([radcohort, "retrieve", "pacs", "-q", f"StudyInstanceUID={st.study_uid}"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for st in studies]
+            outs = [p.communicate(timeout=180)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        with ctx.sessions() as s:
+            assert list(s.scalars(select(Retrieval.status))) == ["completed", "completed"]
+            assert s.scalar(select(func.count()).select_from(Instance)) == 60
+            first, last = s.execute(select(func.min(Instance.received_at), func.max(Instance.received_at))).one()
+        span = (last - first).total_seconds()
+        assert span >= 3.0, f"60 instances arrived over {span:.1f} s: above 600/min"
