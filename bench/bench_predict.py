@@ -215,7 +215,7 @@ def job_throughput(ctx, mid: int, batch: int) -> tuple[float, int, float, float]
     from app.db.base import session_scope
     from app.db.models import ScoringJob
     from app.training import scoring
-    from models.worker import Worker
+    from app.training.worker import Worker
 
     with session_scope(ctx.sessions) as ss:
         jid = scoring.create_job(ss, ctx.settings, mid, "bench", batch_size=batch).id

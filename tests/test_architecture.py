@@ -62,18 +62,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("app.retrievals.nodes", "app.retrievals.schemas"): "move NodeIn/NodeOut next to the node records",
     # kernel -> composition: the job registry loads the built-in kinds (which name stage functions) on first use
     ("app.jobs.handlers", "app.jobs.kinds"): "let the worker's and the API's wiring import app.jobs.kinds",
-    # models -> app: the database queue loop and the scoring child live in models/ today
-    ("models.worker", "app"): "the worker loop belongs in app/training (issue #15, durable-job half)",
-    ("models.worker", "app.context"): "the worker loop belongs in app/training (issue #15, durable-job half)",
-    ("models.worker", "app.db.base"): "the worker loop belongs in app/training (issue #15, durable-job half)",
-    ("models.worker", "app.training.jobs"): "the worker loop belongs in app/training (issue #15, durable-job half)",
-    ("models.worker", "app.training.workers"): "the worker loop belongs in app/training (issue #15)",
-    ("models.worker", "app.training.artifacts"): "the worker loop belongs in app/training (issue #15)",
-    ("models.scoring", "app.db.base"): "the scoring child reads/writes score rows itself; hand it a writer",
-    ("models.scoring", "app.db.models"): "the scoring child reads/writes score rows itself; hand it a writer",
-    ("models.scoring", "app.training.jobs"): "the scoring child reads/writes score rows itself; hand it a writer",
-    ("models.scoring", "app.training.artifacts"): "the scoring child reads the model registry; hand it paths",
-    ("models.scoring", "app.training.scoring"): "the scoring child shares the job bookkeeping; hand it a writer",
 }
 
 

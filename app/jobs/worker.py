@@ -1,5 +1,5 @@
 """`radcohort worker`: one process serving job queues (app.jobs) and, with "training", the training and
-scoring queue (models.worker). SIGTERM / Ctrl-C: stop claiming, give running jobs back to the queue."""
+scoring queue (app.training.worker). SIGTERM / Ctrl-C: stop claiming, give running jobs back to the queue."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def run_worker(ctx: AppContext, queues: list[str], *, once: bool = False, poll: 
     job_queues = [x for x in queues if x in q.QUEUES]
     runner = JobRunner(ctx, job_queues, say=say) if job_queues else None
     if "training" in queues:
-        from models.worker import Worker
+        from app.training.worker import Worker
 
         worker = Worker(ctx, poll=poll, stale_after=stale_after, nproc=nproc, say=say, queues=queues)
         worker.install_signal_handlers()

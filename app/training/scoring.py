@@ -3,7 +3,7 @@
 A scoring job is a row of `scoring_jobs`, queued by the API and claimed by a worker with the training queue's
 own claim/lease functions (app.training.jobs with `table=ScoringJob`: compare-and-set claims, SKIP LOCKED on
 PostgreSQL, heartbeats, stale reclaim, cancel, release). The worker runs it in a child process
-(models.scoring) that reads the index in keyset pages, decodes and classifies in batches, and writes each
+(app.training.score_run) that reads the index in keyset pages, decodes and classifies in batches, and writes each
 batch's results to `instance_scores` in the same transaction as the job's progress and cursor, guarded by
 its claim: a worker that lost the job can write nothing, and a reclaimed job resumes after the last batch
 written. Services only flush; the caller commits.

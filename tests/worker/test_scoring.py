@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 from models.predict import Classifier  # noqa: E402
 from models.registry import build_model  # noqa: E402
-from models.worker import Worker  # noqa: E402
+from app.training.worker import Worker  # noqa: E402
 
 pytestmark = pytest.mark.worker
 CLASSES = ["CLeft", "CRight"]
@@ -222,7 +222,7 @@ def _crashing_decode(task):
     """Stands in for a codec that crashes its process on one hostile file (inherited by the forked pool)."""
     import os
 
-    from models import scoring as child
+    from app.training import score_run as child
 
     if task[0] == _POISON.get("path"):
         os._exit(139)
@@ -230,7 +230,7 @@ def _crashing_decode(task):
 
 
 def test_a_decoder_crash_costs_one_image_not_the_job(ctx, monkeypatch):
-    from models import scoring as child
+    from app.training import score_run as child
 
     mid = fake_model(ctx)
     recs = index_images(ctx, 40, extra=False)

@@ -23,7 +23,7 @@ from app.training.testing import make_tiny_cohort
 
 pytest.importorskip("torch")
 pytest.importorskip("timm")
-from models.worker import MARK_ENV, Worker  # noqa: E402
+from app.training.worker import MARK_ENV, Worker  # noqa: E402
 
 pytestmark = pytest.mark.worker
 ROOT = Path(__file__).resolve().parents[2]

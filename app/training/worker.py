@@ -31,7 +31,7 @@ from app.training.artifacts import (ProgressTail, code_version, error_text, read
 
 log = logging.getLogger("radcohort.worker")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 EXIT_CANCELLED = 3
 PR_SET_PDEATHSIG = 1
 MARK_ENV = "RADCOHORT_RUN_MARK"  # set on the child; inherited by torchrun's ranks, found again in /proc
@@ -130,7 +130,7 @@ def epoch_text(job_id: int, ev: dict) -> str:
 class Outcome:
     job_id: int
     status: str  # completed | failed | cancelled | released | lost
-    kind: str = "training"  # or "scoring" (models.scoring)
+    kind: str = "training"  # or "scoring" (app.training.score_run)
 
 
 class Worker:
@@ -216,7 +216,7 @@ class Worker:
             job = jobs.claim_next(s, self.worker_id, stale_after=self.stale_after,
                                   max_attempts=self.max_attempts)
         if job is None:
-            from models.scoring import run_next  # the second job kind, on the same claim/lease functions
+            from app.training.score_run import run_next  # the second job kind, on the same claim/lease functions
 
             return run_next(self)
         self.say(f"training job {job.id}: claimed (attempt {job.attempts}, {self._describe(job)})")

@@ -1,9 +1,9 @@
 """A scoring job: every indexed radiograph through one model, results in bulk to `instance_scores`.
 
-    python -m models.scoring RUN_DIR/spec.json      # the child; RADCOHORT_DATABASE_URL in its environment
+    python -m app.training.score_run RUN_DIR/spec.json      # the child; RADCOHORT_DATABASE_URL in its environment
 
 `run_next(worker)` is the worker's side (claim, spec, child, heartbeat, cancel, finish), called by
-models.worker when no training job is waiting. The child streams the index in keyset pages
+app.training.worker when no training job is waiting. The child streams the index in keyset pages
 (app.training.scoring.iter_pages), decodes them in a process pool (the next pages queued behind the
 current one), classifies each batch as soon as its images are decoded, and writes the results with the
 job's progress and cursor in one guarded transaction (app.training.scoring.write_batch) at most once a
@@ -256,7 +256,7 @@ def run(spec: dict, database_url: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m models.scoring RUN_DIR/spec.json", file=sys.stderr)
+        print("usage: python -m app.training.score_run RUN_DIR/spec.json", file=sys.stderr)
         return EXIT_FAILED
     spec_path = Path(args[0])
     try:
@@ -282,13 +282,13 @@ def _error_text(rd: Path, rc: int) -> str:
 
 
 def run_next(worker):
-    """Claim one scoring job and run it to its end (worker: models.worker.Worker); None when none is queued."""
+    """Claim one scoring job and run it to its end (worker: app.training.worker.Worker); None when none is queued."""
     from sqlalchemy.exc import OperationalError
 
     from app.db.base import session_scope
     from app.db.models import ScoringJob
     from app.training import scoring
-    from models.worker import Outcome
+    from app.training.worker import Outcome
 
     with session_scope(worker.ctx.sessions) as s:
         job = scoring.claim_next(s, worker.worker_id, stale_after=worker.stale_after,
@@ -329,7 +329,7 @@ def _run(worker, job):
     from app.db.models import ScoringJob
     from app.training import jobs, scoring
     from app.training.artifacts import write_json_atomic
-    from models.worker import MARK_ENV, PROJECT_ROOT, Outcome, _die_with_parent, kill_marked
+    from app.training.worker import MARK_ENV, PROJECT_ROOT, Outcome, _die_with_parent, kill_marked
 
     settings = worker.settings
     rd = scoring.run_dir(settings, job.id).resolve()
@@ -345,7 +345,7 @@ def _run(worker, job):
     # OpenMP threads sleep rather than spin (as the API's predictors do): the decode processes share the cores
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, MARK_ENV: mark, "RADCOHORT_DATABASE_URL": settings.database_url,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "models.scoring", str(spec_path)]
+    cmd = [sys.executable, "-m", "app.training.score_run", str(spec_path)]
     with (rd / "worker.log").open("ab") as logf:
         logf.write(f"--- attempt {job.attempts} by {worker.worker_id}\n".encode())
         logf.flush()
