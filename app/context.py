@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,10 +30,9 @@ class AppContext:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    # the registry: class -> its one object. String keys are the old way, still used by app/jobs
-    # (docs/architecture.md, known exceptions); new code keys by class.
-    extras: dict[Any, Any] = field(default_factory=dict)
-    _extras_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    # the registry: class -> its one object (no string keys: a bag of names returned Any)
+    _shared: dict[type, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _shared_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, settings: Settings) -> "AppContext":
@@ -43,29 +42,23 @@ class AppContext:
         engine = make_engine(settings.database_url)
         return cls(settings=settings, engine=engine, sessions=make_sessionmaker(engine))
 
-    @overload
-    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T: ...
-
-    @overload
-    def shared(self, kind: str, factory: Callable[[], Any]) -> Any: ...
-
-    def shared(self, kind, factory=None):
+    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
         """The process's one object of class `kind`, made by `factory()` (default: `kind()`) on first use."""
-        with self._extras_lock:
-            obj = self.extras.get(kind)
+        with self._shared_lock:
+            obj = self._shared.get(kind)
             if obj is None:
-                obj = self.extras[kind] = factory() if factory is not None else kind()
+                obj = self._shared[kind] = factory() if factory is not None else kind()
             return obj
 
     def existing(self, kind: type[T]) -> T | None:
         """The process's object of class `kind` if one was made (None: none yet)."""
-        with self._extras_lock:
-            return self.extras.get(kind)
+        with self._shared_lock:
+            return self._shared.get(kind)
 
     def close_shared(self) -> None:
         """Stop every registered object that can be stopped (`shutdown(wait=False)`)."""
-        with self._extras_lock:
-            objs = list(self.extras.values())
+        with self._shared_lock:
+            objs = list(self._shared.values())
         for obj in objs:
             stop = getattr(obj, "shutdown", None)
             if callable(stop):

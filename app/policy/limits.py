@@ -1,6 +1,6 @@
 """Token buckets (instances/min, bytes/s) and per-node association limits, shared in-process.
 
-Every retrieval of a node takes from the same buckets and semaphore (kept in ctx.extras), so two
+Every retrieval of a node takes from the same buckets and semaphore (kept in the context: ctx.shared(LimitsRegistry)), so two
 jobs against one PACS together stay within its limits. With RADCOHORT_SHARED_NODE_LIMITS the rate
 buckets (instances/min, MB/s) and the association slots (max_associations) live in the database
 instead (app.policy.shared_limits) and hold across every process.
