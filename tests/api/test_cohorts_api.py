@@ -7,7 +7,7 @@ import io
 import sys
 
 from app.labels.service import make_labeler
-from app.labels.testing import add_index_rows
+from tests.factories.index_rows import add_index_rows
 
 
 def _index(ctx, n=10):

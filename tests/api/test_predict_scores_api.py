@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from app.db.base import session_scope
 from app.db.models import ScoringJob
-from app.labels.testing import add_index_rows
+from tests.factories.index_rows import add_index_rows
 from app.training import jobs, scoring
 from tests.api.test_training import _model
 

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from app.training import predict
-from app.training.testing import write_tiny_dicom
+from tests.factories.training import write_tiny_dicom
 
 pytest.importorskip("torch")
 pytest.importorskip("timm")

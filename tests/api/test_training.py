@@ -10,7 +10,7 @@ from pathlib import Path
 from app.db.base import session_scope
 from app.db.models import Cohort, TrainedModel, TrainingJob
 from app.training import predict
-from app.training.testing import write_tiny_dicom
+from tests.factories.training import write_tiny_dicom
 
 
 def _cohort(ctx, classes: dict | None = None) -> int:

@@ -15,7 +15,7 @@ from urllib.parse import urljoin
 import pytest
 
 from app.db.base import session_scope
-from app.training.testing import make_tiny_cohort, write_tiny_dicom
+from tests.factories.training import make_tiny_cohort, write_tiny_dicom
 
 pytestmark = pytest.mark.worker
 ROOT = Path(__file__).resolve().parents[2]

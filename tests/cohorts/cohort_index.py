@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.labels.service import make_labeler
-from app.labels.testing import add_index_rows
+from tests.factories.index_rows import add_index_rows
 
 
 def knee(pid: str, side: str, **kw) -> dict:

@@ -211,7 +211,7 @@ def test_incomplete_labels_are_reported_per_class_and_once_in_total(any_ctx):
     """Instances whose known labels fit a class but a label it needs is unknown: counted for every
     class they could belong to, once in the exclusion report, never when a class takes them."""
     from app.labels.service import make_labeler
-    from app.labels.testing import add_index_rows
+    from tests.factories.index_rows import add_index_rows
     from tests.cohorts.cohort_index import chest, knee
 
     recs = [knee(f"K{i}", "L") for i in range(3)] + [chest(f"C{i}", "F", 25) for i in range(3)]
@@ -267,7 +267,7 @@ def test_saved_members_are_the_selection_in_order_with_their_uids_paths_and_pseu
     from app.cohorts.builder import CohortSpec, build
     from app.cohorts.taxonomies import presets
     from app.labels.service import make_labeler
-    from app.labels.testing import add_index_rows
+    from tests.factories.index_rows import add_index_rows
     from tests.cohorts.cohort_index import knee
 
     with any_ctx.sessions() as s:  # the same PatientID under another issuer is another patient
@@ -299,7 +299,7 @@ def test_merged_identity_member_keeps_its_own_patients_pseudonym(any_ctx):
     """With match_name_birthdate two patient IDs are one person: one image is taken, and its
     pseudonym is the one of the PatientID on that image (not of the other ID)."""
     from app.labels.service import make_labeler
-    from app.labels.testing import add_index_rows
+    from tests.factories.index_rows import add_index_rows
     from tests.cohorts.cohort_index import knee
 
     recs = [knee("OLD-ID", "L", patient_name="SAME^PERSON", sop_instance_uid="1.8.1"),

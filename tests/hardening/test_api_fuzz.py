@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from app.db.models import PacsNode, TrainedModel, TrainingJob
 from app.labels.service import make_labeler
-from app.labels.testing import add_index_rows
+from tests.factories.index_rows import add_index_rows
 from tests.conftest import make_settings
 from app.db.migrate import upgrade
 from app.context import AppContext

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from app.api import create_app
 from app.db.models import PacsNode, Retrieval, TrainedModel, TrainingJob
 from app.labels.service import make_labeler
-from app.labels.testing import add_index_rows
-from app.training.testing import write_tiny_dicom
+from tests.factories.index_rows import add_index_rows
+from tests.factories.training import write_tiny_dicom
 from app.worklists import service as worklist_service
 from tests.conftest import _migrated_ctx, make_settings
 

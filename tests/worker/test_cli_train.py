@@ -9,7 +9,7 @@ from app.cli import cli
 from app.db.base import session_scope
 from app.db.models import TrainedModel, TrainingJob
 from app.training import jobs
-from app.training.testing import make_tiny_cohort
+from tests.factories.training import make_tiny_cohort
 
 
 def _env(ctx, monkeypatch) -> None:

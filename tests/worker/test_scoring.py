@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from app.db.base import session_scope
 from app.db.models import Cohort, InstanceScore, ScoringJob, TrainedModel, TrainingJob
 from app.labels.service import make_labeler
-from app.labels.testing import add_index_rows
+from tests.factories.index_rows import add_index_rows
 from app.training import jobs, scoring
-from app.training.testing import write_tiny_dicom
+from tests.factories.training import write_tiny_dicom
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")

@@ -19,7 +19,7 @@ from app.db.base import session_scope
 from app.db.models import CohortMember, TrainedModel, TrainingJob
 from app.training import jobs
 from app.training.params import TrainingJobCreate
-from app.training.testing import make_tiny_cohort
+from tests.factories.training import make_tiny_cohort
 
 pytest.importorskip("torch")
 pytest.importorskip("timm")

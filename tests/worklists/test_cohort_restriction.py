@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.api import create_app
 from app.labels.service import make_labeler
-from app.labels.testing import add_index_rows
+from tests.factories.index_rows import add_index_rows
 from app.privacy import patient_key
 from tests.conftest import _migrated_ctx, make_settings
 

@@ -1,4 +1,4 @@
-"""Build index rows directly (tests, benchmarks, demos): Patient/Study/Series/Instance through the labeler."""
+"""Build index rows directly (test factory): Patient/Study/Series/Instance through the labeler."""
 
 from __future__ import annotations
 

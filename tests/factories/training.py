@@ -1,4 +1,4 @@
-"""A tiny trainable cohort built directly in the DB and the store (tests, benchmarks, demos; no torch).
+"""A tiny trainable cohort built directly in the DB and the store (test factory; no torch).
 
 Two or more classes told apart by where a bright block sits (left/right/top/bottom), like laterality:
 learnable in a few CPU epochs at 32-48 px.
@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import Cohort, CohortMember
-from app.labels.testing import add_index_rows
+from tests.factories.index_rows import add_index_rows
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 _PLACES = ("left", "right", "top", "bottom")
