@@ -124,7 +124,7 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
                 conn.execute(text("SELECT 1"))
         except Exception:  # noqa: BLE001 - health must answer whatever the DB does
             db_ok = False
-        from app.dicom.store import storage_health  # free space of the DICOM store (settings.health_min_free_mb)
+        from app.store import storage_health  # free space of the DICOM store (settings.health_min_free_mb)
         from app.training.workers import health as workers_health  # live workers, their queues and models
 
         storage = storage_health(settings.store_dir, settings.health_min_free_mb)

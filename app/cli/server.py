@@ -52,7 +52,7 @@ class ScpProcesses:
 
     def start(self) -> "ScpProcesses":
         from app.dicom.scp import ConnectionDispatcher
-        from app.dicom.store import DicomStore
+        from app.store import DicomStore
 
         DicomStore(self.settings.store_dir).clean_temp()  # before any child writes
         self.dispatcher = ConnectionDispatcher(self.settings.scp_host, self.settings.scp_port, self.n)

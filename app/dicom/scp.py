@@ -53,7 +53,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pydicom import uid as _uid
 
 from app.dicom.netopts import low_latency
-from app.dicom.store import (DicomStore, PixelDataMismatch, StoredFile, dataset_sha256, file_meta_end, parse_header,
+from app.store import (DicomStore, PixelDataMismatch, StoredFile, dataset_sha256, file_meta_end, parse_header,
                              part10_sha256, validate_uid)
 from app.errors import InvalidInput
 

@@ -11,7 +11,7 @@ import io
 
 from pydicom import dcmread
 
-from app.dicom.store import DicomStore, StoredFile, file_meta_end, parse_header, validate_uid
+from app.store import DicomStore, StoredFile, file_meta_end, parse_header, validate_uid
 
 
 class PartRefused(Exception):

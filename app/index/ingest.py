@@ -315,7 +315,7 @@ class IndexDirResult:
 
 def read_record(path: Path, relpath: str, source_node: str | None = None) -> dict:
     """Record for one Part 10 file (header only)."""
-    from app.dicom.store import read_part10_header
+    from app.store import read_part10_header
     from app.index.extract import extract_record
 
     ds = read_part10_header(path)

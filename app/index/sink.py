@@ -1,7 +1,7 @@
 """The one "store -> extract -> index" sink, and what the receiving side needs of the database.
 
 The Storage SCP, the C-GET handler and the WADO-RS path all keep an instance the same way: the file
-is written by the store (app.dicom.store), then the sink handed to them turns its header into an
+is written by the store (app.store), then the sink handed to them turns its header into an
 index record (app.index.extract) and waits for that record's commit (IndexBatcher: concurrent
 stores share one transaction). The transport knows none of this: it is given, when it is wired
 (app.wiring, the retrieval runner),
@@ -27,7 +27,7 @@ from app import audit
 from app.db.models import Instance, PacsNode, Patient, Series, Study
 from app.db.models import StoreConflict as ConflictRow
 from app.dicom.scp import REFUSAL_MEANING, RefusalRecorder, StoreConflict
-from app.dicom.store import StoredFile
+from app.store import StoredFile
 from app.index.extract import extract_record
 from app.index.ingest import IngestCache, Labeler, ingest
 from app.privacy import patient_key

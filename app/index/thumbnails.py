@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import Instance
-from app.dicom.store import validate_uid
+from app.store import validate_uid
 from app.errors import NotFound
 
 log = logging.getLogger("radcohort.thumbnails")

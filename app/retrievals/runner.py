@@ -623,7 +623,7 @@ class RetrievalRunner:
     def _make_get_handler(self, node: PacsNode):
         if self._store_handler is None:
             from app.dicom.scp import make_store_handler
-            from app.dicom.store import DicomStore
+            from app.store import DicomStore
             from app.index.sink import refusal_recorder
 
             sink = self._index_sink(node)
@@ -671,7 +671,7 @@ class RetrievalRunner:
     def _dicomweb_sink(self, node: PacsNode):
         with self._handler_lock:  # the job's lanes share one sink and one index batcher
             if self._dw_store is None:
-                from app.dicom.store import DicomStore
+                from app.store import DicomStore
 
                 self._dw_store = DicomStore(self.ctx.settings.store_dir)
             return self._index_sink(node)

@@ -298,7 +298,7 @@ def register(app: FastAPI, settings: Settings) -> None:  # noqa: C901 - one func
 
     @app.get("/instances/{uid}", include_in_schema=False)
     def instance_page(request: Request, who: Who, session: SessionDep, uid: str):
-        from app.dicom.store import validate_uid
+        from app.store import validate_uid
         from app.training import scoring
 
         try:

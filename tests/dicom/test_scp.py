@@ -17,7 +17,7 @@ from sqlalchemy import func, select, text
 from app.db.models import Instance, PacsNode, Patient, Study
 from app.dicom.scp import STATUS_INVALID_UID, STATUS_MALFORMED, STATUS_SINK_FAILED, STATUS_WRITE_FAILED
 from app.wiring import storage_scp
-from app.dicom.store import file_meta_end
+from app.store import file_meta_end
 from tests.conftest import testdata as sample_file
 from tests.dicom.helpers import make_cr
 

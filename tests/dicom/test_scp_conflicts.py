@@ -19,7 +19,7 @@ from app.privacy import patient_key
 from app.db.models import AuditEvent, Instance, Patient, StoreConflict, Study
 from app.dicom.scp import STATUS_CONFLICT
 from app.wiring import storage_scp
-from app.dicom.store import part10_sha256
+from app.store import part10_sha256
 from app.index.ingest import reindex
 from tests.dicom.helpers import make_cr
 from tests.dicom.test_scp import SENDER, add_node, count, send

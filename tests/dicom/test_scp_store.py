@@ -8,7 +8,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
-from app.dicom.store import DicomStore, file_meta_end, parse_header, validate_uid
+from app.store import DicomStore, file_meta_end, parse_header, validate_uid
 from app.errors import InvalidInput
 from tests.dicom.helpers import make_cr
 
@@ -94,7 +94,7 @@ def test_parse_header_rejects_garbage():
 def test_pixel_length_check_reads_raw_image_description_under_every_encoding(ts):
     """The image description is read from the raw elements (no pydicom conversion) under implicit,
     explicit little and big endian; the check then agrees with the converted values."""
-    from app.dicom.store import PixelDataMismatch, expected_pixel_bytes
+    from app.store import PixelDataMismatch, expected_pixel_bytes
 
     ds = make_cr()
     ds.Rows, ds.Columns, ds.BitsAllocated = 300, 200, 16

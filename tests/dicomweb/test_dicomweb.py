@@ -11,7 +11,7 @@ from app.db.migrate import upgrade
 from app.db.models import Instance
 from app.dicomweb.client import DicomwebNode
 from app.dicomweb.ingest import PartRefused, store_part10
-from app.dicom.store import DicomStore
+from app.store import DicomStore
 from app.retrievals.runner import RetrievalRunner
 from tests.conftest import make_settings
 from tests.conftest import testdata as sample_file

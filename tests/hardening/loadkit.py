@@ -212,7 +212,7 @@ def check_store(ctx, uids: set[str]) -> dict:
     from sqlalchemy import func, select
 
     from app.db.models import Instance
-    from app.dicom.store import file_meta_end, parse_header
+    from app.store import file_meta_end, parse_header
 
     store = ctx.settings.store_dir
     finals = [p for p in store.rglob("*.dcm") if not any(x.startswith(".") for x in p.relative_to(store).parts)]

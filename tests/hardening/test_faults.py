@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from app.db.models import Instance, Retrieval
 from app.dicom.scp import STATUS_SINK_FAILED, STATUS_WRITE_FAILED
 from app.wiring import storage_scp
-from app.dicom.store import parse_header
+from app.store import parse_header
 from tests.conftest import make_settings, tmpfs_mounted
 from tests.dicom.helpers import CR_STORAGE, make_cr, wait_retrieval
 from tests.hardening.loadkit import dcmtk, sender_ctx
@@ -87,7 +87,7 @@ def _start_scp(settings, chunked: bool) -> subprocess.Popen:
 
 def _complete(path: Path) -> bool:
     """A Part 10 file whose dataset (incl. pixel data length) is whole."""
-    from app.dicom.store import file_meta_end
+    from app.store import file_meta_end
     from pydicom import dcmread
 
     with open(path, "rb") as f:

@@ -10,7 +10,7 @@ from pynetdicom import AE, _config
 
 from app.db.migrate import upgrade
 from app.devtools.orthanc import free_port
-from app.dicom.store import file_meta_end
+from app.store import file_meta_end
 from tests.conftest import make_settings
 from tests.hardening.loadkit import (ScpProcess, ServeProcess, api_under_jobs, check_store, scp_env,
                                      seed_orthanc, send_concurrently, sender_ctx, storescu, write_big,

@@ -11,7 +11,7 @@ from pydicom.tag import Tag
 from sqlalchemy import func, select
 
 from app.db.models import Instance, Patient, Series, Study
-from app.dicom.store import DicomStore
+from app.store import DicomStore
 from app.index.extract import age_years, extract_record
 from app.index.ingest import index_directory, ingest, reindex
 from tests.dicom.helpers import make_cr
@@ -159,7 +159,7 @@ def test_index_directory_and_reindex(any_ctx, tmp_path):
         ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
         meta = dcmread(tmp_path / "x.dcm", stop_before_pixels=True).file_meta
         raw = (tmp_path / "x.dcm").read_bytes()
-        from app.dicom.store import file_meta_end
+        from app.store import file_meta_end
 
         with open(tmp_path / "x.dcm", "rb") as f:
             off = file_meta_end(f)
@@ -212,7 +212,7 @@ def _charset_files() -> list:
 def test_fast_header_read_and_extract_match_pydicom():
     """read_part10_header + the raw fast path give the same record as dcmread + pydicom conversion,
     over pydicom's character set files (Japanese, Korean, Greek, Arabic, ... ) and real radiographs."""
-    from app.dicom.store import read_part10_header
+    from app.store import read_part10_header
     from tests.conftest import testdata as sample
 
     files = _charset_files() + [sample("RG1_J2KR.dcm"), sample("RG3_UNCR.dcm"), sample("CT_small.dcm")]
