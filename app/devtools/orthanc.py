@@ -28,6 +28,10 @@ def orthanc_binary() -> str | None:
     )
 
 
+class _PortTaken(Exception):
+    """Orthanc could not bind one of its ports."""
+
+
 @dataclass
 class OrthancServer:
     """A running Orthanc process; `modalities` maps name -> (AET, host, port)."""
@@ -69,17 +73,38 @@ class OrthancServer:
         if not binary:
             raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.dicom_port = self.dicom_port or free_port()
-        self.http_port = self.http_port or free_port()
+        pick_dicom, pick_http = not self.dicom_port, not self.http_port
+        for attempt in range(3):
+            # a free port can be taken by another process between our pick and Orthanc's bind: pick again
+            if pick_dicom and (attempt or not self.dicom_port):
+                self.dicom_port = free_port()
+            if pick_http and (attempt or not self.http_port):
+                self.http_port = free_port()
+            try:
+                return self._launch(binary, timeout)
+            except _PortTaken:
+                if not (pick_dicom or pick_http) or attempt == 2:
+                    raise RuntimeError(f"Orthanc exited early (a port is in use), see "
+                                       f"{self.workdir / 'orthanc.log'}") from None
+        raise AssertionError("unreachable")
+
+    def _launch(self, binary: str, timeout: float) -> "OrthancServer":
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(self.config(), indent=2))
-        log = open(self.workdir / "orthanc.log", "ab")
+        log_path = self.workdir / "orthanc.log"
+        start = log_path.stat().st_size if log_path.exists() else 0
+        log = open(log_path, "ab")
         self.proc = subprocess.Popen([binary, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited early, see {self.workdir / 'orthanc.log'}")
+                self.proc = None
+                with open(log_path, "rb") as f:
+                    f.seek(start)
+                    if b"already in use" in f.read():
+                        raise _PortTaken()
+                raise RuntimeError(f"Orthanc exited early, see {log_path}")
             try:
                 with urllib.request.urlopen(self.url + "/system", timeout=1) as r:
                     if r.status == 200 and self._dicom_listening():
