@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from app import audit
+from app.db.base import session_scope
 from app.db.models import Instance, PacsNode, Patient, Series, Study
 from app.db.models import StoreConflict as ConflictRow
 from app.dicom.scp import REFUSAL_MEANING, RefusalRecorder, StoreConflict
@@ -158,8 +159,7 @@ class IndexBatcher:
         d = dict(details)
         pid, issuer = d.pop("patient_id", None), d.pop("issuer", "")
         sop = d["sop_instance_uid"]
-        session = self.sessions()
-        try:
+        with session_scope(self.sessions) as session:
             existing = session.execute(
                 select(Study.study_instance_uid, Series.series_instance_uid, Patient.patient_id, Patient.issuer,
                        Instance.source_node)
@@ -191,12 +191,6 @@ class IndexBatcher:
                 audit.record(session, f"scp:{d.get('source_node') or d.get('calling_ae') or '?'}",
                              "dicom.conflict", sop, conflict_id=row.id, reason=d["reason"],
                              study_instance_uid=d["study_instance_uid"], file_path=d["file_path"])
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
 
     def _commit(self, records: list[dict], ingest):
         session = self.sessions()
