@@ -18,7 +18,9 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -166,7 +168,7 @@ class IndexBatcher:
                 .select_from(Instance).join(Study, Instance.study_pk == Study.id)
                 .join(Series, Instance.series_pk == Series.id).join(Patient, Instance.patient_pk == Patient.id)
                 .where(Instance.sop_instance_uid == sop)).first()
-            owner = None
+            owner: Sequence[Any] | None = None  # (patient_id, issuer) of the instance's or the study's owner
             if existing is None:  # a new instance of a known study: the study's owner
                 owner = session.execute(select(Patient.patient_id, Patient.issuer).join(
                     Study, Study.patient_pk == Patient.id).where(
