@@ -76,9 +76,9 @@ class OrthancServer:
         pick_dicom, pick_http = not self.dicom_port, not self.http_port
         for attempt in range(3):
             # a free port can be taken by another process between our pick and Orthanc's bind: pick again
-            if pick_dicom and (attempt or not self.dicom_port):
+            if pick_dicom:
                 self.dicom_port = free_port()
-            if pick_http and (attempt or not self.http_port):
+            if pick_http:
                 self.http_port = free_port()
             try:
                 return self._launch(binary, timeout)
