@@ -100,7 +100,7 @@ def out_of_fold(images, y, groups, n_classes: int, args) -> np.ndarray:
         if rt.cuda:
             model = model.to(memory_format=torch.channels_last)
         opt = make_optimizer(model, args.lr, 0.05, rt)
-        steps = steps_per_epoch(len(tr), batch, 1)
+        steps = steps_per_epoch(len(tr), batch)
         sched = make_scheduler(opt, steps * args.epochs, max(1, steps // 2))
         gen = torch.Generator(device=rt.device).manual_seed(args.seed + k)
         aug = _default_augment()
