@@ -53,8 +53,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pydicom import uid as _uid
 
 from app.dicom.netopts import low_latency
-from app.store import (DicomStore, PixelDataMismatch, StoredFile, dataset_sha256, file_meta_end, parse_header,
-                             part10_sha256, validate_uid)
+from app.store import (DicomStore, EarlyWriteback, PixelDataMismatch, StoredFile, dataset_sha256, file_meta_end,
+                       parse_header, part10_sha256, validate_uid)
 from app.errors import InvalidInput
 
 log = logging.getLogger("radcohort.scp")
@@ -329,9 +329,11 @@ class _IncomingFile:
         fd, name = tempfile.mkstemp(suffix=".dcm", dir=kwargs.get("dir"))
         self._fd: int | None = fd
         self.name = name
+        store = _IncomingFile.store
+        # the fdatasync before Success then waits for the last chunk, not the whole file
+        self._writeback = EarlyWriteback(fd) if store is not None and store.fsync else None
         self.file = self  # pynetdicom flushes `.file`
         self.failed: str | None = None
-        store = _IncomingFile.store
         if store is not None and _IncomingFile.min_free_bytes:
             try:
                 if store.free_bytes() < _IncomingFile.min_free_bytes:
@@ -347,6 +349,8 @@ class _IncomingFile:
         try:
             while view:
                 view = view[os.write(self._fd, view):]
+            if self._writeback is not None:
+                self._writeback.wrote(n)
         except OSError as exc:
             self.failed = f"write failed: {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}"
             try:

@@ -108,3 +108,33 @@ def test_pixel_length_check_reads_raw_image_description_under_every_encoding(ts)
     _meta, body = _encoded(ds)
     with pytest.raises(PixelDataMismatch):
         parse_header(body, ts)
+
+
+def test_a_chunked_receive_queues_write_back_as_it_arrives_and_keeps_every_byte(tmp_path):
+    """With fsync on, the receive file hands each MB to the kernel's write-back while it arrives (so
+    that the fdatasync before Success waits for the tail only); with fsync off it does not."""
+    import os
+    import sys
+
+    from app.dicom import scp
+    from app.store import _sync_file_range
+
+    payload = os.urandom(3 * 2**20 + 12345)
+    for fsync in (True, False):
+        store = DicomStore(tmp_path / f"store-{fsync}", fsync=fsync)
+        store.incoming_dir.mkdir(parents=True)
+        scp._IncomingFile.store, scp._IncomingFile.min_free_bytes = store, 0
+        try:
+            f = scp._IncomingFile(dir=str(store.incoming_dir))
+            for k in range(0, len(payload), 256 * 1024):
+                assert f.write(payload[k:k + 256 * 1024]) == len(payload[k:k + 256 * 1024])
+            wb = f._writeback
+            f.close()
+        finally:
+            scp._IncomingFile.store = None
+        assert open(f.name, "rb").read() == payload
+        if not fsync:
+            assert wb is None
+        elif sys.platform.startswith("linux"):
+            assert _sync_file_range is not None
+            assert wb.written == len(payload) and wb.done == 3 * 2**20  # whole MBs queued, the tail left to fdatasync
