@@ -12,6 +12,8 @@ same instances over one C-MOVE, and a discard-only receiver fed by the same numb
 Prints instances/s, MB/s and ratios. Our SCP runs as `radcohort scp` (fsync per file, index row
 committed before Success; variants without fsync / without chunked receive); the baselines
 neither fsync nor index. The discard-only receiver shows what Orthanc can send on this machine.
+Between receivers the previous one's files are removed and written back (`os.sync`), so that no
+receiver's fsyncs wait behind the dirty pages another one left.
 """
 
 from __future__ import annotations
@@ -213,7 +215,9 @@ def run_ours(work: Path, orthanc: OrthancServer, port: int, processes: int, db_u
     with eng.connect() as c:
         rows = c.scalar(select(func.count()).select_from(Instance.__table__))
     eng.dispose()
-    return dt, count_files(data / "store"), rows
+    n = count_files(data / "store")
+    settle(data)
+    return dt, n, rows
 
 
 def run_retrieval(work: Path, orthanc: OrthancServer, port: int, processes: int, moves: int) -> tuple[float, int, str]:
@@ -249,6 +253,7 @@ def run_retrieval(work: Path, orthanc: OrthancServer, port: int, processes: int,
     proc = subprocess.Popen([RADCOHORT, "scp", "--processes", str(processes)], env=env, cwd=work)
     try:
         wait_port(port)
+        settle()
         time.sleep(0.5)
         t0 = time.perf_counter()
         r = run_retrieval(ctx, rid)
@@ -282,7 +287,18 @@ def run_baseline(kind: str, work: Path, orthanc: OrthancServer, port: int, aet: 
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-    return dt, count_files(out)
+    n = count_files(out)
+    settle(out)
+    return dt, n
+
+
+def settle(out: Path | None = None) -> None:
+    """Remove a receiver's output and write back what it left dirty: a receiver that does not
+    fsync leaves up to a gigabyte for the kernel to write in the next ~30 s, which would otherwise
+    slow down the fsyncs of whichever receiver runs next."""
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+    os.sync()
 
 
 def main() -> None:
@@ -315,6 +331,7 @@ def main() -> None:
                 "bench": ("BENCHSCU", "127.0.0.1", 1)}
         with OrthancServer(work / "orthanc", modalities=mods) as orthanc:
             print(f"seeded Orthanc in {seed(orthanc, files):.1f} s; it holds {orthanc.instance_count()} instances")
+            settle()
             if args.retrieval_only:
                 return _retrieval_comparison(args, work, orthanc, ports, study_uids, mb)
             results: list[tuple[str, float, int]] = []

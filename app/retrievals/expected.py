@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
@@ -106,10 +107,11 @@ class _Walk:
     """One listing: holds the client, the per-level queries and the running Listing."""
 
     def __init__(self, client: DicomClient, query: dict[str, str], on_find: Callable[[Listing], None] | None,
-                 image_by_study: bool = False):
+                 image_by_study: bool = False, lanes: int = 1):
         self.client, self.on_find = client, on_find
         self.by_level = split_by_level(query)
         self.out = Listing()
+        self.lanes = max(1, lanes)
         # a PACS probed to answer IMAGE level with the study's UID alone: one query per study instead of
         # one per series, when nothing is matched at series level
         self.image_by_study = image_by_study and not any(self.by_level["SERIES"].values())
@@ -174,12 +176,48 @@ class _Walk:
             self.out.incomplete = True
             self.out.notes.append(f"more studies on {q.get('StudyDate') or 'the PACS'} than its result cap; "
                                   f"narrow the query or raise the PACS's limit")
+        todo: list[tuple[str, str | None]] = []
         for ds in self.unique(res.results, "StudyInstanceUID"):
             ok = self.verify("STUDY", ds, skip=("ModalitiesInStudy",))
             if ok is False:
                 self.out.discarded["studies"] += 1
                 continue
-            self.series(_uid(ds, "StudyInstanceUID"), modalities=None if ok else self.by_level["STUDY"]["ModalitiesInStudy"])
+            todo.append((_uid(ds, "StudyInstanceUID"), None if ok else self.by_level["STUDY"]["ModalitiesInStudy"]))
+        if self.lanes < 2 or len(todo) < 2:
+            for study, modalities in todo:
+                self.series(study, modalities)
+            return
+        # the studies' own walks over the node's associations at once (the gate bounds them); each
+        # walk keeps its own Listing, merged in study order so that the result does not depend on timing
+        with ThreadPoolExecutor(min(self.lanes, len(todo)), thread_name_prefix="listing") as pool:
+            parts = list(pool.map(self._study_walk, todo))
+        for part in parts:
+            self._merge(part)
+
+    def _study_walk(self, item: tuple[str, str | None]) -> Listing:
+        sub = _Walk(self.client, {}, None)
+        sub.by_level, sub.image_by_study = self.by_level, self.image_by_study
+        sub.series(*item)
+        return sub.out
+
+    def _merge(self, part: Listing) -> None:
+        out = self.out
+        for sop, item in part.items.items():
+            if sop in out.items:
+                out.duplicates += 1
+            else:
+                out.items[sop] = item
+        out.finds += part.finds
+        out.incomplete |= part.incomplete
+        out.notes.extend(part.notes)
+        for k, v in part.discarded.items():
+            out.discarded[k] += v
+        out.not_honoured |= part.not_honoured
+        out.unverifiable |= part.unverifiable
+        out.duplicates += part.duplicates
+        out.bad_rows += part.bad_rows
+        if self.on_find:
+            self.on_find(out)
 
     def series(self, study: str, modalities: str | None) -> None:
         if self.image_by_study and modalities is None:
@@ -232,10 +270,13 @@ class _Walk:
 
 
 def list_expected(client: DicomClient, query: dict[str, str],
-                  on_find: Callable[[Listing], None] | None = None, *, image_by_study: bool = False) -> Listing:
+                  on_find: Callable[[Listing], None] | None = None, *, image_by_study: bool = False,
+                  lanes: int = 1) -> Listing:
     """Every instance matching `query` (validated keywords), as SOP/series/study UIDs, verified.
-    `image_by_study`: the node was probed to answer IMAGE level without the series key."""
-    walk = _Walk(client, dict(query), on_find, image_by_study)
+    `image_by_study`: the node was probed to answer IMAGE level without the series key. `lanes`:
+    studies walked at once below the study level (each find is its own association: the client's
+    gate keeps them within the node's limit)."""
+    walk = _Walk(client, dict(query), on_find, image_by_study, lanes)
     walk.studies(walk.by_level["STUDY"])
     out = walk.out
     if out.bad_rows:

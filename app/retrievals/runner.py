@@ -247,7 +247,7 @@ class RetrievalRunner:
         try:
             query = validate_query(query)
             t_list = time.monotonic()
-            listing = list_expected(client, query,
+            listing = list_expected(client, query, lanes=self._lanes(node),
                                     image_by_study=capabilities(node).get("image_level_needs_series") is False)
             self._listing_s = round(time.monotonic() - t_list, 3)
         except DicomError as exc:

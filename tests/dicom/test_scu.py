@@ -160,3 +160,41 @@ def test_get_contexts_fit_the_limit_and_leave_no_expected_class_out(n):
     if n <= 7:  # room for one context per syntax, and the rest of our SCP's classes after them
         assert all(len(by_class[sop]) == len(TRANSFER_SYNTAXES) for sop in classes)
         assert set(STORAGE_SOP_CLASSES) <= set(by_class) or len(cxs) == 127
+
+
+# ------------------------------------------------------------------ the listing's lanes
+def test_a_listing_walks_studies_over_several_associations_with_the_same_result(loaded, settings):
+    """list_expected(lanes=3): the studies' series and image finds go out at once (within the lanes),
+    and the listing is the one a single lane makes, in the same order."""
+    import threading
+    import time
+
+    from app.retrievals.expected import list_expected
+
+    orthanc, studies = loaded
+    inner = DicomClient(settings, node(orthanc))
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    class Spy:  # the real client, counting finds in flight (slowed a little so that overlaps are certain)
+        def find(self, level, query=None, **kw):
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+            try:
+                time.sleep(0.05)
+                return inner.find(level, query, **kw)
+            finally:
+                with lock:
+                    state["now"] -= 1
+
+    query = {"StudyDate": "20110101-20161231"}
+    one = list_expected(Spy(), query, lanes=1)
+    assert state["peak"] == 1
+    three = list_expected(Spy(), query, lanes=3)
+    assert 2 <= state["peak"] <= 3
+    every = {sop for st in studies for sops in st.series.values() for sop in sops}
+    assert list(three.items) == list(one.items) and set(one.items) == every
+    assert three.items == one.items
+    assert three.finds == one.finds == 1 + 3 + 3 * 2  # studies, then each study's series, then each series
+    assert three.report() == one.report()
