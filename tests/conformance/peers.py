@@ -278,6 +278,9 @@ class DcmqrscpPeer(Peer):
                 f"AETable BEGIN\n{self.ae_title} {self.storage} RW (200, 1024mb) ANY\nAETable END\n")
 
     def start(self) -> "DcmqrscpPeer":
+        return _on_free_port(self, self._start)
+
+    def _start(self) -> "DcmqrscpPeer":
         self.storage.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "dcmqrscp.cfg"
         cfg.write_text(self.config())
@@ -327,6 +330,9 @@ class QrscpPeer(Peer):
         self.db = workdir / "instances.sqlite"
 
     def start(self) -> "QrscpPeer":
+        return _on_free_port(self, self._start)
+
+    def _start(self) -> "QrscpPeer":
         our_title, our_port = self.our_ae
         ini = self.workdir / "qrscp.ini"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +364,19 @@ class QrscpPeer(Peer):
 
     def move_requests(self) -> int:
         return len(re.findall(r"Received C-MOVE request", self.log_text()))
+
+
+def _on_free_port(peer: Peer, start):
+    """Start; when another process took the picked port between the pick and the peer's bind (an
+    outgoing connection's ephemeral port, say), pick another and start again (3 tries)."""
+    for attempt in range(3):
+        try:
+            return start()
+        except PeerError as exc:
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+            peer.port = free_port()
+    raise AssertionError("unreachable")
 
 
 def start_peer(kind: str, workdir: Path, our_ae: tuple[str, int], orthanc_factory=None) -> Peer:
