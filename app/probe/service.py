@@ -21,7 +21,7 @@ from app.probe.probe import effective_find_cap, preferred_method, probe_node
 log = logging.getLogger("radcohort.probe")
 
 # capabilities retrievals write (app.retrievals.runner._remember) that a probe must not forget
-LEARNT_BY_RETRIEVALS = ("uid_lists_refused", "study_retrieve_refused")
+LEARNT_BY_RETRIEVALS = ("uid_lists_refused", "study_retrieve_refused", "find_uid_lists_unanswered")
 # a probe 'running' for longer than this was interrupted (the process ended under it)
 STALE_AFTER = timedelta(minutes=15)
 

@@ -25,6 +25,7 @@ from datetime import date, timedelta
 from app.dicom.matching import matches
 from app.dicom.queries import key_level
 from app.dicom.scu import DicomClient
+from app.errors import PermanentDicomError
 
 log = logging.getLogger("radcohort.retrievals")
 
@@ -32,6 +33,7 @@ log = logging.getLogger("radcohort.retrievals")
 # date-range splitting; they are only found when the unsplit answer is not capped).
 MIN_DATE = date(1900, 1, 1)
 MAX_DATE = date(2099, 12, 31)
+FIND_BATCH = 16  # studies per IMAGE-level C-FIND with a UID list (a PACS probed to need no series key)
 IMAGE_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 SERIES_RETURN = ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
 STUDY_RETURN = ("StudyInstanceUID",)
@@ -60,6 +62,9 @@ class Listing:
     unverifiable: set[str] = field(default_factory=set)  # keys its answers did not carry
     duplicates: int = 0
     bad_rows: int = 0  # answers whose unique keys were missing or not UIDs: they cannot be named
+    # a find with a list of study UIDs was refused, or answered nothing for studies that have
+    # instances (a PACS that matches the list as one literal value): later listings ask per study
+    uid_list_finds_unanswered: bool = False
 
     def report(self) -> dict:
         """What the retrieval report says about the listing."""
@@ -107,11 +112,13 @@ class _Walk:
     """One listing: holds the client, the per-level queries and the running Listing."""
 
     def __init__(self, client: DicomClient, query: dict[str, str], on_find: Callable[[Listing], None] | None,
-                 image_by_study: bool = False, lanes: int = 1):
+                 image_by_study: bool = False, lanes: int = 1, uid_list_finds: bool = True):
         self.client, self.on_find = client, on_find
         self.by_level = split_by_level(query)
         self.out = Listing()
         self.lanes = max(1, lanes)
+        # shared with the walks this one starts: once a UID-list find went unanswered, none is sent
+        self.lists = {"ok": uid_list_finds}
         # a PACS probed to answer IMAGE level with the study's UID alone: one query per study instead of
         # one per series, when nothing is matched at series level
         self.image_by_study = image_by_study and not any(self.by_level["SERIES"].values())
@@ -183,21 +190,38 @@ class _Walk:
                 self.out.discarded["studies"] += 1
                 continue
             todo.append((_uid(ds, "StudyInstanceUID"), None if ok else self.by_level["STUDY"]["ModalitiesInStudy"]))
-        if self.lanes < 2 or len(todo) < 2:
-            for study, modalities in todo:
-                self.series(study, modalities)
-            return
-        # the studies' own walks over the node's associations at once (the gate bounds them); each
-        # walk keeps its own Listing, merged in study order so that the result does not depend on timing
-        with ThreadPoolExecutor(min(self.lanes, len(todo)), thread_name_prefix="listing") as pool:
-            parts = list(pool.map(self._study_walk, todo))
+        # work in study order: studies whose instances one IMAGE-level find can list (a PACS probed to
+        # answer it with the study key alone) go in UID-list batches, the others walk series first
+        work: list[tuple[list[str], str | None, bool]] = []  # (studies, modalities, as one list)
+        batch: list[str] = []
+        for study, modalities in todo:
+            if self.image_by_study and modalities is None and self.lists["ok"]:
+                batch.append(study)
+                if len(batch) == FIND_BATCH:
+                    work.append((batch, None, True))
+                    batch = []
+            else:
+                work.append(([study], modalities, False))
+        if batch:
+            work.append((batch, None, True))
+        if self.lanes < 2 or len(work) < 2:
+            parts = [self._walk(item) for item in work]
+        else:
+            # over the node's associations at once (the gate bounds them); each piece of work keeps
+            # its own Listing, merged in study order so that the result does not depend on timing
+            with ThreadPoolExecutor(min(self.lanes, len(work)), thread_name_prefix="listing") as pool:
+                parts = list(pool.map(self._walk, work))
         for part in parts:
             self._merge(part)
 
-    def _study_walk(self, item: tuple[str, str | None]) -> Listing:
+    def _walk(self, item: tuple[list[str], str | None, bool]) -> Listing:
+        studies, modalities, as_list = item
         sub = _Walk(self.client, {}, None)
-        sub.by_level, sub.image_by_study = self.by_level, self.image_by_study
-        sub.series(*item)
+        sub.by_level, sub.image_by_study, sub.lists = self.by_level, self.image_by_study, self.lists
+        if as_list:
+            sub.images_of_studies(studies)
+        else:
+            sub.series(studies[0], modalities)
         return sub.out
 
     def _merge(self, part: Listing) -> None:
@@ -216,6 +240,7 @@ class _Walk:
         out.unverifiable |= part.unverifiable
         out.duplicates += part.duplicates
         out.bad_rows += part.bad_rows
+        out.uid_list_finds_unanswered |= part.uid_list_finds_unanswered
         if self.on_find:
             self.on_find(out)
 
@@ -245,6 +270,60 @@ class _Walk:
         for ds in kept:
             self.images(study, _uid(ds, "SeriesInstanceUID"))
 
+    def images_of_studies(self, studies: list[str]) -> None:
+        """The instances of several studies with one IMAGE-level find (a UID list, PS3.4 C.2.2.2.2).
+        A study the answer says nothing of is asked again on its own (a PACS that matches the list
+        as one literal value answers nothing); a refused or capped answer falls back to one find
+        per study; rows of studies not asked for are discarded."""
+        if len(studies) == 1 or not self.lists["ok"]:
+            for study in studies:
+                self.images(study, None)
+            return
+        q = {"StudyInstanceUID": "\\".join(studies), **self.by_level["IMAGE"]}
+        try:
+            res = self.find("IMAGE", q, IMAGE_KEYS)
+        except PermanentDicomError as exc:
+            log.info("IMAGE-level C-FIND with a list of %d study UIDs refused (%s): one find per study",
+                     len(studies), exc.message)
+            self.out.uid_list_finds_unanswered = True  # pynetdicom's qrscp refuses them, for one
+            self.lists["ok"] = False
+            res = None
+        if res is None or res.capped:
+            for study in studies:
+                self.images(study, None)
+            return
+        asked = dict.fromkeys(studies)
+        rows: dict[str, list] = {st: [] for st in studies}
+        seen: set[str] = set()
+        for ds in res.results:
+            sop, study, se = _uid(ds, "SOPInstanceUID"), _uid(ds, "StudyInstanceUID"), _uid(ds, "SeriesInstanceUID")
+            if not _valid_uid(sop) or not _valid_uid(study) or not _valid_uid(se):
+                self.out.bad_rows += 1
+                continue
+            if study not in asked:
+                self.out.discarded["instances"] += 1
+                continue
+            if sop in seen:
+                self.out.duplicates += 1
+                continue
+            seen.add(sop)
+            rows[study].append((sop, se, ds))
+        for study in studies:
+            if not rows[study]:
+                before = len(self.out.items)
+                self.images(study, None)
+                if len(self.out.items) > before:
+                    self.out.uid_list_finds_unanswered = True
+                    self.lists["ok"] = False
+                continue
+            for sop, se, ds in rows[study]:
+                if not self.verify("IMAGE", ds):
+                    self.out.discarded["instances"] += 1
+                elif sop in self.out.items:
+                    self.out.duplicates += 1
+                else:
+                    self.out.items[sop] = ExpectedInstance(sop, se, study, _uid(ds, "SOPClassUID"))
+
     def images(self, study: str, series: str | None) -> None:
         """The instances of one series (or, `series` None, of the whole study)."""
         q = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {}), **self.by_level["IMAGE"]}
@@ -271,12 +350,14 @@ class _Walk:
 
 def list_expected(client: DicomClient, query: dict[str, str],
                   on_find: Callable[[Listing], None] | None = None, *, image_by_study: bool = False,
-                  lanes: int = 1) -> Listing:
+                  lanes: int = 1, uid_list_finds: bool = True) -> Listing:
     """Every instance matching `query` (validated keywords), as SOP/series/study UIDs, verified.
     `image_by_study`: the node was probed to answer IMAGE level without the series key. `lanes`:
     studies walked at once below the study level (each find is its own association: the client's
-    gate keeps them within the node's limit)."""
-    walk = _Walk(client, dict(query), on_find, image_by_study, lanes)
+    gate keeps them within the node's limit). `uid_list_finds`: with `image_by_study`, list up to
+    FIND_BATCH studies' instances with one find over a list of their UIDs (off for a node known to
+    leave such finds unanswered)."""
+    walk = _Walk(client, dict(query), on_find, image_by_study, lanes, uid_list_finds)
     walk.studies(walk.by_level["STUDY"])
     out = walk.out
     if out.bad_rows:

@@ -247,8 +247,10 @@ class RetrievalRunner:
         try:
             query = validate_query(query)
             t_list = time.monotonic()
+            caps = capabilities(node)
             listing = list_expected(client, query, lanes=self._lanes(node),
-                                    image_by_study=capabilities(node).get("image_level_needs_series") is False)
+                                    image_by_study=caps.get("image_level_needs_series") is False,
+                                    uid_list_finds=not caps.get("find_uid_lists_unanswered"))
             self._listing_s = round(time.monotonic() - t_list, 3)
         except DicomError as exc:
             return self._finish(st, t0, error=f"C-FIND failed: {exc.message}", method=method)
@@ -258,6 +260,8 @@ class RetrievalRunner:
         st.expected = self._expected = listing.items
         if listing.incomplete:
             st.errors.extend(listing.notes)
+        if listing.uid_list_finds_unanswered:
+            self._remember(node, "find_uid_lists_unanswered")
         if listing.not_honoured or listing.unverifiable:
             self._remember(node, "keys_filtered_on_our_side", sorted(listing.not_honoured | listing.unverifiable))
         if listing.unverifiable:

@@ -213,6 +213,38 @@ def test_multi_study_batch_brings_everything(peer, rig, tmp_path):
         assert peer.move_requests() >= 2
 
 
+@pytest.mark.scenario("c-listing-uid-list-finds")
+def test_a_listing_asks_for_several_studies_instances_at_once_where_the_pacs_answers(peer, rig, tmp_path, matrix):
+    """A node probed to answer IMAGE level with the study key alone is listed with one find over a
+    list of study UIDs; a peer that refuses or ignores such a list is asked per study, the listing is
+    the same, and the node remembers it (its next listing asks per study at once)."""
+    from app.probe.service import probe_and_store
+    from app.retrievals.nodes import get_node
+
+    ctx = rig
+    studies = make_studies(tmp_path / "gen", ["20170101", "20170102", "20170103", "20170104"],
+                           series_per_study=2, instances_per_series=2)
+    peer.load(sorted((tmp_path / "gen").iterdir()))
+    with ctx.sessions() as s:
+        caps = probe_and_store(s, ctx.settings, get_node(s, "pacs"), "test")["capabilities"]
+        s.commit()
+    r = retrieve(ctx, {"StudyDate": "20170101-20170131"})
+    assert set(indexed(ctx)) == files_of(studies), summary(r)
+    assert (r.status, r.expected, r.received) == ("completed", 16, 16), summary(r)
+    with ctx.sessions() as s:
+        learnt = get_node(s, "pacs").options.get("capabilities", {})
+    if caps.get("image_level_needs_series") is not False:
+        # dcmqrscp -XF: the hierarchy is enforced, IMAGE level needs the series: walked per series
+        assert r.report["finds"] == 1 + 4 + 8, summary(r)
+        matrix.limitation(f"{peer.kind} needs the series key at IMAGE level: one find per series")
+    elif learnt.get("find_uid_lists_unanswered"):
+        assert peer.kind == "qrscp", learnt  # pynetdicom's qrscp refuses a UID list in a C-FIND
+        assert r.report["finds"] == 1 + 4, summary(r)  # the refused find is not an answer
+        matrix.limitation(f"{peer.kind} refuses UID lists in C-FIND: one IMAGE-level find per study")
+    else:
+        assert r.report["finds"] == 1 + 1, summary(r)
+
+
 # ------------------------------------------------------------------------------------ d
 @pytest.mark.slow
 @pytest.mark.scenario("d-cancel-during-wait")

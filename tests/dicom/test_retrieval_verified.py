@@ -257,7 +257,7 @@ def test_a_pacs_probed_to_answer_image_level_per_study_is_listed_with_fewer_quer
         study = generate_uid()
         data += [make_cr(study_uid=study, series_uid=generate_uid(), study_date="20120101", patient_id=f"Q{i}",
                          seed=i * 10 + k) for k in range(2)]
-    fake = FakePacs(data).start()
+    fake = FakePacs(data, uid_lists=True).start()
     try:
         add_node(ctx, fake.port, ae="FAKEPACS", name="walked")
         add_node(ctx, fake.port, ae="FAKEPACS", name="flat", capabilities={"image_level_needs_series": False})
@@ -269,5 +269,35 @@ def test_a_pacs_probed_to_answer_image_level_per_study_is_listed_with_fewer_quer
     finally:
         fake.stop()
     assert (walked.status, walked.received, flat.status, flat.received) == ("completed", 6, "completed", 6)
-    assert walked.report["finds"] == 1 + 3 + 6 and flat.report["finds"] == 1 + 3
+    # walked: studies, each study's series, each series' instances; flat: studies, then every study's
+    # instances with one find over the list of their UIDs
+    assert walked.report["finds"] == 1 + 3 + 6 and flat.report["finds"] == 1 + 1
+    assert _indexed(ctx) == {d.SOPInstanceUID for d in data}
+
+
+def test_a_pacs_that_leaves_uid_list_finds_unanswered_is_asked_per_study_and_it_is_remembered(ctx):
+    """A PACS that matches a list of study UIDs as one literal value answers nothing: each study is
+    asked again on its own (nothing is missed), and the node's next listing asks per study at once."""
+    from app.db.models import PacsNode
+
+    ctx.settings.arrival_timeout = 3.0
+    data = []
+    for i in range(3):
+        study = generate_uid()
+        data += [make_cr(study_uid=study, series_uid=generate_uid(), study_date="20120101", patient_id=f"L{i}",
+                         seed=i * 10 + k) for k in range(2)]
+    fake = FakePacs(data, uid_lists=False).start()
+    try:
+        add_node(ctx, fake.port, ae="FAKEPACS", name="literal", capabilities={"image_level_needs_series": False})
+        first = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="literal")).run()
+        with ctx.sessions() as s:
+            caps = s.scalar(select(PacsNode.options).where(PacsNode.name == "literal"))["capabilities"]
+            s.execute(Instance.__table__.delete())
+            s.commit()
+        second = RetrievalRunner(ctx, new_retrieval(ctx, {"StudyDate": "20120101"}, node="literal")).run()
+    finally:
+        fake.stop()
+    assert (first.status, first.received, second.status, second.received) == ("completed", 6, "completed", 6)
+    assert first.report["finds"] == 1 + 1 + 3 and caps.get("find_uid_lists_unanswered") is True
+    assert second.report["finds"] == 1 + 3
     assert _indexed(ctx) == {d.SOPInstanceUID for d in data}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
 
@@ -20,8 +21,11 @@ class FakePacs:
     `refuse_gets` C-GET requests are answered 0xA700 (out of resources) with nothing sent."""
 
     def __init__(self, datasets: list[Dataset], refuse_gets: int = 0, ae_title: str = "FAKEPACS",
-                 refuse_levels: frozenset[str] = frozenset(), get_delay: float = 0.0):
+                 refuse_levels: frozenset[str] = frozenset(), get_delay: float = 0.0, uid_lists: bool = False):
         self.datasets = datasets
+        # False (the default: what the tests were written against): a UID list is matched as one literal
+        # value, so it matches nothing; True: list-of-UID matching (PS3.4 C.2.2.2.2)
+        self.uid_lists = uid_lists
         self.refuse_gets = refuse_gets
         self.refuse_levels = refuse_levels  # answered 0xC000 (unable to process): a permanent refusal
         self.get_delay = get_delay
@@ -40,8 +44,12 @@ class FakePacs:
         for ds in self.datasets:
             ok = True
             for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-                want = str(ident.get(key, "") or "")
-                if want and str(ds.get(key)) not in want.split("\\"):
+                value = ident.get(key, "") or ""
+                want = [str(v) for v in value] if isinstance(value, (list, MultiValue)) else \
+                    ([str(value)] if value else [])
+                if len(want) > 1 and not self.uid_lists:
+                    want = ["\\".join(want)]
+                if want and str(ds.get(key)) not in want:
                     ok = False
             if ok:
                 out.append(ds)
