@@ -250,13 +250,19 @@ def test_a_forged_copy_is_reported_as_a_conflict_over_c_get_too(ctx, orthanc, tm
     assert rows == [(str(forged.SOPInstanceUID), "pacs", "sop_content")]
 
 
-def test_a_pacs_probed_to_answer_image_level_per_study_is_listed_with_fewer_queries(ctx):
-    ctx.settings.arrival_timeout = 3.0
+def _studies_of_two_series(prefix: str) -> list:
+    """Three studies on one date, each of two single-instance series."""
     data = []
     for i in range(3):
         study = generate_uid()
-        data += [make_cr(study_uid=study, series_uid=generate_uid(), study_date="20120101", patient_id=f"Q{i}",
+        data += [make_cr(study_uid=study, series_uid=generate_uid(), study_date="20120101", patient_id=f"{prefix}{i}",
                          seed=i * 10 + k) for k in range(2)]
+    return data
+
+
+def test_a_pacs_probed_to_answer_image_level_per_study_is_listed_with_fewer_queries(ctx):
+    ctx.settings.arrival_timeout = 3.0
+    data = _studies_of_two_series("Q")
     fake = FakePacs(data, uid_lists=True).start()
     try:
         add_node(ctx, fake.port, ae="FAKEPACS", name="walked")
@@ -281,11 +287,7 @@ def test_a_pacs_that_leaves_uid_list_finds_unanswered_is_asked_per_study_and_it_
     from app.db.models import PacsNode
 
     ctx.settings.arrival_timeout = 3.0
-    data = []
-    for i in range(3):
-        study = generate_uid()
-        data += [make_cr(study_uid=study, series_uid=generate_uid(), study_date="20120101", patient_id=f"L{i}",
-                         seed=i * 10 + k) for k in range(2)]
+    data = _studies_of_two_series("L")
     fake = FakePacs(data, uid_lists=False).start()
     try:
         add_node(ctx, fake.port, ae="FAKEPACS", name="literal", capabilities={"image_level_needs_series": False})
