@@ -148,9 +148,9 @@ class _Walk:
                 return False
         return None if deferred else True
 
-    def unique(self, results, key: str, above: dict[str, str] | None = None) -> list:
-        """Answers with a valid, unrepeated `key`, whose unique keys of the levels `above` are the
-        ones asked for (a PACS that ignores them answers with other studies' or series' rows)."""
+    def unique(self, results, key: str, above: dict[str, set[str]] | None = None) -> list:
+        """Answers with a valid, unrepeated `key`, whose unique keys of the levels `above` are among
+        the ones asked for (a PACS that ignores them answers with other studies' or series' rows)."""
         seen: dict[str, object] = {}
         for ds in results:
             uid = _uid(ds, key)
@@ -158,7 +158,7 @@ class _Walk:
             if not _valid_uid(uid) or not all(_valid_uid(v) for v in uppers.values()):
                 self.out.bad_rows += 1
                 continue
-            if any(v != (above or {})[k] for k, v in uppers.items()):
+            if any(v not in (above or {})[k] for k, v in uppers.items()):
                 self.out.discarded[{"StudyInstanceUID": "studies", "SeriesInstanceUID": "series",
                                     "SOPInstanceUID": "instances"}[key]] += 1
                 continue
@@ -252,7 +252,7 @@ class _Walk:
             self.out.incomplete = True
             self.out.notes.append(f"study {study} has more series than the PACS's result cap")
         kept = []
-        for ds in self.unique(res.results, "SeriesInstanceUID", {"StudyInstanceUID": study}):
+        for ds in self.unique(res.results, "SeriesInstanceUID", {"StudyInstanceUID": {study}}):
             if not self.verify("SERIES", ds):
                 self.out.discarded["series"] += 1
                 continue
@@ -292,22 +292,9 @@ class _Walk:
             for study in studies:
                 self.images(study, None)
             return
-        asked = dict.fromkeys(studies)
         rows: dict[str, list] = {st: [] for st in studies}
-        seen: set[str] = set()
-        for ds in res.results:
-            sop, study, se = _uid(ds, "SOPInstanceUID"), _uid(ds, "StudyInstanceUID"), _uid(ds, "SeriesInstanceUID")
-            if not _valid_uid(sop) or not _valid_uid(study) or not _valid_uid(se):
-                self.out.bad_rows += 1
-                continue
-            if study not in asked:
-                self.out.discarded["instances"] += 1
-                continue
-            if sop in seen:
-                self.out.duplicates += 1
-                continue
-            seen.add(sop)
-            rows[study].append((sop, se, ds))
+        for ds in self.unique(res.results, "SOPInstanceUID", {"StudyInstanceUID": set(studies)}):
+            rows[_uid(ds, "StudyInstanceUID")].append(ds)
         for study in studies:
             if not rows[study]:
                 before = len(self.out.items)
@@ -316,13 +303,8 @@ class _Walk:
                     self.out.uid_list_finds_unanswered = True
                     self.lists["ok"] = False
                 continue
-            for sop, se, ds in rows[study]:
-                if not self.verify("IMAGE", ds):
-                    self.out.discarded["instances"] += 1
-                elif sop in self.out.items:
-                    self.out.duplicates += 1
-                else:
-                    self.out.items[sop] = ExpectedInstance(sop, se, study, _uid(ds, "SOPClassUID"))
+            for ds in rows[study]:
+                self._keep(ds, study, None)
 
     def images(self, study: str, series: str | None) -> None:
         """The instances of one series (or, `series` None, of the whole study)."""
@@ -332,19 +314,21 @@ class _Walk:
             self.out.incomplete = True
             self.out.notes.append(f"{'series ' + series if series else 'study ' + study} has more instances than "
                                   f"the PACS's result cap; raise the PACS's limit (e.g. Orthanc LimitFindInstances)")
-        above = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {})}
+        above = {"StudyInstanceUID": {study}, **({"SeriesInstanceUID": {series}} if series else {})}
         for ds in self.unique(res.results, "SOPInstanceUID", above):
-            sop = _uid(ds, "SOPInstanceUID")
-            se = series or _uid(ds, "SeriesInstanceUID")
-            if not _valid_uid(se):
-                self.out.bad_rows += 1
-                continue
-            if not self.verify("IMAGE", ds):
-                self.out.discarded["instances"] += 1
-                continue
-            if sop in self.out.items:
-                self.out.duplicates += 1
-                continue
+            self._keep(ds, study, series)
+
+    def _keep(self, ds, study: str, series: str | None) -> None:
+        """One instance answer (valid and unrepeated) into the listing, if it matches the query."""
+        sop = _uid(ds, "SOPInstanceUID")
+        se = series or _uid(ds, "SeriesInstanceUID")
+        if not _valid_uid(se):
+            self.out.bad_rows += 1
+        elif not self.verify("IMAGE", ds):
+            self.out.discarded["instances"] += 1
+        elif sop in self.out.items:
+            self.out.duplicates += 1
+        else:
             self.out.items[sop] = ExpectedInstance(sop, se, study, _uid(ds, "SOPClassUID"))
 
 
